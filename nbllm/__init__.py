@@ -1,0 +1,170 @@
+"""nbllm: local GGUF language models, native in Jupyter.
+
+    import nbllm
+    print(nbllm.generate("Question: What is Docker?\\nAnswer:", max_tokens=64))
+    for piece in nbllm.chat("What is Docker?", stream=True):
+        print(piece, end="")
+    nbllm.stats()
+
+In a notebook: ``%load_ext nbllm`` and then ``%%llm``. One engine lives in the process and
+is shared by every front end; ``nbllm.get_engine()`` returns it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+from nbllm.config import Settings
+from nbllm.errors import (
+    CacheError,
+    ConfigError,
+    ContextLengthError,
+    DownloadError,
+    GenerationError,
+    InsufficientMemoryError,
+    InvalidModelFileError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NbllmError,
+    ParameterError,
+)
+from nbllm.table import Table
+from nbllm.units import format_age, format_bytes
+
+if TYPE_CHECKING:
+    from nbllm.engine import Completion, Engine, Stream
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheError",
+    "ConfigError",
+    "ContextLengthError",
+    "DownloadError",
+    "GenerationError",
+    "InsufficientMemoryError",
+    "InvalidModelFileError",
+    "ModelLoadError",
+    "ModelNotFoundError",
+    "NbllmError",
+    "ParameterError",
+    "Settings",
+    "chat",
+    "configure",
+    "generate",
+    "get_engine",
+    "health",
+    "load",
+    "models",
+    "settings",
+    "stats",
+    "unload",
+]
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine() -> Engine:
+    """The process-wide engine, created on first use (reads the config file then)."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                from nbllm.engine import Engine
+
+                _engine = Engine()
+    return _engine
+
+
+@overload
+def generate(prompt: str, model: str | None = ..., stream: Literal[False] = ..., **params: Any) -> Completion: ...
+@overload
+def generate(prompt: str, model: str | None = ..., *, stream: Literal[True], **params: Any) -> Stream: ...
+def generate(prompt: str, model: str | None = None, stream: bool = False, **params: Any) -> Completion | Stream:
+    """Continue ``prompt`` with ``model`` (default: the configured default model).
+
+    Parameters: temperature, top_p, top_k, min_p, max_tokens, repeat_penalty, presence_penalty,
+    frequency_penalty, seed, stop. ``stream=True`` returns a ``Stream`` of text pieces (its
+    ``stats`` are set when it ends); otherwise a ``Completion`` with ``text`` and ``stats``.
+    """
+    result: Completion | Stream = get_engine().generate(prompt, model=model, stream=stream, **params)
+    return result
+
+
+@overload
+def chat(messages: Any, model: str | None = ..., stream: Literal[False] = ..., **params: Any) -> Completion: ...
+@overload
+def chat(messages: Any, model: str | None = ..., *, stream: Literal[True], **params: Any) -> Stream: ...
+def chat(messages: Any, model: str | None = None, stream: bool = False, **params: Any) -> Completion | Stream:
+    """Answer a conversation: a string, or ``[{'role': 'user', 'content': ...}, ...]``.
+
+    Uses the model's own chat template when its file has one, else a plain
+    ``User:/Assistant:`` transcript (what base models such as the default continue sensibly).
+    """
+    result: Completion | Stream = get_engine().chat(messages, model=model, stream=stream, **params)
+    return result
+
+
+def load(name: str | None = None) -> Table:
+    """Load a model now (by name or .gguf path) so the first answer starts at once."""
+    get_engine().registry.load(name)
+    return models()
+
+
+def unload(name: str | None = None) -> bool:
+    """Unload a model (close it, freeing its memory); ``unload()`` with no name unloads all."""
+    if name is None:
+        get_engine().registry.unload_all()
+        return True
+    return get_engine().registry.unload(name)
+
+
+def models() -> Table:
+    """Known and loaded models: name, resident or not, file size, load time, last use."""
+    rows = [row.__dict__ for row in get_engine().registry.rows()]
+    return Table(
+        rows,
+        columns=["name", "resident", "size_bytes", "load_seconds", "last_used", "source", "path"],
+        formatters={"size_bytes": format_bytes, "last_used": format_age},
+    )
+
+
+def stats() -> dict[str, Any]:
+    """Counters since the process started: requests, tokens, loads, evictions, per model, last request."""
+    return get_engine().stats.snapshot()
+
+
+def health() -> dict[str, Any]:
+    """Resident models with their settings, memory, and the config in use."""
+    return get_engine().health()
+
+
+def settings() -> Settings:
+    """The settings in effect."""
+    return get_engine().settings
+
+
+def configure(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, **sections: Any) -> Settings:
+    """Apply a YAML file, or a dict of overrides, at run time.
+
+    ``nbllm.configure(cache={'model_cache_size': 3})`` or ``nbllm.configure('nbllm.yaml')``.
+    Invalid values raise ``ConfigError`` naming the key, the value and what is allowed.
+    """
+    global _engine
+    if isinstance(source, (str, os.PathLike)) and _engine is None:
+        # Start from the named file directly: a broken file found by the default search
+        # (./nbllm.yaml, say) must not stop the user from naming a good one.
+        with _engine_lock:
+            if _engine is None:
+                from pathlib import Path
+
+                from nbllm.config import load_file
+                from nbllm.engine import Engine
+
+                _engine = Engine(load_file(Path(source).expanduser()))
+                return _engine.configure(**sections)
+    return get_engine().configure(source, **sections)

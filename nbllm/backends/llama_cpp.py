@@ -1,0 +1,290 @@
+"""llama.cpp through llama-cpp-python: the only module of nbllm that imports ``llama_cpp``.
+
+Generation runs our own short loop over ``Llama.generate`` (token ids) rather than
+``create_completion(stream=True)``: it does less work per token (no re-detokenizing of the
+whole answer, no chunk dicts), counts tokens exactly, checks a cancel flag between tokens and
+holds back only what might be the start of a stop sequence.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import ctypes
+import io
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+from llama_cpp import llama_chat_format
+
+from nbllm.backends.base import LoadSettings, Usage
+from nbllm.chat_format import FormattedPrompt
+from nbllm.errors import ContextLengthError, GenerationError, ModelLoadError
+from nbllm.params import GenerationParams
+from nbllm.stop import StopMatcher
+
+log = logging.getLogger("nbllm")
+llama_log = logging.getLogger("nbllm.llama_cpp")
+
+# ggml_log_level (ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT) -> logging levels; CONT (5)
+# continues the previous message. llama-cpp-python's own table predates DEBUG and is off by one.
+_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # ctypes CFUNCTYPE is untyped
+def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    # Called from C for every line llama.cpp logs; keep the cheap exit first.
+    global _last_level
+    py_level = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)
+    _last_level = py_level
+    if llama_log.isEnabledFor(py_level):
+        message = text.decode("utf-8", errors="replace").rstrip("\n")
+        if message:
+            llama_log.log(py_level, "%s", message)
+
+
+# Replaces llama-cpp-python's callback, which prints straight to stderr. The callback object is
+# a module global so it is never garbage-collected while C still holds the pointer.
+llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
+
+
+class _DebugWriter(io.TextIOBase):
+    """Swallows llama-cpp-python's verbose prints during a load, keeping them at DEBUG."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            log.debug("llama-cpp-python: %s", text.rstrip())
+        return len(text)
+
+
+def set_llama_log_level(level: str) -> None:
+    llama_log.setLevel(getattr(logging, level))
+
+
+class LlamaCppModel:
+    """One loaded GGUF model with its context. Not thread-safe: the registry's lock guards it."""
+
+    def __init__(self, path: Path, settings: LoadSettings) -> None:
+        self.path = path
+        self.settings = settings
+        try:
+            # verbose=True avoids llama-cpp-python's stdout/stderr file-descriptor swap during the
+            # load (it would swallow other threads' output in a kernel); its Python-level prints
+            # are caught here instead, and llama.cpp's own log goes through _route_llama_log.
+            with contextlib.redirect_stderr(_DebugWriter()):
+                self._llm = llama_cpp.Llama(
+                    model_path=str(path),
+                    n_ctx=settings.context_size,
+                    n_batch=settings.batch_size,
+                    n_ubatch=settings.batch_size,
+                    n_threads=settings.threads,
+                    n_threads_batch=settings.threads,
+                    n_gpu_layers=settings.gpu_layers,
+                    use_mmap=settings.use_mmap,
+                    use_mlock=settings.use_mlock,
+                    flash_attn=settings.flash_attention,
+                    verbose=True,
+                )
+        except (ValueError, RuntimeError, OSError) as error:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path}: {error}. The file passed nbllm's GGUF checks, so its "
+                "architecture may be newer than this llama.cpp build (upgrade llama-cpp-python), or "
+                "memory ran out (lower performance.context_size or performance.gpu_layers)."
+            ) from error
+        self._llm.verbose = False
+        llm = self._llm
+        self._vocab = llm._model.vocab
+        self._add_bos = bool(llm._model.add_bos_token())
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._template = self._make_template(llm)
+
+    @property
+    def context_size(self) -> int:
+        return int(self._llm.n_ctx())
+
+    @staticmethod
+    def _make_template(llm: Any) -> Any:
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        model = llm._model
+        eos, bos = llm.token_eos(), llm.token_bos()
+        return llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=model.token_get_text(eos) if eos != -1 else "",
+            bos_token=model.token_get_text(bos) if bos != -1 else "",
+            stop_token_ids=[eos],
+        )
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
+        from nbllm.chat_format import transcript
+
+        if self._template is None:
+            return transcript(messages)
+        try:
+            result = self._template(messages=list(messages))
+        except Exception as error:  # a template is user-supplied Jinja: any error can come out
+            log.warning("Chat template of %s failed (%s); using a plain transcript.", self.path.name, error)
+            return transcript(messages)
+        stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
+        return FormattedPrompt(result.prompt, tuple(stops), special=True, add_bos=False)
+
+    def _tokenize(self, prompt: FormattedPrompt) -> list[int]:
+        tokens: list[int] = self._llm.tokenize(
+            prompt.text.encode("utf-8"), add_bos=prompt.add_bos and self._add_bos, special=prompt.special
+        )
+        return tokens
+
+    def count_tokens(self, prompt: FormattedPrompt) -> int:
+        return len(self._tokenize(prompt))
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = self._piece_buffer
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, len(buffer), 0, False)
+            piece = buffer.raw[: max(n, 0)]
+            self._pieces[token] = piece
+        return piece
+
+    def _reusable_prefix(self, tokens: list[int]) -> int:
+        """How many prompt tokens the KV cache already holds (as llama-cpp-python will reuse)."""
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens]
+        limit = min(len(cached), len(tokens))
+        common = 0
+        while common < limit and cached[common] == tokens[common]:
+            common += 1
+        # At least one token must be evaluated to get fresh logits.
+        return min(common, len(tokens) - 1)
+
+    def generate(
+        self,
+        prompt: FormattedPrompt,
+        params: GenerationParams,
+        seed: int,
+        usage: Usage,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        llm = self._llm
+        tokens = self._tokenize(prompt)
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise ContextLengthError(
+                f"The prompt is {len(tokens):,} tokens but the context holds {n_ctx:,}. Shorten the prompt, "
+                f"or raise performance.context_size (e.g. nbllm.configure(performance={{'context_size': "
+                f"{_next_power_of_two(len(tokens) + params.max_tokens)}}}))."
+            )
+        if not tokens:
+            raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
+        usage.prompt_tokens = len(tokens)
+        usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
+        max_tokens = min(params.max_tokens, n_ctx - len(tokens))
+        llm.set_seed(seed)
+        return self._stream(tokens, params, max_tokens, prompt, usage, cancel)
+
+    def _stream(
+        self,
+        tokens: list[int],
+        params: GenerationParams,
+        max_tokens: int,
+        prompt: FormattedPrompt,
+        usage: Usage,
+        cancel: threading.Event,
+    ) -> Iterator[str]:
+        llm = self._llm
+        vocab, is_eog, piece_of = self._vocab, llama_cpp.llama_vocab_is_eog, self._piece
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = StopMatcher((*params.stop, *prompt.stop))
+        trim, held, emitted_any = prompt.trim_whitespace, "", False
+        finish, produced = "length", 0
+        steps = llm.generate(
+            tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+        )
+        try:
+            for token in steps:
+                if produced == 0:
+                    usage.first_token_at = time.perf_counter()
+                if is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                produced += 1
+                text = decoder.decode(piece_of(token))
+                if text and trim:
+                    # A chat answer neither starts nor ends with blank space: hold trailing
+                    # whitespace back until something follows it.
+                    text = held + text if emitted_any else text.lstrip()
+                    stripped = text.rstrip()
+                    held, text = text[len(stripped) :], stripped
+                    emitted_any = emitted_any or bool(text)
+                if text:
+                    shown, stopped = matcher.feed(text)
+                    if shown:
+                        yield shown
+                    if stopped:
+                        finish = "stop"
+                        break
+                if produced >= max_tokens:
+                    break
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+            if finish != "stop":
+                tail = matcher.flush() + decoder.decode(b"", final=True)
+                tail = tail.rstrip() if trim else tail
+                if tail:
+                    yield tail
+        except (GeneratorExit, KeyboardInterrupt):
+            finish = "cancelled"
+            raise
+        except RuntimeError as error:  # llama_decode failures surface as RuntimeError
+            finish = "error"
+            raise GenerationError(f"llama.cpp failed while generating: {error}.") from error
+        finally:
+            steps.close()
+            usage.completion_tokens = produced
+            usage.finish_reason = finish
+
+    def close(self) -> None:
+        self._llm.close()
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(n - 1, 1).bit_length()
+
+
+class LlamaCppBackend:
+    name = "llama.cpp"
+
+    def __init__(self) -> None:
+        # Fixed for the life of the process: ask llama.cpp once.
+        self._build_info = {
+            "backend": "llama.cpp",
+            "llama_cpp_python": llama_cpp.__version__,
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+            "system_info": llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip(),
+        }
+
+    def load(self, path: Path, settings: LoadSettings) -> LlamaCppModel:
+        return LlamaCppModel(path, settings)
+
+    def build_info(self) -> dict[str, Any]:
+        return dict(self._build_info)

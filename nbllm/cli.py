@@ -1,0 +1,182 @@
+"""The ``nbllm`` console script: what belongs in a terminal.
+
+    nbllm run "What is Docker?"          stream an answer, then the stats line
+    nbllm models                         known and local models
+    nbllm config [--check FILE]          the settings in effect, or validate a file
+
+Errors are translated here, at the edge: an ``NbllmError`` prints one line and exits 1, a usage
+error exits 2, Ctrl-C stops the answer, keeps what was printed and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _add_generation_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation (defaults from the config's generation section)")
+    group.add_argument("--model", "-m", help="model name or .gguf path (default: the configured default)")
+    group.add_argument("--max-tokens", "-n", type=int, help="tokens to generate at most")
+    group.add_argument("--temperature", "-t", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--min-p", type=float)
+    group.add_argument("--repeat-penalty", type=float)
+    group.add_argument("--presence-penalty", type=float)
+    group.add_argument("--frequency-penalty", type=float)
+    group.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
+    group.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+
+
+def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
+    names = (
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "repeat_penalty",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "stop",
+    )
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+
+
+def _stderr_line(text: str) -> None:
+    dim = sys.stderr.isatty()
+    print(f"\x1b[2m{text}\x1b[0m" if dim else text, file=sys.stderr, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import nbllm
+
+    prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
+    if not prompt.strip():
+        raise nbllm.ParameterError("The prompt is empty. Pass it as an argument or on standard input.")
+    params = _generation_params(args)
+    if args.raw:
+        stream = nbllm.generate(prompt, model=args.model, stream=True, **params)
+    else:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}
+        ]
+        stream = nbllm.chat(messages, model=args.model, stream=True, **params)
+    interrupted = False
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        stream.close()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    stats = stream.stats
+    if stats is not None:
+        _stderr_line(("[stopped] " if interrupted else "") + stats.details())
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    import nbllm
+
+    print(nbllm.models())
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import nbllm
+    from nbllm.config import describe_settings, load_file
+
+    if args.check:
+        from pathlib import Path
+
+        settings = load_file(Path(args.check))
+        print(f"{args.check}: valid")
+    else:
+        settings = nbllm.settings()
+    print(f"# source: {settings.source}")
+    for key, value, help_text in describe_settings(settings):
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        print(f"{key} = {shown}    # {help_text}" if help_text else f"{key} = {shown}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nbllm import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="nbllm", description="Local GGUF language models: run, inspect and configure from a terminal."
+    )
+    parser.add_argument("--version", action="version", version=f"nbllm {__version__}")
+    parser.add_argument("--config", "-c", help="config file (default: $NBLLM_CONFIG, ./nbllm.yaml, user file)")
+    parser.add_argument("--verbose", "-v", action="count", default=0, help="log lines (-vv: llama.cpp's too)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="stream an answer to a prompt", description="Stream an answer, then the stats line."
+    )
+    run.add_argument("prompt", nargs="*", help="the prompt (default: read standard input)")
+    run.add_argument("--system", "-s", help="system prompt")
+    run.add_argument("--raw", action="store_true", help="continue the prompt as plain text instead of chatting")
+    _add_generation_options(run)
+    run.set_defaults(handler=cmd_run)
+
+    models = commands.add_parser("models", help="list known and loaded models")
+    models.set_defaults(handler=cmd_models)
+
+    config = commands.add_parser("config", help="show the settings in effect, or check a file")
+    config.add_argument("--check", metavar="FILE", help="validate FILE and show what it sets")
+    config.set_defaults(handler=cmd_config)
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("nbllm")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if verbosity else logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return EXIT_USAGE
+    _setup_logging(args.verbose)
+    from nbllm.errors import NbllmError
+
+    try:
+        import nbllm
+
+        if args.config:
+            nbllm.configure(args.config)
+        if args.verbose > 1:
+            nbllm.configure(logging={"llama_cpp": "INFO"})
+        return handler(args)
+    except NbllmError as error:
+        print(f"nbllm: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("\nnbllm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def entry_point() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()

@@ -1,0 +1,281 @@
+"""The one generation path. Every front end (magics, chat panel, CLI, server) calls ``Engine.stream``.
+
+Model residency, locking, parameter validation, stats and the log lines happen here once, so
+every front end behaves the same. A front end parses, calls, displays — nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Generator, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbllm import machine
+from nbllm.backends.base import Backend, LoadSettings, Usage
+from nbllm.chat_format import FormattedPrompt, normalize_messages
+from nbllm.config import Settings, load_file, load_settings
+from nbllm.errors import ConfigError, NbllmError
+from nbllm.gguf_file import GGUFInfo
+from nbllm.metrics import RequestStats, StatsCollector
+from nbllm.params import GenerationParams, resolve_params
+from nbllm.registry import ModelSpec, Registry
+
+log = logging.getLogger("nbllm")
+log.addHandler(logging.NullHandler())
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str | None
+    params: GenerationParams
+    prompt: str | None = None  # a completion: text the model continues
+    messages: tuple[dict[str, str], ...] | None = None  # a chat
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished answer: ``text`` plus what it cost (``stats``). ``str(c)`` is the text."""
+
+    text: str
+    stats: RequestStats
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_markdown_(self) -> str:
+        return f"{self.text}\n\n*{self.stats.details()}*"
+
+
+class Stream:
+    """Text pieces as the model produces them.
+
+    Iterate it; afterwards ``text`` holds the whole answer and ``stats`` what it cost.
+    ``stop()`` (from any thread) ends it after the current token. Leaving a ``for`` loop early
+    or calling ``close()`` ends it too, and the model is free again.
+    """
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.request = request
+        self.cancel = threading.Event()
+        self.pieces: list[str] = []
+        self.stats: RequestStats | None = None
+        self.thread_id = threading.get_ident()
+        self._steps = engine._run(request, self)
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._steps)
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
+    def stop(self) -> None:
+        self.cancel.set()
+
+    def close(self) -> None:
+        self._steps.close()
+
+    def result(self) -> Completion:
+        """Consume the rest of the stream and return the whole answer."""
+        for _ in self:
+            pass
+        assert self.stats is not None
+        return Completion(self.text, self.stats)
+
+    # LockOwner protocol (see registry.py): lets the registry recover from abandoned streams.
+    def is_suspended(self) -> bool:
+        return inspect.getgeneratorstate(self._steps) == inspect.GEN_SUSPENDED
+
+    def abandon(self) -> None:
+        self._steps.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _auto_threads() -> int:
+    return machine.default_threads()
+
+
+class Engine:
+    def __init__(self, settings: Settings | None = None, backend: Backend | None = None) -> None:
+        self._settings = settings if settings is not None else load_settings()
+        self.stats = StatsCollector()
+        self.registry = Registry(
+            backend_factory=(lambda: backend) if backend is not None else _default_backend,
+            settings=lambda: self._settings,
+            load_settings=self._load_settings,
+            stats=self.stats,
+        )
+        self._apply_logging()
+
+    # ----------------------------------------------------------------- settings
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def configure(self, source: str | os.PathLike[str] | Mapping[str, Any] | None = None, **sections: Any) -> Settings:
+        """Apply a YAML file (replacing the current settings) and/or overrides (merged on top)."""
+        settings = self._settings
+        if isinstance(source, (str, os.PathLike)):
+            settings = load_file(Path(source).expanduser())
+        elif isinstance(source, Mapping):
+            settings = settings.merged(source)
+        elif source is not None:
+            raise ConfigError(f"configure() takes a YAML path or a dict of overrides, not {type(source).__name__}.")
+        if sections:
+            settings = settings.merged(sections)
+        self._settings = settings
+        self._apply_logging()
+        # Lower limits apply now; changed load settings reload a model when it is next used.
+        self.registry.enforce_limits()
+        return settings
+
+    def _apply_logging(self) -> None:
+        logging.getLogger("nbllm.llama_cpp").setLevel(self._settings.logging.llama_cpp)
+
+    def _load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
+        perf = self._settings.performance
+        context = perf.context_size
+        if info.context_length and context > info.context_length:
+            context = info.context_length  # beyond its training length a model only degrades
+        gpu_layers = perf.gpu_layers
+        if gpu_layers == -1:
+            gpu_layers = info.n_layers + 1 if self._gpu_offload() else 0
+        return LoadSettings(
+            context_size=context,
+            batch_size=min(perf.batch_size, context),
+            threads=perf.threads or _auto_threads(),
+            gpu_layers=gpu_layers,
+            use_mmap=perf.use_mmap,
+            use_mlock=perf.use_mlock,
+            flash_attention=perf.flash_attention,
+        )
+
+    def _gpu_offload(self) -> bool:
+        return bool(self.registry.backend.build_info()["gpu_offload"])
+
+    # ----------------------------------------------------------------- requests
+
+    def make_request(
+        self,
+        *,
+        prompt: str | None = None,
+        messages: Any = None,
+        model: str | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> Request:
+        """Validate everything that can be checked without the model (fails fast, at the call)."""
+        resolved = resolve_params(self._settings.generation, params or {})
+        if prompt is not None:
+            if not isinstance(prompt, str):
+                raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
+            return Request(model=model, params=resolved, prompt=prompt)
+        return Request(model=model, params=resolved, messages=tuple(normalize_messages(messages)))
+
+    def stream(self, request: Request) -> Stream:
+        self.registry.resolve(request.model)  # an unknown model fails here, not at first token
+        return Stream(self, request)
+
+    def _run(self, request: Request, owner: Stream) -> Generator[str, None, None]:
+        started = time.perf_counter()
+        owner.thread_id = threading.get_ident()
+        try:
+            resident = self.registry.checkout(request.model, owner)
+        except NbllmError:
+            self.stats.record_error(request.model or self._settings.default_model)
+            raise
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        stats = RequestStats(model=resident.name, seed=seed, load_seconds=time.perf_counter() - started)
+        usage = Usage()
+        try:
+            prompt = self._format(resident.model, request)
+            for piece in resident.model.generate(prompt, params, seed, usage, owner.cancel):
+                owner.pieces.append(piece)
+                yield piece
+        except BaseException as error:
+            usage.finish_reason = "cancelled" if isinstance(error, (GeneratorExit, KeyboardInterrupt)) else "error"
+            raise
+        finally:
+            self.registry.checkin(resident)
+            stats.total_seconds = time.perf_counter() - started
+            if usage.first_token_at is not None:
+                stats.time_to_first_token = usage.first_token_at - started
+            stats.prompt_tokens = usage.prompt_tokens
+            stats.reused_prompt_tokens = usage.reused_prompt_tokens
+            stats.completion_tokens = usage.completion_tokens
+            stats.finish_reason = usage.finish_reason
+            owner.stats = stats
+            self.stats.record_request(stats)
+            log.info("%s", stats.summary())
+
+    @staticmethod
+    def _format(model: Any, request: Request) -> FormattedPrompt:
+        if request.prompt is not None:
+            return FormattedPrompt(request.prompt)
+        assert request.messages is not None
+        formatted: FormattedPrompt = model.format_chat(list(request.messages))
+        return formatted
+
+    # ----------------------------------------------------------------- conveniences
+
+    def generate(self, prompt: str, model: str | None = None, stream: bool = False, **params: Any) -> Any:
+        request = self.make_request(prompt=prompt, model=model, params=params)
+        result = self.stream(request)
+        return result if stream else result.result()
+
+    def chat(self, messages: Any, model: str | None = None, stream: bool = False, **params: Any) -> Any:
+        request = self.make_request(messages=messages, model=model, params=params)
+        result = self.stream(request)
+        return result if stream else result.result()
+
+    def health(self) -> dict[str, Any]:
+        residents = self.registry.resident()
+        return {
+            "status": "ok",
+            "default_model": self._settings.default_model,
+            "resident_models": [
+                {
+                    "name": r.name,
+                    "path": str(r.spec.path),
+                    "architecture": r.info.architecture,
+                    "quantization": r.info.quantization,
+                    "context_size": r.settings.context_size,
+                    "threads": r.settings.threads,
+                    "gpu_layers": r.settings.gpu_layers,
+                    "memory_bytes": r.memory.total,
+                    "busy": r.lock.locked(),
+                }
+                for r in residents
+            ],
+            "model_cache": f"{len(residents)}/{self._settings.cache.model_cache_size}",
+            "memory_available_bytes": machine.available_memory(),
+            "memory_total_bytes": machine.total_memory(),
+            "config_source": self._settings.source,
+        }
+
+    def close(self) -> None:
+        self.registry.unload_all()
+
+
+def _default_backend() -> Backend:
+    from nbllm.backends.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend()

@@ -1,0 +1,164 @@
+"""Per-request statistics and the process-wide counters behind ``nbllm.stats()``."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class RequestStats:
+    """What one generation cost. Times are seconds of wall-clock time."""
+
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reused_prompt_tokens: int = 0  # prompt tokens served from the KV cache, not evaluated
+    time_to_first_token: float = 0.0
+    load_seconds: float = 0.0  # part of time_to_first_token spent loading the model or waiting for it
+    total_seconds: float = 0.0
+    finish_reason: str = "unknown"  # stop | length | cancelled | error
+    cached: bool = False  # the whole answer came from the prompt cache
+    seed: int | None = None
+    model_hash: str | None = None
+
+    @property
+    def generation_seconds(self) -> float:
+        """Time after the first token: the decoding phase."""
+        return max(self.total_seconds - self.time_to_first_token, 0.0)
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens over the whole request, as in the guide's log line."""
+        return self.completion_tokens / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    @property
+    def generation_tokens_per_second(self) -> float:
+        """Decoding speed: tokens after the first, over the time after the first."""
+        gen = self.generation_seconds
+        return (self.completion_tokens - 1) / gen if gen > 0 and self.completion_tokens > 1 else 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        evaluated = self.prompt_tokens - self.reused_prompt_tokens
+        seconds = self.time_to_first_token - self.load_seconds
+        return evaluated / seconds if seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """The guide's line: ``Generated 256 tokens in 12.5s (20.5 t/s)``."""
+        return (
+            f"Generated {self.completion_tokens} tokens in {self.total_seconds:.2f}s ({self.tokens_per_second:.1f} t/s)"
+        )
+
+    def details(self) -> str:
+        parts = [self.summary(), f"model {self.model}"]
+        if self.cached:
+            parts.append("from prompt cache")
+        else:
+            parts.append(f"first token {self.time_to_first_token:.2f}s")
+            if self.reused_prompt_tokens:
+                parts.append(f"reused {self.reused_prompt_tokens}/{self.prompt_tokens} prompt tokens")
+        if self.finish_reason in ("cancelled", "error"):
+            parts.append(self.finish_reason)
+        return " · ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            generation_seconds=self.generation_seconds,
+            tokens_per_second=self.tokens_per_second,
+            generation_tokens_per_second=self.generation_tokens_per_second,
+            prompt_tokens_per_second=self.prompt_tokens_per_second,
+        )
+        return data
+
+
+@dataclass
+class _ModelTotals:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+
+@dataclass
+class StatsCollector:
+    """Thread-safe running totals; ``snapshot()`` is what ``nbllm.stats()`` returns."""
+
+    started: float = field(default_factory=time.time)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    requests: int = 0
+    completed: int = 0
+    cancelled: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reused_prompt_tokens: int = 0
+    model_loads: int = 0
+    model_load_seconds: float = 0.0
+    evictions: int = 0
+    per_model: dict[str, _ModelTotals] = field(default_factory=dict)
+    last: RequestStats | None = None
+
+    def record_request(self, stats: RequestStats) -> None:
+        with self._lock:
+            self.requests += 1
+            if stats.finish_reason == "cancelled":
+                self.cancelled += 1
+            elif stats.finish_reason == "error":
+                self.errors += 1
+            else:
+                self.completed += 1
+            self.prompt_tokens += stats.prompt_tokens
+            self.completion_tokens += stats.completion_tokens
+            self.reused_prompt_tokens += stats.reused_prompt_tokens
+            totals = self.per_model.setdefault(stats.model, _ModelTotals())
+            totals.requests += 1
+            totals.prompt_tokens += stats.prompt_tokens
+            totals.completion_tokens += stats.completion_tokens
+            totals.generation_seconds += stats.total_seconds
+            self.last = stats
+
+    def record_error(self, model: str) -> None:
+        with self._lock:
+            self.requests += 1
+            self.errors += 1
+            self.per_model.setdefault(model, _ModelTotals()).requests += 1
+
+    def record_load(self, seconds: float) -> None:
+        with self._lock:
+            self.model_loads += 1
+            self.model_load_seconds += seconds
+
+    def record_eviction(self) -> None:
+        with self._lock:
+            self.evictions += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            per_model = {
+                name: {
+                    **asdict(totals),
+                    "tokens_per_second": (
+                        totals.completion_tokens / totals.generation_seconds if totals.generation_seconds else 0.0
+                    ),
+                }
+                for name, totals in self.per_model.items()
+            }
+            return {
+                "uptime_seconds": time.time() - self.started,
+                "requests": self.requests,
+                "completed": self.completed,
+                "cancelled": self.cancelled,
+                "errors": self.errors,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "reused_prompt_tokens": self.reused_prompt_tokens,
+                "model_loads": self.model_loads,
+                "model_load_seconds": self.model_load_seconds,
+                "evictions": self.evictions,
+                "per_model": per_model,
+                "last_request": self.last.as_dict() if self.last else None,
+            }

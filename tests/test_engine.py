@@ -1,0 +1,268 @@
+"""The one generation path, on real llama.cpp with tiny generated models."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nbllm.engine import Completion, Engine, Stream
+from nbllm.errors import ContextLengthError, ModelNotFoundError, ParameterError
+
+
+def test_generate_returns_text_and_stats(engine: Engine) -> None:
+    result = engine.generate("the model", max_tokens=12, seed=1)
+    assert isinstance(result, Completion)
+    assert str(result) == result.text
+    stats = result.stats
+    assert stats.model == "tiny-a"
+    assert 0 < stats.completion_tokens <= 12
+    assert stats.prompt_tokens > 0
+    assert stats.total_seconds >= stats.time_to_first_token > 0
+    assert stats.finish_reason in ("stop", "length")
+    assert stats.seed == 1
+    assert stats.summary().startswith(f"Generated {stats.completion_tokens} tokens in ")
+    assert stats.summary().endswith(" t/s)")
+
+
+def test_stream_yields_pieces_that_make_up_the_text(engine: Engine) -> None:
+    stream = engine.generate("the model", stream=True, max_tokens=16, seed=2)
+    assert isinstance(stream, Stream)
+    assert stream.stats is None, "stats exist only once the stream has ended"
+    pieces = list(stream)
+    assert len(pieces) > 1
+    assert "".join(pieces) == stream.text
+    assert stream.stats is not None
+    assert stream.stats.completion_tokens == 16 or stream.stats.finish_reason == "stop"
+
+
+def test_same_seed_same_text_and_other_seed_other_text(engine: Engine) -> None:
+    first = engine.generate("the", max_tokens=24, seed=7, temperature=1.0).text
+    again = engine.generate("the", max_tokens=24, seed=7, temperature=1.0).text
+    other = engine.generate("the", max_tokens=24, seed=8, temperature=1.0).text
+    assert first == again
+    assert first != other
+
+
+def test_no_seed_draws_one_and_records_it_for_reproduction(engine: Engine) -> None:
+    result = engine.generate("the", max_tokens=16, temperature=1.0)
+    assert result.stats.seed is not None
+    replay = engine.generate("the", max_tokens=16, temperature=1.0, seed=result.stats.seed)
+    assert replay.text == result.text
+
+
+def test_max_tokens_bounds_the_answer(engine: Engine) -> None:
+    result = engine.generate("the", max_tokens=5, seed=3)
+    assert result.stats.completion_tokens <= 5
+    assert result.stats.finish_reason in ("length", "stop")
+
+
+def test_stop_sequence_ends_the_answer_before_it(engine: Engine) -> None:
+    free = engine.generate("the", max_tokens=40, seed=11, temperature=0).text
+    # Stop at a word from the middle of the greedy answer: it must not appear in the result.
+    words = [w for w in free.split() if len(w) > 2]
+    assert words, f"the tiny model produced no words: {free!r}"
+    stop = words[len(words) // 2]
+    stopped = engine.generate("the", max_tokens=40, seed=11, temperature=0, stop=[stop])
+    assert stop not in stopped.text
+    assert free.startswith(stopped.text)
+    assert stopped.stats.finish_reason == "stop"
+
+
+def test_stop_from_another_thread_ends_the_stream_within_a_token(engine: Engine) -> None:
+    stream = engine.generate("the", stream=True, max_tokens=400, seed=1, stop=None)
+    for received, _ in enumerate(stream, start=1):
+        if received == 3:
+            threading.Thread(target=stream.stop).start()
+            time.sleep(0.05)
+    assert stream.stats is not None
+    assert stream.stats.finish_reason == "cancelled"
+    assert stream.stats.completion_tokens < 400
+    # The model is free and usable afterwards.
+    assert engine.generate("the", max_tokens=4, seed=1).stats.completion_tokens > 0
+
+
+def test_leaving_a_stream_early_frees_the_model(engine: Engine) -> None:
+    stream = engine.generate("the", stream=True, max_tokens=200, seed=1)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    assert stream.stats is not None
+    assert stream.stats.finish_reason == "cancelled"
+    assert engine.generate("the", max_tokens=4, seed=1).text is not None
+
+
+def test_keyboard_interrupt_mid_stream_keeps_the_model_usable(engine: Engine) -> None:
+    stream = engine.generate("the", stream=True, max_tokens=200, seed=1)
+
+    def consume_until_interrupted() -> None:
+        for i, _ in enumerate(stream):
+            if i == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        consume_until_interrupted()
+    stream.close()
+    assert stream.stats is not None
+    assert stream.stats.finish_reason == "cancelled"
+    assert engine.stats.snapshot()["cancelled"] == 1
+    again = engine.generate("the", max_tokens=8, seed=1, temperature=0)
+    fresh = engine.generate("the", max_tokens=8, seed=1, temperature=0)
+    assert again.text == fresh.text
+
+
+def test_an_abandoned_stream_does_not_block_the_next_request_on_the_same_thread(engine: Engine) -> None:
+    abandoned = engine.generate("the", stream=True, max_tokens=200, seed=1)
+    next(abandoned)  # holds the model's lock, then is forgotten
+    result = engine.generate("the", max_tokens=4, seed=1)
+    assert result.stats.completion_tokens > 0
+    assert abandoned.stats is not None
+    assert abandoned.stats.finish_reason == "cancelled"
+
+
+def test_concurrent_requests_on_one_model_are_serialized_and_correct(engine: Engine) -> None:
+    expected = {seed: engine.generate("the", max_tokens=20, seed=seed).text for seed in range(4)}
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            results[seed] = engine.generate("the", max_tokens=20, seed=seed).text
+        except BaseException as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(4) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors
+    assert results == expected
+
+
+def test_different_models_stream_in_parallel(engine: Engine) -> None:
+    first = engine.generate("the", stream=True, max_tokens=50, seed=1, model="tiny-a")
+    second = engine.generate("the", stream=True, max_tokens=50, seed=1, model="tiny-b")
+    # Interleaving two live streams needs two separate locks: this would deadlock otherwise.
+    a, b = iter(first), iter(second)
+    next(a)
+    next(b)
+    rest = "".join(a), "".join(b)
+    assert first.stats is not None
+    assert second.stats is not None
+    assert all(isinstance(part, str) for part in rest)
+
+
+def test_chat_uses_a_transcript_for_a_model_without_template(engine: Engine) -> None:
+    model = engine.registry.load("tiny-a").model
+    formatted = model.format_chat([{"role": "user", "content": "hi"}])
+    assert formatted.text == "Question: hi\nAnswer:"
+    assert "\nQuestion:" in formatted.stop
+    result = engine.chat("hi", max_tokens=10, seed=1)
+    assert result.text == result.text.strip()
+
+
+def test_chat_uses_the_gguf_template_when_the_file_has_one(engine: Engine) -> None:
+    model = engine.registry.load("tiny-chat").model
+    formatted = model.format_chat([{"role": "user", "content": "hi"}])
+    assert formatted.text == "<s><start_of_turn>user\nhi<end_of_turn>\n<start_of_turn>model\n"
+    assert formatted.special
+    assert not formatted.add_bos, "the template already holds the BOS token"
+    assert engine.chat("hi", model="tiny-chat", max_tokens=6, seed=1).stats.completion_tokens > 0
+
+
+def test_repeated_prompt_reuses_the_kv_prefix(engine: Engine) -> None:
+    engine.generate("the model and the cache", max_tokens=2, seed=1)
+    again = engine.generate("the model and the cache and more", max_tokens=2, seed=1)
+    assert again.stats.reused_prompt_tokens >= 5
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"temperature": -1}, "temperature = -1"),
+        ({"top_p": 1.5}, "top_p = 1.5"),
+        ({"max_tokens": 0}, "max_tokens = 0"),
+        ({"top_k": -3}, "top_k = -3"),
+        ({"seed": -1}, "seed = -1"),
+        ({"repeat_penalty": 0}, "repeat_penalty = 0"),
+        ({"max_tokens": "ten"}, "max_tokens = 'ten'"),
+        ({"temperature": True}, "temperature = True"),
+        ({"stop": 5}, "stop = 5"),
+        ({"temprature": 0.5}, "Did you mean 'temperature'?"),
+    ],
+)
+def test_out_of_range_params_are_clear_errors_before_any_work(
+    engine: Engine, params: dict[str, object], fragment: str
+) -> None:
+    with pytest.raises(ParameterError) as caught:
+        engine.generate("the", **params)
+    assert fragment in str(caught.value)
+    assert engine.stats.snapshot()["requests"] == 0
+    assert engine.registry.resident() == [], "nothing was loaded for an invalid request"
+
+
+def test_a_prompt_longer_than_the_context_is_a_clear_error(engine: Engine) -> None:
+    long_prompt = " ".join(["model"] * 2000)
+    with pytest.raises(ContextLengthError) as caught:
+        engine.generate(long_prompt, max_tokens=4)
+    message = str(caught.value)
+    assert "context holds 512" in message
+    assert "performance.context_size" in message
+    assert engine.generate("the", max_tokens=3, seed=1).stats.completion_tokens > 0
+
+
+def test_answer_near_the_context_end_is_cut_at_the_context(engine: Engine) -> None:
+    from nbllm.chat_format import FormattedPrompt
+
+    model = engine.registry.load(None).model
+    words = 10
+    while model.count_tokens(FormattedPrompt(" ".join(["the"] * words))) < 480:
+        words += 10
+    prompt = " ".join(["the"] * words)
+    result = engine.generate(prompt, max_tokens=100, seed=1, temperature=1.5)
+    assert result.stats.prompt_tokens + result.stats.completion_tokens <= 512
+
+
+def test_unknown_model_fails_at_the_call_with_a_suggestion(engine: Engine) -> None:
+    with pytest.raises(ModelNotFoundError) as caught:
+        engine.generate("the", model="tiny-aa", stream=True)
+    assert "Unknown model 'tiny-aa'" in str(caught.value)
+    assert "Did you mean 'tiny-a'?" in str(caught.value)
+    assert "nbllm.models()" in str(caught.value)
+
+
+def test_bad_messages_are_clear_errors(engine: Engine) -> None:
+    with pytest.raises(ParameterError, match="role"):
+        engine.chat([{"role": "wizard", "content": "hi"}])
+    with pytest.raises(ParameterError, match="content"):
+        engine.chat([{"role": "user", "content": 3}])
+    with pytest.raises(ParameterError, match="non-empty list"):
+        engine.chat([])
+
+
+def test_stats_count_requests_tokens_and_models(engine: Engine, tiny_models: dict[str, Path]) -> None:
+    engine.generate("the", max_tokens=4, seed=1)
+    engine.generate("the", max_tokens=4, seed=1, model="tiny-b")
+    snapshot = engine.stats.snapshot()
+    assert snapshot["requests"] == 2
+    assert snapshot["completed"] == 2
+    assert snapshot["model_loads"] == 2
+    assert set(snapshot["per_model"]) == {"tiny-a", "tiny-b"}
+    assert snapshot["completion_tokens"] == sum(m["completion_tokens"] for m in snapshot["per_model"].values())
+    assert snapshot["last_request"]["model"] == "tiny-b"
+
+
+def test_health_names_resident_models_and_their_settings(engine: Engine) -> None:
+    engine.generate("the", max_tokens=2, seed=1)
+    health = engine.health()
+    assert health["status"] == "ok"
+    [resident] = health["resident_models"]
+    assert resident["name"] == "tiny-a"
+    assert resident["context_size"] == 512
+    assert resident["threads"] >= 1
+    assert resident["gpu_layers"] == 0
+    assert health["model_cache"] == "1/2"
