@@ -53,6 +53,7 @@ __all__ = [
     "ParameterError",
     "Settings",
     "chat",
+    "clear_cache",
     "configure",
     "generate",
     "get_engine",
@@ -81,31 +82,44 @@ def get_engine() -> Engine:
 
 
 @overload
-def generate(prompt: str, model: str | None = ..., stream: Literal[False] = ..., **params: Any) -> Completion: ...
+def generate(
+    prompt: str, model: str | None = ..., stream: Literal[False] = ..., cache: bool = ..., **params: Any
+) -> Completion: ...
 @overload
-def generate(prompt: str, model: str | None = ..., *, stream: Literal[True], **params: Any) -> Stream: ...
-def generate(prompt: str, model: str | None = None, stream: bool = False, **params: Any) -> Completion | Stream:
+def generate(
+    prompt: str, model: str | None = ..., *, stream: Literal[True], cache: bool = ..., **params: Any
+) -> Stream: ...
+def generate(
+    prompt: str, model: str | None = None, stream: bool = False, cache: bool = True, **params: Any
+) -> Completion | Stream:
     """Continue ``prompt`` with ``model`` (default: the configured default model).
 
     Parameters: temperature, top_p, top_k, min_p, max_tokens, repeat_penalty, presence_penalty,
     frequency_penalty, seed, stop. ``stream=True`` returns a ``Stream`` of text pieces (its
     ``stats`` are set when it ends); otherwise a ``Completion`` with ``text`` and ``stats``.
+    An identical earlier request is answered from the prompt cache; ``cache=False`` skips it.
     """
-    result: Completion | Stream = get_engine().generate(prompt, model=model, stream=stream, **params)
+    result: Completion | Stream = get_engine().generate(prompt, model=model, stream=stream, cache=cache, **params)
     return result
 
 
 @overload
-def chat(messages: Any, model: str | None = ..., stream: Literal[False] = ..., **params: Any) -> Completion: ...
+def chat(
+    messages: Any, model: str | None = ..., stream: Literal[False] = ..., cache: bool = ..., **params: Any
+) -> Completion: ...
 @overload
-def chat(messages: Any, model: str | None = ..., *, stream: Literal[True], **params: Any) -> Stream: ...
-def chat(messages: Any, model: str | None = None, stream: bool = False, **params: Any) -> Completion | Stream:
+def chat(
+    messages: Any, model: str | None = ..., *, stream: Literal[True], cache: bool = ..., **params: Any
+) -> Stream: ...
+def chat(
+    messages: Any, model: str | None = None, stream: bool = False, cache: bool = True, **params: Any
+) -> Completion | Stream:
     """Answer a conversation: a string, or ``[{'role': 'user', 'content': ...}, ...]``.
 
     Uses the model's own chat template when its file has one, else a plain
     ``User:/Assistant:`` transcript (what base models such as the default continue sensibly).
     """
-    result: Completion | Stream = get_engine().chat(messages, model=model, stream=stream, **params)
+    result: Completion | Stream = get_engine().chat(messages, model=model, stream=stream, cache=cache, **params)
     return result
 
 
@@ -134,8 +148,15 @@ def models() -> Table:
 
 
 def stats() -> dict[str, Any]:
-    """Counters since the process started: requests, tokens, loads, evictions, per model, last request."""
-    return get_engine().stats.snapshot()
+    """Counters since the process started: requests, tokens, loads, evictions, prompt-cache hits
+    and misses, prompt tokens reused, time saved, per model, the last request; and the caches."""
+    engine = get_engine()
+    return {**engine.stats.snapshot(), "cache": engine.cache_stats()}
+
+
+def clear_cache() -> None:
+    """Empty the prompt cache (on disk) and the KV prefix snapshots of loaded models."""
+    get_engine().clear_cache()
 
 
 def health() -> dict[str, Any]:

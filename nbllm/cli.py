@@ -63,12 +63,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise nbllm.ParameterError("The prompt is empty. Pass it as an argument or on standard input.")
     params = _generation_params(args)
     if args.raw:
-        stream = nbllm.generate(prompt, model=args.model, stream=True, **params)
+        stream = nbllm.generate(prompt, model=args.model, stream=True, cache=not args.no_cache, **params)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        stream = nbllm.chat(messages, model=args.model, stream=True, **params)
+        stream = nbllm.chat(messages, model=args.model, stream=True, cache=not args.no_cache, **params)
     interrupted = False
     try:
         for piece in stream:
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("prompt", nargs="*", help="the prompt (default: read standard input)")
     run.add_argument("--system", "-s", help="system prompt")
     run.add_argument("--raw", action="store_true", help="continue the prompt as plain text instead of chatting")
+    run.add_argument("--no-cache", action="store_true", help="neither use nor fill the prompt cache")
     _add_generation_options(run)
     run.set_defaults(handler=cmd_run)
 

@@ -64,6 +64,9 @@ class Cache:
     prompt_cache_size: int = _spec(100, "answers kept in the prompt cache", min=0, max=1_000_000)
     enabled: bool = _spec(True, "use the prompt cache")
     directory: str | None = _spec(None, "prompt cache folder; null = the user cache folder")
+    prefix_cache_bytes: int = _spec(
+        1 << 30, "memory for KV snapshots of evaluated prompts, per loaded model; 0 = off", min=0, bytes=True
+    )
 
 
 @dataclass(frozen=True)

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbllm import machine
+from nbllm import identity, machine, paths
 from nbllm.backends.base import Backend, LoadSettings, Usage
+from nbllm.cache import CACHE_FORMAT, PromptCache
 from nbllm.chat_format import FormattedPrompt, normalize_messages
 from nbllm.config import Settings, load_file, load_settings
 from nbllm.errors import ConfigError, NbllmError
-from nbllm.gguf_file import GGUFInfo
+from nbllm.gguf_file import GGUFInfo, read_gguf
 from nbllm.metrics import RequestStats, StatsCollector
 from nbllm.params import GenerationParams, resolve_params
 from nbllm.registry import ModelSpec, Registry
@@ -38,6 +39,7 @@ class Request:
     params: GenerationParams
     prompt: str | None = None  # a completion: text the model continues
     messages: tuple[dict[str, str], ...] | None = None  # a chat
+    use_cache: bool = True  # consult and fill the prompt cache
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Engine:
             load_settings=self._load_settings,
             stats=self.stats,
         )
+        self.prompt_cache = self._make_prompt_cache(self._settings)
         self._apply_logging()
 
     # ----------------------------------------------------------------- settings
@@ -141,20 +144,49 @@ class Engine:
             raise ConfigError(f"configure() takes a YAML path or a dict of overrides, not {type(source).__name__}.")
         if sections:
             settings = settings.merged(sections)
+        if self._cache_location(settings) != self._cache_location(self._settings):
+            self.prompt_cache = self._make_prompt_cache(settings)
+        self.prompt_cache.max_entries = settings.cache.prompt_cache_size
         self._settings = settings
         self._apply_logging()
         # Lower limits apply now; changed load settings reload a model when it is next used.
         self.registry.enforce_limits()
         return settings
 
+    @staticmethod
+    def _cache_location(settings: Settings) -> Path:
+        configured = settings.cache.directory
+        return Path(configured).expanduser() if configured else paths.cache_dir() / "prompts"
+
+    def _make_prompt_cache(self, settings: Settings) -> PromptCache:
+        return PromptCache(self._cache_location(settings), settings.cache.prompt_cache_size)
+
+    def clear_cache(self) -> None:
+        """Empty the prompt cache and every loaded model's KV prefix snapshots."""
+        self.prompt_cache.clear()
+        for resident in self.registry.resident():
+            resident.model.clear_prefix_cache()
+
+    def cache_stats(self) -> dict[str, Any]:
+        cache = self.prompt_cache
+        prefix = [r.model.prefix_cache_stats() for r in self.registry.resident()]
+        return {
+            "enabled": self._settings.cache.enabled and cache.enabled,
+            "disabled_reason": cache.disabled_reason,
+            "directory": str(cache.directory),
+            "entries": len(cache.entries()),
+            "max_entries": cache.max_entries,
+            "bytes_on_disk": cache.disk_bytes(),
+            "prefix_snapshots": sum(p["snapshots"] for p in prefix),
+            "prefix_snapshot_bytes": sum(p["bytes"] for p in prefix),
+        }
+
     def _apply_logging(self) -> None:
         logging.getLogger("nbllm.llama_cpp").setLevel(self._settings.logging.llama_cpp)
 
     def _load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
         perf = self._settings.performance
-        context = perf.context_size
-        if info.context_length and context > info.context_length:
-            context = info.context_length  # beyond its training length a model only degrades
+        context = self._context_size(info)
         gpu_layers = perf.gpu_layers
         if gpu_layers == -1:
             gpu_layers = info.n_layers + 1 if self._gpu_offload() else 0
@@ -166,7 +198,14 @@ class Engine:
             use_mmap=perf.use_mmap,
             use_mlock=perf.use_mlock,
             flash_attention=perf.flash_attention,
+            prefix_cache_bytes=self._settings.cache.prefix_cache_bytes,
         )
+
+    def _context_size(self, info: GGUFInfo) -> int:
+        context = self._settings.performance.context_size
+        if info.context_length and context > info.context_length:
+            context = info.context_length  # beyond its training length a model only degrades
+        return context
 
     def _gpu_offload(self) -> bool:
         return bool(self.registry.backend.build_info()["gpu_offload"])
@@ -180,14 +219,15 @@ class Engine:
         messages: Any = None,
         model: str | None = None,
         params: Mapping[str, Any] | None = None,
+        cache: bool = True,
     ) -> Request:
         """Validate everything that can be checked without the model (fails fast, at the call)."""
         resolved = resolve_params(self._settings.generation, params or {})
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
-            return Request(model=model, params=resolved, prompt=prompt)
-        return Request(model=model, params=resolved, messages=tuple(normalize_messages(messages)))
+            return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
+        return Request(model=model, params=resolved, messages=tuple(normalize_messages(messages)), use_cache=cache)
 
     def stream(self, request: Request) -> Stream:
         self.registry.resolve(request.model)  # an unknown model fails here, not at first token
@@ -196,6 +236,13 @@ class Engine:
     def _run(self, request: Request, owner: Stream) -> Generator[str, None, None]:
         started = time.perf_counter()
         owner.thread_id = threading.get_ident()
+        cache_key = self._cache_key(request) if self._cache_wanted(request) else None
+        if cache_key is not None:
+            answer = self.prompt_cache.get(cache_key)
+            if answer is not None:
+                yield from self._replay(answer, cache_key, owner, started)
+                return
+            self.stats.record_cache_miss()
         try:
             resident = self.registry.checkout(request.model, owner)
         except NbllmError:
@@ -204,6 +251,7 @@ class Engine:
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         stats = RequestStats(model=resident.name, seed=seed, load_seconds=time.perf_counter() - started)
+        stats.model_hash = cache_key["model_sha256"] if cache_key else None
         usage = Usage()
         try:
             prompt = self._format(resident.model, request)
@@ -224,7 +272,58 @@ class Engine:
             stats.finish_reason = usage.finish_reason
             owner.stats = stats
             self.stats.record_request(stats)
+            if stats.reused_prompt_tokens:
+                log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
             log.info("%s", stats.summary())
+        # Only answers that ended normally are worth keeping (never cancelled or failed ones).
+        if cache_key is not None and usage.finish_reason in ("stop", "length"):
+            self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(owner.pieces)})
+
+    def _replay(
+        self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], owner: Stream, started: float
+    ) -> Generator[str, None, None]:
+        """A cached answer, streamed like a fresh one so that front ends need no special case."""
+        stats = RequestStats(
+            model=str(answer["model"]),
+            prompt_tokens=int(answer["prompt_tokens"]),
+            completion_tokens=int(answer["completion_tokens"]),
+            finish_reason=str(answer["finish_reason"]),
+            seed=answer["seed"],
+            cached=True,
+            model_hash=cache_key["model_sha256"],
+        )
+        try:
+            for index, piece in enumerate(answer["pieces"]):
+                if index == 0:
+                    stats.time_to_first_token = time.perf_counter() - started
+                owner.pieces.append(piece)
+                yield piece
+        finally:
+            stats.total_seconds = time.perf_counter() - started
+            owner.stats = stats
+            saved = max(float(answer["total_seconds"]) - stats.total_seconds, 0.0)
+            self.stats.record_request(stats, time_saved=saved)
+            log.info("Prompt cache hit")
+            log.info("%s", stats.summary())
+
+    def _cache_wanted(self, request: Request) -> bool:
+        cache = self._settings.cache
+        return request.use_cache and cache.enabled and cache.prompt_cache_size > 0 and self.prompt_cache.enabled
+
+    def _cache_key(self, request: Request) -> dict[str, Any]:
+        """Everything that decides an answer; a change in any of it is a different entry."""
+        spec = self.registry.resolve(request.model)
+        info = read_gguf(spec.path)
+        return {
+            "format": CACHE_FORMAT,
+            "model_sha256": identity.file_sha256(spec.path),
+            "backend": _backend_version(),
+            "context_size": self._context_size(info),
+            "kind": "completion" if request.prompt is not None else "chat",
+            "prompt": request.prompt,
+            "messages": [dict(m) for m in request.messages] if request.messages else None,
+            "params": request.params.as_dict(),
+        }
 
     @staticmethod
     def _format(model: Any, request: Request) -> FormattedPrompt:
@@ -236,13 +335,17 @@ class Engine:
 
     # ----------------------------------------------------------------- conveniences
 
-    def generate(self, prompt: str, model: str | None = None, stream: bool = False, **params: Any) -> Any:
-        request = self.make_request(prompt=prompt, model=model, params=params)
+    def generate(
+        self, prompt: str, model: str | None = None, stream: bool = False, cache: bool = True, **params: Any
+    ) -> Any:
+        request = self.make_request(prompt=prompt, model=model, params=params, cache=cache)
         result = self.stream(request)
         return result if stream else result.result()
 
-    def chat(self, messages: Any, model: str | None = None, stream: bool = False, **params: Any) -> Any:
-        request = self.make_request(messages=messages, model=model, params=params)
+    def chat(
+        self, messages: Any, model: str | None = None, stream: bool = False, cache: bool = True, **params: Any
+    ) -> Any:
+        request = self.make_request(messages=messages, model=model, params=params, cache=cache)
         result = self.stream(request)
         return result if stream else result.result()
 
@@ -273,6 +376,16 @@ class Engine:
 
     def close(self) -> None:
         self.registry.unload_all()
+
+
+@functools.lru_cache(maxsize=1)
+def _backend_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"llama-cpp-python {version('llama-cpp-python')}"
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _default_backend() -> Backend:

@@ -81,6 +81,8 @@ class _ModelTotals:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     generation_seconds: float = 0.0
+    prompt_tokens_evaluated: int = 0
+    prompt_seconds: float = 0.0
 
 
 @dataclass
@@ -99,12 +101,31 @@ class StatsCollector:
     model_loads: int = 0
     model_load_seconds: float = 0.0
     evictions: int = 0
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+    prompt_cache_seconds_saved: float = 0.0
+    prefix_seconds_saved: float = 0.0
     per_model: dict[str, _ModelTotals] = field(default_factory=dict)
     last: RequestStats | None = None
 
-    def record_request(self, stats: RequestStats) -> None:
+    def record_request(self, stats: RequestStats, time_saved: float = 0.0) -> None:
+        """Count one finished request; ``time_saved`` is what a prompt-cache hit spared."""
         with self._lock:
             self.requests += 1
+            if stats.cached:
+                self.prompt_cache_hits += 1
+                self.prompt_cache_seconds_saved += time_saved
+            totals = self.per_model.setdefault(stats.model, _ModelTotals())
+            evaluated = stats.prompt_tokens - stats.reused_prompt_tokens
+            prompt_seconds = stats.time_to_first_token - stats.load_seconds
+            if not stats.cached and evaluated >= 16 and prompt_seconds > 0:
+                totals.prompt_seconds += prompt_seconds
+                totals.prompt_tokens_evaluated += evaluated
+            if stats.reused_prompt_tokens and totals.prompt_tokens_evaluated:
+                # Reused tokens were not evaluated: at this model's measured prompt speed,
+                # that is the time they would have taken.
+                per_token = totals.prompt_seconds / totals.prompt_tokens_evaluated
+                self.prefix_seconds_saved += stats.reused_prompt_tokens * per_token
             if stats.finish_reason == "cancelled":
                 self.cancelled += 1
             elif stats.finish_reason == "error":
@@ -114,7 +135,6 @@ class StatsCollector:
             self.prompt_tokens += stats.prompt_tokens
             self.completion_tokens += stats.completion_tokens
             self.reused_prompt_tokens += stats.reused_prompt_tokens
-            totals = self.per_model.setdefault(stats.model, _ModelTotals())
             totals.requests += 1
             totals.prompt_tokens += stats.prompt_tokens
             totals.completion_tokens += stats.completion_tokens
@@ -126,6 +146,10 @@ class StatsCollector:
             self.requests += 1
             self.errors += 1
             self.per_model.setdefault(model, _ModelTotals()).requests += 1
+
+    def record_cache_miss(self) -> None:
+        with self._lock:
+            self.prompt_cache_misses += 1
 
     def record_load(self, seconds: float) -> None:
         with self._lock:
@@ -159,6 +183,11 @@ class StatsCollector:
                 "model_loads": self.model_loads,
                 "model_load_seconds": self.model_load_seconds,
                 "evictions": self.evictions,
+                "prompt_cache_hits": self.prompt_cache_hits,
+                "prompt_cache_misses": self.prompt_cache_misses,
+                "prompt_cache_seconds_saved": self.prompt_cache_seconds_saved,
+                "prefix_seconds_saved": self.prefix_seconds_saved,
+                "time_saved_seconds": self.prompt_cache_seconds_saved + self.prefix_seconds_saved,
                 "per_model": per_model,
                 "last_request": self.last.as_dict() if self.last else None,
             }

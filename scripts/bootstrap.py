@@ -135,7 +135,8 @@ def main() -> int:
     say("installing llama-cpp-python and nbllm" + (f"[{options.extras}]" if options.extras else ""))
     run([str(python), "-m", "pip", "install", "--quiet", "--force-reinstall", "--no-deps", str(wheel)])
     target = f"{ROOT}[{options.extras}]" if options.extras else str(ROOT)
-    run([str(python), "-m", "pip", "install", "--quiet", "-e", target])
+    # setuptools warns about every editable install; it is what we asked for.
+    run([str(python), "-m", "pip", "install", "--quiet", "-e", target], env=dict(os.environ, PYTHONWARNINGS="ignore"))
     stamp_file.write_text(stamp)
     say("ready: " + str(options.venv / "bin" / "nbllm"))
     return 0

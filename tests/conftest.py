@@ -42,13 +42,18 @@ def tiny(tiny_models: dict[str, Path]) -> str:
 
 
 @pytest.fixture
-def settings(tiny_models: dict[str, Path]) -> Settings:
-    """Defaults, with the tiny models named and a small context so tests stay fast."""
+def settings(tiny_models: dict[str, Path], tmp_path: Path) -> Settings:
+    """Defaults, with the tiny models named and a small context so tests stay fast.
+
+    The prompt cache is off here, so that repeated requests really run the model; the cache's
+    own tests switch it on (in a folder of their own).
+    """
     return Settings().merged(
         {
             "models": {f"tiny-{key}": str(path) for key, path in tiny_models.items()},
             "default_model": "tiny-a",
             "performance": {"context_size": 512, "batch_size": 64},
+            "cache": {"enabled": False, "directory": str(tmp_path / "prompt-cache")},
         }
     )
 
@@ -77,9 +82,17 @@ def default_model_path() -> Path:
     return default_model_path()
 
 
+@pytest.fixture
+def cached_engine(settings: Settings) -> Iterator[Engine]:
+    """An engine with the prompt cache on, in this test's own folder."""
+    eng = Engine(settings.merged({"cache": {"enabled": True}}))
+    yield eng
+    eng.close()
+
+
 @pytest.fixture(scope="session")
-def default_engine(default_model_path: Path) -> Iterator[Engine]:
-    """One engine on the real default model, shared by the integration tests."""
-    eng = Engine(Settings().merged({"performance": {"context_size": 2048}}))
+def default_engine(default_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    """One engine on the real default model, shared by the integration tests (prompt cache off)."""
+    eng = Engine(Settings().merged({"performance": {"context_size": 2048}, "cache": {"enabled": False}}))
     yield eng
     eng.close()

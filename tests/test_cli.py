@@ -46,8 +46,19 @@ def test_run_takes_the_prompt_from_stdin(tiny_models: dict[str, Path]) -> None:
 
 
 def test_run_with_a_seed_is_reproducible(tiny_models: dict[str, Path]) -> None:
-    args = ("run", "the", "--model", str(tiny_models["a"]), "-n", "10", "--seed", "4", "-t", "1.0")
-    assert nbllm_cli(*args).stdout == nbllm_cli(*args).stdout
+    args = ("run", "the", "--model", str(tiny_models["a"]), "-n", "10", "--seed", "4", "-t", "1.0", "--no-cache")
+    first, second = nbllm_cli(*args), nbllm_cli(*args)
+    assert first.stdout == second.stdout
+    assert "from prompt cache" not in second.stderr
+
+
+def test_a_repeated_run_comes_from_the_prompt_cache(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    env = {"NBLLM_HOME": str(tmp_path)}
+    args = ("run", "the", "--model", str(tiny_models["a"]), "-n", "10", "--seed", "5")
+    first, second = nbllm_cli(*args, env=env), nbllm_cli(*args, env=env)
+    assert first.stdout == second.stdout
+    assert "from prompt cache" not in first.stderr
+    assert "from prompt cache" in second.stderr
 
 
 def test_an_unknown_model_is_one_clear_line_and_exit_1() -> None:

@@ -28,6 +28,7 @@ class LoadSettings:
     use_mmap: bool
     use_mlock: bool
     flash_attention: bool
+    prefix_cache_bytes: int = 0  # KV snapshots kept for prefix reuse across requests
 
 
 @dataclass
@@ -65,6 +66,10 @@ class LoadedModel(Protocol):
         Raises ``ContextLengthError`` before any work if the prompt does not fit.
         """
         ...
+
+    def clear_prefix_cache(self) -> None: ...
+
+    def prefix_cache_stats(self) -> dict[str, int]: ...
 
     def close(self) -> None: ...
 

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import llama_chat_format
 
 from nbllm.backends.base import LoadSettings, Usage
 from nbllm.chat_format import FormattedPrompt
 from nbllm.errors import ContextLengthError, GenerationError, ModelLoadError
 from nbllm.params import GenerationParams
+from nbllm.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
 from nbllm.stop import StopMatcher
 
 log = logging.getLogger("nbllm")
@@ -35,6 +37,8 @@ llama_log = logging.getLogger("nbllm.llama_cpp")
 # continues the previous message. llama-cpp-python's own table predates DEBUG and is off by one.
 _LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _last_level = logging.DEBUG
+# Restoring a snapshot costs a memory copy; below this many extra shared tokens it is not worth it.
+_MIN_RESTORE_GAIN = 16
 
 
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # ctypes CFUNCTYPE is untyped
@@ -104,6 +108,7 @@ class LlamaCppModel:
         self._pieces: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._template = self._make_template(llm)
+        self._prefixes = PrefixCache(settings.prefix_cache_bytes)
 
     @property
     def context_size(self) -> int:
@@ -189,6 +194,7 @@ class LlamaCppModel:
         if not tokens:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         usage.prompt_tokens = len(tokens)
+        self._prepare_kv(tokens)
         usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
         max_tokens = min(params.max_tokens, n_ctx - len(tokens))
         llm.set_seed(seed)
@@ -263,7 +269,59 @@ class LlamaCppModel:
             usage.completion_tokens = produced
             usage.finish_reason = finish
 
+    # ------------------------------------------------------------ KV prefix reuse across requests
+
+    def _prepare_kv(self, tokens: list[int]) -> None:
+        """Keep the KV content a new prompt would discard; bring back a snapshot that fits better.
+
+        llama-cpp-python reuses only the KV cache of the previous prompt. Here, before that is
+        overwritten, a valuable KV state (>= min tokens that the new prompt does not share) is
+        snapshotted, and a snapshot sharing a longer prefix with the new prompt is restored.
+        """
+        cache = self._prefixes
+        if cache.max_bytes <= 0:
+            return
+        llm = self._llm
+        target = np.asarray(tokens, dtype=np.int32)
+        current = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32)
+        kept = common_prefix(current, target)
+        if len(current) - kept >= cache.min_tokens and cache.worth_saving(current):
+            self._save_snapshot(current.copy())
+        snapshot, shared = cache.best(target)
+        if snapshot is not None and shared >= kept + _MIN_RESTORE_GAIN:
+            self._restore_snapshot(snapshot)
+
+    def _save_snapshot(self, tokens: Tokens) -> None:
+        ctx = self._llm.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0)
+        if written > 0:
+            self._prefixes.add(Snapshot(tokens, buffer, int(written)))
+            log.debug("Saved a KV snapshot of %d tokens (%d bytes)", len(tokens), written)
+
+    def _restore_snapshot(self, snapshot: Snapshot) -> None:
+        llm = self._llm
+        read = llama_cpp.llama_state_seq_set_data(llm.ctx, snapshot.state, snapshot.state_bytes, 0)
+        if read == 0:
+            log.debug("A KV snapshot could not be restored; evaluating the prompt in full.")
+            llm.n_tokens = 0
+            llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+            return
+        n = len(snapshot.tokens)
+        llm.input_ids[:n] = snapshot.tokens
+        llm.n_tokens = n
+        llm._requires_eval = True  # logits are stale until one token is evaluated
+        self._prefixes.restored += 1
+
+    def clear_prefix_cache(self) -> None:
+        self._prefixes.clear()
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        return self._prefixes.describe()
+
     def close(self) -> None:
+        self._prefixes.clear()
         self._llm.close()
 
 
