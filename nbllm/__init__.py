@@ -49,6 +49,7 @@ __all__ = [
     "InvalidModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ChatPanel",
     "NbllmError",
     "ParameterError",
     "Settings",
@@ -64,6 +65,11 @@ __all__ = [
     "stats",
     "unload",
 ]
+
+if TYPE_CHECKING:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbllm.widgets import ChatPanel
 
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
@@ -189,3 +195,25 @@ def configure(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, 
                 _engine = Engine(load_file(Path(source).expanduser()))
                 return _engine.configure(**sections)
     return get_engine().configure(source, **sections)
+
+
+def load_ipython_extension(ipython: InteractiveShell) -> None:
+    """``%load_ext nbllm``: registers ``%%llm`` and ``%llm``. IPython is imported only here."""
+    from nbllm.magics import load_ipython_extension as load
+
+    load(ipython)
+
+
+def unload_ipython_extension(ipython: InteractiveShell) -> None:
+    from nbllm.magics import unload_ipython_extension as unload
+
+    unload(ipython)
+
+
+def __getattr__(name: str) -> Any:
+    # Front-end classes load lazily, so ``import nbllm`` never imports ipywidgets or plotly.
+    if name == "ChatPanel":
+        from nbllm.widgets import ChatPanel
+
+        return ChatPanel
+    raise AttributeError(f"module 'nbllm' has no attribute {name!r}")

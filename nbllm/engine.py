@@ -23,7 +23,7 @@ from nbllm.backends.base import Backend, LoadSettings, Usage
 from nbllm.cache import CACHE_FORMAT, PromptCache
 from nbllm.chat_format import FormattedPrompt, normalize_messages
 from nbllm.config import Settings, load_file, load_settings
-from nbllm.errors import ConfigError, NbllmError
+from nbllm.errors import ConfigError, ModelNotFoundError, NbllmError
 from nbllm.gguf_file import GGUFInfo, read_gguf
 from nbllm.metrics import RequestStats, StatsCollector
 from nbllm.params import GenerationParams, resolve_params
@@ -69,6 +69,8 @@ class Stream:
         self.cancel = threading.Event()
         self.pieces: list[str] = []
         self.stats: RequestStats | None = None
+        self.usage = Usage()  # live token count while generating
+        self.started: float | None = None
         self.thread_id = threading.get_ident()
         self._steps = engine._run(request, self)
 
@@ -87,6 +89,11 @@ class Stream:
     @property
     def text(self) -> str:
         return "".join(self.pieces)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated so far (all of them once the stream has ended)."""
+        return self.stats.completion_tokens if self.stats is not None else self.usage.completion_tokens
 
     def stop(self) -> None:
         self.cancel.set()
@@ -234,10 +241,10 @@ class Engine:
         return Stream(self, request)
 
     def _run(self, request: Request, owner: Stream) -> Generator[str, None, None]:
-        started = time.perf_counter()
+        started = owner.started = time.perf_counter()
         owner.thread_id = threading.get_ident()
-        cache_key = self._cache_key(request) if self._cache_wanted(request) else None
-        if cache_key is not None:
+        cache_key = self._cache_key(request)
+        if self._cache_wanted(request):
             answer = self.prompt_cache.get(cache_key)
             if answer is not None:
                 yield from self._replay(answer, cache_key, owner, started)
@@ -251,8 +258,8 @@ class Engine:
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         stats = RequestStats(model=resident.name, seed=seed, load_seconds=time.perf_counter() - started)
-        stats.model_hash = cache_key["model_sha256"] if cache_key else None
-        usage = Usage()
+        stats.model_hash = cache_key["model_sha256"]
+        usage = owner.usage
         try:
             prompt = self._format(resident.model, request)
             for piece in resident.model.generate(prompt, params, seed, usage, owner.cancel):
@@ -276,7 +283,7 @@ class Engine:
                 log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
             log.info("%s", stats.summary())
         # Only answers that ended normally are worth keeping (never cancelled or failed ones).
-        if cache_key is not None and usage.finish_reason in ("stop", "length"):
+        if self._cache_wanted(request) and usage.finish_reason in ("stop", "length"):
             self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(owner.pieces)})
 
     def _replay(
@@ -292,6 +299,7 @@ class Engine:
             cached=True,
             model_hash=cache_key["model_sha256"],
         )
+        owner.usage.completion_tokens = stats.completion_tokens
         try:
             for index, piece in enumerate(answer["pieces"]):
                 if index == 0:
@@ -311,12 +319,20 @@ class Engine:
         return request.use_cache and cache.enabled and cache.prompt_cache_size > 0 and self.prompt_cache.enabled
 
     def _cache_key(self, request: Request) -> dict[str, Any]:
-        """Everything that decides an answer; a change in any of it is a different entry."""
+        """Everything that decides an answer; a change in any of it is a different entry.
+
+        Computed for every request, cached or not: it is also the answer's provenance (the
+        model file's SHA-256 is hashed once per file and remembered).
+        """
         spec = self.registry.resolve(request.model)
         info = read_gguf(spec.path)
+        try:
+            model_sha256 = identity.file_sha256(spec.path)
+        except OSError as error:
+            raise ModelNotFoundError(f"Cannot read model file {spec.path}: {error.strerror or error}.") from error
         return {
             "format": CACHE_FORMAT,
-            "model_sha256": identity.file_sha256(spec.path),
+            "model_sha256": model_sha256,
             "backend": _backend_version(),
             "context_size": self._context_size(info),
             "kind": "completion" if request.prompt is not None else "chat",

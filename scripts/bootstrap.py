@@ -107,6 +107,26 @@ def ensure_llama_wheel(python: Path, bf) -> Path:  # type: ignore[no-untyped-def
     return sorted(house.glob("llama_cpp_python-*.whl"))[-1]
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def ensure_chromium() -> None:
+    """The browser tests drive a real Chromium; Playwright cannot download one here, Debian can."""
+    if CHROMIUM.exists() or shutil.which("chromium"):
+        return
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        say(
+            "the browser tests need Chromium at /usr/bin/chromium: install it with your package "
+            "manager (Debian/Ubuntu: sudo apt-get install -y chromium)"
+        )
+        return
+    say("installing Chromium for the browser tests (apt-get, about a minute)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    run([apt, "update", "-qq"], env=env)
+    run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
+
+
 def stamp_for(wheel: Path, extras: str) -> str:
     digest = hashlib.sha256()
     digest.update(str(wheel).encode())
@@ -125,6 +145,8 @@ def main() -> int:
         return 2
 
     bf = load_build_flags()
+    if "dev" in options.extras.split(","):
+        ensure_chromium()
     python = ensure_venv(options.venv)
     wheel = ensure_llama_wheel(python, bf)
     stamp_file = options.venv / ".nbllm-bootstrap"

@@ -37,7 +37,7 @@ class Usage:
 
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # kept current while generating, for progress displays
     first_token_at: float | None = None  # time.perf_counter() when the first token was sampled
     finish_reason: str = "unknown"
 

@@ -233,6 +233,7 @@ class LlamaCppModel:
                     finish = "stop"
                     break
                 produced += 1
+                usage.completion_tokens = produced  # live, for progress displays
                 text = decoder.decode(piece_of(token))
                 if text and trim:
                     # A chat answer neither starts nor ends with blank space: hold trailing
