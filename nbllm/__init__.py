@@ -41,6 +41,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CacheError",
+    "ChatPanel",
     "ConfigError",
     "ContextLengthError",
     "DownloadError",
@@ -49,7 +50,6 @@ __all__ = [
     "InvalidModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
-    "ChatPanel",
     "NbllmError",
     "ParameterError",
     "Settings",
