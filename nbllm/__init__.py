@@ -35,7 +35,10 @@ from nbllm.table import Table
 from nbllm.units import format_age, format_bytes
 
 if TYPE_CHECKING:
+    from nbllm.doctor import DoctorReport
     from nbllm.engine import Completion, Engine, Stream
+    from nbllm.machine import HardwareReport
+    from nbllm.tuner import TuneResult
 
 __version__ = "0.1.0"
 
@@ -56,13 +59,16 @@ __all__ = [
     "chat",
     "clear_cache",
     "configure",
+    "doctor",
     "generate",
     "get_engine",
+    "hardware",
     "health",
     "load",
     "models",
     "settings",
     "stats",
+    "tune",
     "unload",
 ]
 
@@ -168,6 +174,27 @@ def clear_cache() -> None:
 def health() -> dict[str, Any]:
     """Resident models with their settings, memory, and the config in use."""
     return get_engine().health()
+
+
+def hardware() -> HardwareReport:
+    """CPU, cores, instruction sets, RAM, NVIDIA GPUs, and what the llama.cpp build can do."""
+    from nbllm.machine import hardware_report
+
+    return hardware_report(get_engine().registry.backend.build_info())
+
+
+def doctor(model: str | None = None) -> DoctorReport:
+    """The hardware report plus what is wrong with this set-up and what to do (``nbllm doctor``)."""
+    from nbllm.doctor import diagnose
+
+    return diagnose(get_engine(), model)
+
+
+def tune(model: str | None = None, *, save: bool = True, progress: bool = True) -> TuneResult:
+    """Measure the fastest threads, batch size (and on a GPU, layers and flash attention) for
+    ``model`` on this machine. Saved per model file and machine; used whenever the config leaves
+    them on auto (``threads: null`` ...). Takes well under a minute for the default model."""
+    return get_engine().tune(model, save=save, progress=progress)
 
 
 def settings() -> Settings:

@@ -111,6 +111,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import nbllm
+
+    report = nbllm.doctor(args.model)
+    print(report)
+    return EXIT_OK if report.ok else EXIT_ERROR
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import nbllm
+
+    result = nbllm.tune(args.model, save=not args.dry_run, progress=not args.quiet)
+    print(result)
+    if not args.dry_run:
+        print("Saved: used automatically whenever the config leaves these settings on auto (null / -1).")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nbllm import __version__
 
@@ -138,6 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="show the settings in effect, or check a file")
     config.add_argument("--check", metavar="FILE", help="validate FILE and show what it sets")
     config.set_defaults(handler=cmd_config)
+    doctor = commands.add_parser("doctor", help="hardware report, problems found and how to fix them")
+    doctor.add_argument("--model", "-m", help="model to check (default: the configured default)")
+    doctor.set_defaults(handler=cmd_doctor)
+
+    tune = commands.add_parser("tune", help="measure the fastest threads / batch size / GPU layers here")
+    tune.add_argument("--model", "-m", help="model to tune (default: the configured default)")
+    tune.add_argument("--dry-run", action="store_true", help="measure and show, but do not save")
+    tune.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    tune.set_defaults(handler=cmd_tune)
     return parser
 
 

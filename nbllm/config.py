@@ -32,12 +32,16 @@ def _spec(default: Any, help: str, **limits: Any) -> Any:
 @dataclass(frozen=True)
 class Performance:
     context_size: int = _spec(4096, "tokens of context per loaded model", min=16, max=1 << 24)
-    batch_size: int = _spec(512, "prompt tokens evaluated per step", min=1, max=1 << 16)
-    threads: int | None = _spec(None, "CPU threads; null = auto-detect", min=1, max=1024)
-    gpu_layers: int = _spec(-1, "layers offloaded to the GPU; -1 = auto, 0 = CPU only", min=-1, max=100_000)
+    batch_size: int | None = _spec(
+        None, "prompt tokens evaluated per step; null = tuned value or 512", min=1, max=1 << 16
+    )
+    threads: int | None = _spec(None, "CPU threads; null = tuned value or one per physical core", min=1, max=1024)
+    gpu_layers: int = _spec(
+        -1, "layers offloaded to the GPU; -1 = tuned value or what fits, 0 = CPU only", min=-1, max=100_000
+    )
     use_mmap: bool = _spec(True, "memory-map the model file")
     use_mlock: bool = _spec(False, "lock the model in RAM (never swapped out)")
-    flash_attention: bool = _spec(False, "use flash attention where the build supports it")
+    flash_attention: bool | None = _spec(None, "flash attention; null = tuned value or off")
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,14 @@ every front end behaves the same. A front end parses, calls, displays — nothin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
@@ -18,19 +21,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbllm import identity, machine, paths
+from nbllm import identity, machine, paths, tuner
 from nbllm.backends.base import Backend, LoadSettings, Usage
 from nbllm.cache import CACHE_FORMAT, PromptCache
 from nbllm.chat_format import FormattedPrompt, normalize_messages
 from nbllm.config import Settings, load_file, load_settings
-from nbllm.errors import ConfigError, ModelNotFoundError, NbllmError
+from nbllm.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError
+from nbllm.fit import GpuFit, fit_gpu_layers
 from nbllm.gguf_file import GGUFInfo, read_gguf
+from nbllm.gpu import GpuInfo, list_gpus
 from nbllm.metrics import RequestStats, StatsCollector
 from nbllm.params import GenerationParams, resolve_params
-from nbllm.registry import ModelSpec, Registry
+from nbllm.registry import ModelSpec, Registry, ResidentModel
+from nbllm.units import format_bytes
 
 log = logging.getLogger("nbllm")
 log.addHandler(logging.NullHandler())
+DEFAULT_BATCH = 512  # the guide's batch_size, when neither config nor tuner says otherwise
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class Stream:
         self.stats: RequestStats | None = None
         self.usage = Usage()  # live token count while generating
         self.started: float | None = None
+        self.load_seconds = 0.0
         self.thread_id = threading.get_ident()
         self._steps = engine._run(request, self)
 
@@ -132,6 +140,9 @@ class Engine:
             stats=self.stats,
         )
         self.prompt_cache = self._make_prompt_cache(self._settings)
+        self._tuned_cache: dict[str, dict[str, Any] | None] = {}
+        self._auto_gpu_layers: dict[tuple[str, int, int], int] = {}
+        self._gpus: list[GpuInfo] | None = None
         self._apply_logging()
 
     # ----------------------------------------------------------------- settings
@@ -191,22 +202,99 @@ class Engine:
     def _apply_logging(self) -> None:
         logging.getLogger("nbllm.llama_cpp").setLevel(self._settings.logging.llama_cpp)
 
-    def _load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
+    def base_load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
+        """The config's load settings with every "auto" given its untuned default."""
         perf = self._settings.performance
         context = self._context_size(info)
         gpu_layers = perf.gpu_layers
         if gpu_layers == -1:
-            gpu_layers = info.n_layers + 1 if self._gpu_offload() else 0
+            gpu_layers = self._estimated_gpu_layers(spec, info, context, perf.batch_size or DEFAULT_BATCH)
         return LoadSettings(
             context_size=context,
-            batch_size=min(perf.batch_size, context),
+            batch_size=min(perf.batch_size or DEFAULT_BATCH, context),
             threads=perf.threads or _auto_threads(),
             gpu_layers=gpu_layers,
             use_mmap=perf.use_mmap,
             use_mlock=perf.use_mlock,
-            flash_attention=perf.flash_attention,
+            flash_attention=bool(perf.flash_attention),
             prefix_cache_bytes=self._settings.cache.prefix_cache_bytes,
         )
+
+    def _load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
+        """What a model is loaded with: the config, with "auto" values from the tuner where it
+        measured this model file on this machine, else from the defaults and the GPU estimate."""
+        settings = self.base_load_settings(spec, info)
+        perf = self._settings.performance
+        auto = perf.threads is None or perf.batch_size is None or perf.gpu_layers == -1 or perf.flash_attention is None
+        tuned = self._tuned(spec) if auto else None
+        if not tuned:
+            return settings
+        changes: dict[str, Any] = {}
+        if perf.threads is None:
+            changes["threads"] = int(tuned["threads"])
+        if perf.batch_size is None:
+            changes["batch_size"] = min(int(tuned["batch_size"]), settings.context_size)
+        if perf.gpu_layers == -1 and self._gpu_offload():
+            changes["gpu_layers"] = int(tuned["gpu_layers"])
+        if perf.flash_attention is None:
+            changes["flash_attention"] = bool(tuned["flash_attention"])
+        return dataclasses.replace(settings, **changes)
+
+    def _tuned(self, spec: ModelSpec) -> dict[str, Any] | None:
+        key = spec.key
+        if key not in self._tuned_cache:
+            try:
+                sha = identity.file_sha256(spec.path)
+            except OSError:
+                return None
+            self._tuned_cache[key] = tuner.saved_settings(sha)
+        return self._tuned_cache[key]
+
+    def _estimated_gpu_layers(self, spec: ModelSpec, info: GGUFInfo, context: int, batch: int) -> int:
+        """``gpu_layers: -1``: as many layers as the estimate fits in free VRAM (decided once per
+        model and settings: free VRAM shrinks once the model is loaded)."""
+        if not self._gpu_offload():
+            return 0
+        key = (spec.key, context, batch)
+        if key not in self._auto_gpu_layers:
+            gpus = self.gpus()
+            if not gpus:
+                self._auto_gpu_layers[key] = 0
+            else:
+                fit = self.gpu_fit(info, None, context=context, batch=batch)
+                self._auto_gpu_layers[key] = fit.layers
+                log.info(
+                    "GPU estimate for %s: %d of %d layers fit in %s free (rule of thumb: %s)",
+                    spec.name,
+                    fit.layers,
+                    info.n_layers + 1,
+                    format_bytes(fit.free_bytes),
+                    fit.rule_of_thumb,
+                )
+        return self._auto_gpu_layers[key]
+
+    def gpus(self) -> list[GpuInfo]:
+        """NVIDIA GPUs, read once per engine (``hardware()`` reads them afresh)."""
+        if self._gpus is None:
+            self._gpus = list_gpus()
+        return self._gpus
+
+    def gpu_fit(
+        self, info: GGUFInfo, settings: LoadSettings | None, *, context: int | None = None, batch: int | None = None
+    ) -> GpuFit:
+        gpus = self.gpus()
+        context = context or (settings.context_size if settings else self._context_size(info))
+        batch = batch or (settings.batch_size if settings else DEFAULT_BATCH)
+        free = gpus[0].memory_free if gpus else 0
+        total = gpus[0].memory_total if gpus else 0
+        return fit_gpu_layers(info, free, total, context, batch)
+
+    def tune(self, model: str | None = None, **options: Any) -> tuner.TuneResult:
+        """Measure the fastest settings for ``model`` here; they apply from the next load."""
+        result = tuner.tune(self, model, **options)
+        self._tuned_cache.clear()
+        self._auto_gpu_layers.clear()
+        return result
 
     def _context_size(self, info: GGUFInfo) -> int:
         context = self._settings.performance.context_size
@@ -250,19 +338,14 @@ class Engine:
                 yield from self._replay(answer, cache_key, owner, started)
                 return
             self.stats.record_cache_miss()
-        try:
-            resident = self.registry.checkout(request.model, owner)
-        except NbllmError:
-            self.stats.record_error(request.model or self._settings.default_model)
-            raise
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        stats = RequestStats(model=resident.name, seed=seed, load_seconds=time.perf_counter() - started)
-        stats.model_hash = cache_key["model_sha256"]
         usage = owner.usage
+        resident, steps = self._start(request, owner, seed)
+        stats = RequestStats(model=resident.name, seed=seed, load_seconds=owner.load_seconds)
+        stats.model_hash = cache_key["model_sha256"]
         try:
-            prompt = self._format(resident.model, request)
-            for piece in resident.model.generate(prompt, params, seed, usage, owner.cancel):
+            for piece in steps:
                 owner.pieces.append(piece)
                 yield piece
         except BaseException as error:
@@ -285,6 +368,38 @@ class Engine:
         # Only answers that ended normally are worth keeping (never cancelled or failed ones).
         if self._cache_wanted(request) and usage.finish_reason in ("stop", "length"):
             self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(owner.pieces)})
+
+    def _start(self, request: Request, owner: Stream, seed: int) -> tuple[ResidentModel, Iterator[str]]:
+        """Check the model out and produce the first piece; on GPU out-of-memory, retry with
+        fewer GPU layers (the guide's first troubleshooting step, done for the user).
+
+        Returns the (locked) model and the pieces, first one included.
+        """
+        while True:
+            try:
+                resident = self.registry.checkout(request.model, owner)
+            except NbllmError:
+                self.stats.record_error(request.model or self._settings.default_model)
+                raise
+            owner.load_seconds = time.perf_counter() - (owner.started or 0.0)
+            try:
+                prompt = self._format(resident.model, request)
+                steps = resident.model.generate(prompt, request.params, seed, owner.usage, owner.cancel)
+                first = next(steps, None)
+            except GpuOutOfMemoryError:
+                self.registry.checkin(resident)
+                if resident.settings.gpu_layers <= 0:
+                    self.stats.record_error(resident.name)
+                    raise
+                self.registry.reduce_gpu_layers(resident)
+                continue
+            except BaseException:
+                self.registry.checkin(resident)
+                if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, GeneratorExit)):
+                    self.stats.record_error(resident.name)
+                raise
+            pieces = steps if first is None else itertools.chain((first,), steps)
+            return resident, pieces
 
     def _replay(
         self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], owner: Stream, started: float

@@ -36,6 +36,10 @@ class InsufficientMemoryError(ModelLoadError):
     """Loading would need more memory than this machine has available."""
 
 
+class GpuOutOfMemoryError(ModelLoadError):
+    """The GPU ran out of memory (loading or generating); fewer GPU layers may fit."""
+
+
 class ParameterError(NbllmError, ValueError):
     """A generation parameter is out of range or of the wrong type."""
 

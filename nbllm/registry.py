@@ -12,6 +12,7 @@ stream is closed when its thread asks for the model again.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -25,13 +26,18 @@ from typing import Protocol
 from nbllm import default_model, machine, paths
 from nbllm.backends.base import Backend, LoadedModel, LoadSettings
 from nbllm.config import Settings
-from nbllm.errors import InsufficientMemoryError, ModelNotFoundError, did_you_mean
+from nbllm.errors import GpuOutOfMemoryError, InsufficientMemoryError, ModelNotFoundError, did_you_mean
 from nbllm.fit import MemoryEstimate, estimate_memory
 from nbllm.gguf_file import GGUFInfo, read_gguf
 from nbllm.metrics import StatsCollector
 from nbllm.units import format_bytes
 
 log = logging.getLogger("nbllm")
+
+
+def _fewer_layers(layers: int) -> int:
+    """Halve the GPU layers: a few retries reach a fit (or the CPU) quickly."""
+    return layers // 2
 
 
 class LockOwner(Protocol):
@@ -103,6 +109,8 @@ class Registry:
         self._resident: OrderedDict[str, ResidentModel] = OrderedDict()
         self._lock = threading.Lock()  # guards _resident; never held while loading or waiting
         self._load_lock = threading.Lock()
+        # GPU layers that proved too many for a model (out of memory): never asked for again.
+        self._gpu_caps: dict[str, int] = {}
 
     @property
     def backend(self) -> Backend:
@@ -185,7 +193,7 @@ class Registry:
         resident = self._lookup(spec)
         if resident is not None:
             info = read_gguf(spec.path)  # cached per (path, size, mtime): a replaced file reloads
-            if resident.settings == self._load_settings(spec, info) and info is resident.info:
+            if resident.settings == self._settings_for(spec, info) and info is resident.info:
                 log.info("Using cached model: %s", resident.name)
                 return resident
             self._evict(resident, reason="its file or settings changed")
@@ -195,13 +203,35 @@ class Registry:
                 return resident
             return self._load(spec)
 
+    def _settings_for(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
+        settings = self._load_settings(spec, info)
+        cap = self._gpu_caps.get(spec.key)
+        if cap is not None and settings.gpu_layers > cap:
+            settings = dataclasses.replace(settings, gpu_layers=cap)
+        return settings
+
     def _load(self, spec: ModelSpec) -> ResidentModel:
         info = read_gguf(spec.path)
-        settings = self._load_settings(spec, info)
+        settings = self._settings_for(spec, info)
         estimate = estimate_memory(info, settings.context_size, settings.batch_size)
         self._make_room(spec, estimate)
-        started = time.perf_counter()
-        model = self.backend.load(spec.path, settings)
+        while True:
+            started = time.perf_counter()
+            try:
+                model = self.backend.load(spec.path, settings)
+                break
+            except GpuOutOfMemoryError:
+                if settings.gpu_layers <= 0:
+                    raise
+                fewer = _fewer_layers(settings.gpu_layers)
+                log.warning(
+                    "Not enough GPU memory for %d layers of %s: retrying with %d.",
+                    settings.gpu_layers,
+                    spec.name,
+                    fewer,
+                )
+                self._gpu_caps[spec.key] = fewer
+                settings = dataclasses.replace(settings, gpu_layers=fewer)
         seconds = time.perf_counter() - started
         resident = ResidentModel(spec, model, info, settings, estimate, seconds)
         with self._lock:
@@ -209,6 +239,18 @@ class Registry:
         self._stats.record_load(seconds)
         log.info("Model loaded in %.1fs: %s", seconds, spec.name)
         return resident
+
+    def reduce_gpu_layers(self, resident: ResidentModel) -> None:
+        """After the GPU ran out of memory while generating: reload with fewer layers next time."""
+        fewer = _fewer_layers(resident.settings.gpu_layers)
+        log.warning(
+            "The GPU ran out of memory with %d layers of %s: reloading with %d.",
+            resident.settings.gpu_layers,
+            resident.name,
+            fewer,
+        )
+        self._gpu_caps[resident.spec.key] = fewer
+        self._evict(resident, reason="the GPU ran out of memory")
 
     def _make_room(self, spec: ModelSpec, estimate: MemoryEstimate) -> None:
         cache = self._settings().cache

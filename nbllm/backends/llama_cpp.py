@@ -9,6 +9,7 @@ holds back only what might be the start of a stop sequence.
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import ctypes
 import io
@@ -25,7 +26,7 @@ from llama_cpp import llama_chat_format
 
 from nbllm.backends.base import LoadSettings, Usage
 from nbllm.chat_format import FormattedPrompt
-from nbllm.errors import ContextLengthError, GenerationError, ModelLoadError
+from nbllm.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
 from nbllm.params import GenerationParams
 from nbllm.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
 from nbllm.stop import StopMatcher
@@ -41,12 +42,20 @@ _last_level = logging.DEBUG
 _MIN_RESTORE_GAIN = 16
 
 
+# Recent warnings and errors from llama.cpp, whatever the logging level: a failed load or decode
+# only says *that* it failed; these lines say *why* (e.g. the GPU ran out of memory).
+_recent_problems: collections.deque[str] = collections.deque(maxlen=64)
+_OOM_MARKERS = ("out of memory", "cudamalloc failed", "failed to allocate", "unable to allocate", "oom")
+
+
 @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]  # ctypes CFUNCTYPE is untyped
 def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     # Called from C for every line llama.cpp logs; keep the cheap exit first.
     global _last_level
     py_level = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)
     _last_level = py_level
+    if py_level >= logging.WARNING:
+        _recent_problems.append(text.decode("utf-8", errors="replace"))
     if llama_log.isEnabledFor(py_level):
         message = text.decode("utf-8", errors="replace").rstrip("\n")
         if message:
@@ -67,8 +76,10 @@ class _DebugWriter(io.TextIOBase):
         return len(text)
 
 
-def set_llama_log_level(level: str) -> None:
-    llama_log.setLevel(getattr(logging, level))
+def _out_of_memory_reported() -> bool:
+    """Whether llama.cpp reported running out of (GPU) memory since the buffer was last cleared
+    (at the start of each load and each generation)."""
+    return any(marker in line.lower() for line in list(_recent_problems) for marker in _OOM_MARKERS)
 
 
 class LlamaCppModel:
@@ -77,6 +88,7 @@ class LlamaCppModel:
     def __init__(self, path: Path, settings: LoadSettings) -> None:
         self.path = path
         self.settings = settings
+        _recent_problems.clear()
         try:
             # verbose=True avoids llama-cpp-python's stdout/stderr file-descriptor swap during the
             # load (it would swallow other threads' output in a kernel); its Python-level prints
@@ -96,6 +108,10 @@ class LlamaCppModel:
                     verbose=True,
                 )
         except (ValueError, RuntimeError, OSError) as error:
+            if settings.gpu_layers > 0 and _out_of_memory_reported():
+                raise GpuOutOfMemoryError(
+                    f"Not enough GPU memory to load {path.name} with {settings.gpu_layers} GPU layers."
+                ) from error
             raise ModelLoadError(
                 f"llama.cpp could not load {path}: {error}. The file passed nbllm's GGUF checks, so its "
                 "architecture may be newer than this llama.cpp build (upgrade llama-cpp-python), or "
@@ -194,6 +210,7 @@ class LlamaCppModel:
         if not tokens:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         usage.prompt_tokens = len(tokens)
+        _recent_problems.clear()
         self._prepare_kv(tokens)
         usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
         max_tokens = min(params.max_tokens, n_ctx - len(tokens))
@@ -264,11 +281,54 @@ class LlamaCppModel:
             raise
         except RuntimeError as error:  # llama_decode failures surface as RuntimeError
             finish = "error"
+            if self.settings.gpu_layers > 0 and _out_of_memory_reported():
+                raise GpuOutOfMemoryError(
+                    f"The GPU ran out of memory while generating with {self.settings.gpu_layers} GPU layers."
+                ) from error
             raise GenerationError(f"llama.cpp failed while generating: {error}.") from error
         finally:
             steps.close()
             usage.completion_tokens = produced
             usage.finish_reason = finish
+
+    # ------------------------------------------------------------ raw speed, as llama-bench measures it
+
+    def set_threads(self, threads: int) -> None:
+        """Change the thread count in place (no reload): what the tuner sweeps."""
+        self._llm._ctx.set_n_threads(threads, threads)
+        self._llm.context_params.n_threads = threads
+        self._llm.context_params.n_threads_batch = threads
+
+    def timed_decode(self, kind: str, n_tokens: int, seed: int = 0) -> float:
+        """Seconds to process ``n_tokens`` like llama-bench does, from an empty KV cache.
+
+        ``pp``: one prompt of random tokens, in batches of ``batch_size``. ``tg``: one token at a
+        time, each a decode of its own. No sampling (llama-bench samples nothing either), so the
+        number is the model's speed on this machine, not nbllm's.
+        """
+        llm = self._llm
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, llm.n_vocab(), size=n_tokens, dtype=np.int32).tolist()
+        llm.n_tokens = 0
+        llm._ctx.kv_cache_clear()
+        try:
+            start = time.perf_counter()
+            if kind == "pp":
+                llm.eval(tokens)
+            elif kind == "tg":
+                for token in tokens:
+                    llm.eval([token])
+            else:
+                raise ValueError(f"kind must be 'pp' or 'tg', not {kind!r}")
+            return time.perf_counter() - start
+        except RuntimeError as error:
+            if self.settings.gpu_layers > 0 and _out_of_memory_reported():
+                raise GpuOutOfMemoryError(f"The GPU ran out of memory during a {kind} run.") from error
+            raise GenerationError(f"llama.cpp failed during a {kind} run: {error}.") from error
+        finally:
+            # The KV now holds random tokens: never let a later prompt "reuse" them.
+            llm.n_tokens = 0
+            llm._ctx.kv_cache_clear()
 
     # ------------------------------------------------------------ KV prefix reuse across requests
 
