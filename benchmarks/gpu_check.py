@@ -53,21 +53,27 @@ def main() -> None:
         logging.getLogger(name).addHandler(collect)
         logging.getLogger(name).setLevel(logging.INFO)
 
+    skip_to = int(os.environ.get("GPU_CHECK_FROM", "1"))
     section("1. hardware report")
     print(nbllm.hardware())
 
     section("2. a 12-layer model, and the fit estimate")
     started = time.perf_counter()
     n_embd = int(os.environ.get("GPU_CHECK_EMBD", "2048"))  # smaller for a smoke test on a CPU machine
-    path = make_tiny_model(
-        folder / "check.gguf",
-        n_embd=n_embd,
-        n_layer=12,
-        n_head=16,
-        n_head_kv=16,
-        n_ff=n_embd * 11 // 4,
-        context_length=4096,
-        seed=3,
+    path = folder / "check.gguf"
+    path = (
+        path
+        if path.exists()
+        else make_tiny_model(
+            path,
+            n_embd=n_embd,
+            n_layer=12,
+            n_head=16,
+            n_head_kv=16,
+            n_ff=n_embd * 11 // 4,
+            context_length=4096,
+            seed=3,
+        )
     )
     info = read_gguf(path)
     print(
@@ -92,6 +98,12 @@ def main() -> None:
 
     print(diagnose(engine))
 
+    if skip_to <= 3:
+        offload_section(engine, settings, info, fit, collect)
+    oom_and_tuner(settings, info, collect)
+
+
+def offload_section(engine: Engine, settings: Settings, info: object, fit: object, collect: Collect) -> None:
     section("3. offload: load with gpu_layers -1, GPU memory measured against the estimate")
     before = gpu_used()
     collect.lines.clear()
@@ -118,12 +130,24 @@ def main() -> None:
     print(f"tg: GPU {gpu_tg:.1f} t/s vs CPU {cpu_tg:.1f} t/s ({gpu_tg / cpu_tg:.1f}x)")
     print(f"pp: GPU {gpu_pp:.1f} t/s vs CPU {cpu_pp:.1f} t/s ({gpu_pp / cpu_pp:.1f}x)")
 
-    section("4. out of GPU memory: most of the card taken by another allocation")
-    import torch
 
+def oom_and_tuner(settings: Settings, info: object, collect: Collect) -> None:
+    if int(os.environ.get("GPU_CHECK_FROM", "1")) <= 4:
+        oom_section(settings, info, collect)
+    tuner_section(settings)
+
+
+def oom_section(settings: Settings, info: object, collect: Collect) -> None:
+
+    section("4. out of GPU memory: most of the card taken by another allocation")
+    # cudaMalloc through the very CUDA runtime llama.cpp uses (torch would load a second cuBLAS).
+    import ctypes
+
+    cudart = ctypes.CDLL("libcudart.so.13")
     free = list_gpus()[0].memory_free
-    hog = torch.empty(free - int(1.2 * GiB), dtype=torch.uint8, device="cuda")
-    print(f"held {format_bytes(hog.numel())} with torch; free now {format_bytes(list_gpus()[0].memory_free)}")
+    hog = ctypes.c_void_p()
+    rc = cudart.cudaMalloc(ctypes.byref(hog), ctypes.c_size_t(free - int(1.2 * GiB)))
+    print(f"cudaMalloc rc {rc}; free now {format_bytes(list_gpus()[0].memory_free)}")
     forced = Engine(settings.merged({"performance": {"gpu_layers": info.n_layers + 1}}))
     collect.lines.clear()
     try:
@@ -139,9 +163,10 @@ def main() -> None:
     layers = auto.registry.load(None).settings.gpu_layers
     print(f"with gpu_layers -1 the estimate now picks {layers} layers directly")
     auto.close()
-    del hog
-    torch.cuda.empty_cache()
+    cudart.cudaFree(hog)
 
+
+def tuner_section(settings: Settings) -> None:
     section("5. the tuner on the GPU")
     tuner_engine = Engine(settings)
     result = tuner_engine.tune(progress=False, save=False)

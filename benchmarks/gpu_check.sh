@@ -25,6 +25,7 @@ if ! ls /usr/local/cuda/lib64/libcublas.so* >/dev/null 2>&1 && ! ls /usr/local/c
   export LD_LIBRARY_PATH="$CUBLAS_DIR/lib:${LD_LIBRARY_PATH:-}"
 fi
 
+if [ -d /tmp/site/llama_cpp ]; then export PYTHONPATH=/tmp/site:$PWD; exec $PY benchmarks/gpu_check.py; fi
 mkdir -p /tmp/build /tmp/wheel && tar xzf .gpu/llama-src.tar.gz -C /tmp/build || exit 1
 FLAGS=$($PY -c "import sys; sys.path.insert(0, '.'); from nbllm.build_flags import cmake_args; print(' '.join(cmake_args(cuda=True)))")
 export CMAKE_ARGS="$FLAGS -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF $EXTRA"

@@ -138,6 +138,7 @@ class Engine:
             settings=lambda: self._settings,
             load_settings=self._load_settings,
             stats=self.stats,
+            gpu_memory=self._gpu_memory,
         )
         self.prompt_cache = self._make_prompt_cache(self._settings)
         self._tuned_cache: dict[str, dict[str, Any] | None] = {}
@@ -272,6 +273,13 @@ class Engine:
                     fit.rule_of_thumb,
                 )
         return self._auto_gpu_layers[key]
+
+    def _gpu_memory(self) -> tuple[int, int] | None:
+        """Free and total bytes of the GPU that models load onto, read now (it changes)."""
+        if not self._gpu_offload():
+            return None
+        gpus = list_gpus()
+        return (gpus[0].memory_free, gpus[0].memory_total) if gpus else None
 
     def gpus(self) -> list[GpuInfo]:
         """NVIDIA GPUs, read once per engine (``hardware()`` reads them afresh)."""

@@ -27,7 +27,7 @@ from nbllm import default_model, machine, paths
 from nbllm.backends.base import Backend, LoadedModel, LoadSettings
 from nbllm.config import Settings
 from nbllm.errors import GpuOutOfMemoryError, InsufficientMemoryError, ModelNotFoundError, did_you_mean
-from nbllm.fit import MemoryEstimate, estimate_memory
+from nbllm.fit import GPU_MARGIN, MemoryEstimate, estimate_memory, fit_gpu_layers, gpu_bytes_for
 from nbllm.gguf_file import GGUFInfo, read_gguf
 from nbllm.metrics import StatsCollector
 from nbllm.units import format_bytes
@@ -100,11 +100,13 @@ class Registry:
         settings: Callable[[], Settings],
         load_settings: Callable[[ModelSpec, GGUFInfo], LoadSettings],
         stats: StatsCollector,
+        gpu_memory: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
         self._backend_factory = backend_factory
         self._backend: Backend | None = None
         self._settings = settings
         self._load_settings = load_settings
+        self._gpu_memory = gpu_memory  # (free, total) bytes of the GPU models load onto, or None
         self._stats = stats
         self._resident: OrderedDict[str, ResidentModel] = OrderedDict()
         self._lock = threading.Lock()  # guards _resident; never held while loading or waiting
@@ -210,9 +212,39 @@ class Registry:
             settings = dataclasses.replace(settings, gpu_layers=cap)
         return settings
 
+    def guard_gpu(
+        self, spec: ModelSpec, info: GGUFInfo, settings: LoadSettings, *, probe: bool = False
+    ) -> LoadSettings:
+        """Fewer GPU layers when the estimate says the asked-for ones do not fit in free VRAM.
+
+        Checked before every load because llama.cpp cannot always report a CUDA out-of-memory:
+        a compute buffer that fails to allocate during the first decode aborts the whole
+        process (seen on an H200 with 0.7 GiB free), which no retry can survive.
+        """
+        memory = self._gpu_memory() if settings.gpu_layers > 0 else None
+        if memory is None:
+            return settings
+        free, total = memory
+        needed = gpu_bytes_for(info, settings.gpu_layers, settings.context_size, settings.batch_size)
+        if needed <= free * (1 - GPU_MARGIN):
+            return settings
+        fitting = fit_gpu_layers(info, free, total, settings.context_size, settings.batch_size).layers
+        if probe:  # the tuner asking "would it fit?": no warning, nothing remembered
+            return dataclasses.replace(settings, gpu_layers=fitting)
+        log.warning(
+            "Not enough free GPU memory for %d layers of %s (about %s needed, %s free): loading %d layers instead.",
+            settings.gpu_layers,
+            spec.name,
+            format_bytes(needed),
+            format_bytes(free),
+            fitting,
+        )
+        self._gpu_caps[spec.key] = fitting
+        return dataclasses.replace(settings, gpu_layers=fitting)
+
     def _load(self, spec: ModelSpec) -> ResidentModel:
         info = read_gguf(spec.path)
-        settings = self._settings_for(spec, info)
+        settings = self.guard_gpu(spec, info, self._settings_for(spec, info))
         estimate = estimate_memory(info, settings.context_size, settings.batch_size)
         self._make_room(spec, estimate)
         while True:

@@ -300,6 +300,11 @@ def _tune_gpu(
             settings = dataclasses.replace(
                 base, threads=best.threads, batch_size=best.batch_size, gpu_layers=layers, flash_attention=flash
             )
+            if engine.registry.guard_gpu(spec, info, settings, probe=True).gpu_layers < layers:
+                # Trying it could abort the process (llama.cpp cannot recover from every CUDA OOM).
+                trial.error = "out of GPU memory: does not fit in free VRAM by the estimate, not tried"
+                results.append(record(trial))
+                continue
             try:
                 loaded = measure.load(settings)
                 try:

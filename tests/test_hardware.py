@@ -283,6 +283,31 @@ def test_a_load_that_runs_out_of_gpu_memory_is_retried_with_fewer_layers(
     engine.close()
 
 
+def test_layers_that_do_not_fit_in_free_vram_are_reduced_before_loading(
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    # llama.cpp may abort the process on a CUDA out-of-memory during the first decode (seen on an
+    # H200): the estimate is checked against free VRAM before loading, so that never happens.
+    from nbllm.testing import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "wide.gguf", n_embd=512, n_head=8, n_head_kv=8, n_ff=1024, n_layer=8)
+    info = read_gguf(path)
+    free = gpu_bytes_for(info, 4, 512, 64) + 2**20  # room for 4 layers, not 9
+    fake_nvml(monkeypatch, [FakeCard("NVIDIA L4", 2 * GiB, int(free / (1 - GPU_MARGIN)))])
+    backend = FakeGpuBackend(max_layers=99)
+    engine = Engine(settings.merged({"performance": {"gpu_layers": 9}}), backend=backend)
+    with caplog.at_level(logging.WARNING, logger="nbllm"):
+        result = engine.generate("the", model=str(path), max_tokens=3, seed=1)
+    assert result.stats.completion_tokens > 0
+    assert backend.loads == [4], "reduced before llama.cpp ever saw 9"
+    assert any(
+        "Not enough free GPU memory for 9 layers of wide" in m and "loading 4 layers" in m for m in caplog.messages
+    )
+    engine.generate("the", model=str(path), max_tokens=3, seed=2)
+    assert backend.loads == [4], "remembered: no reload"
+    engine.close()
+
+
 def test_a_first_generation_out_of_gpu_memory_reloads_with_fewer_layers(
     monkeypatch: pytest.MonkeyPatch, settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:

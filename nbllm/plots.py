@@ -1,0 +1,285 @@
+"""Plotly figures for notebooks: the live throughput chart.
+
+``ThroughputChart`` draws tokens/s of a reply while it streams (left) and the decoding speed of
+every past reply (right). It works on any ``nbllm`` stream::
+
+    chart = nbllm.plots.ThroughputChart()
+    display(chart)
+    for piece in chart.watch(nbllm.chat("What is Docker?", stream=True)):
+        print(piece, end="")
+
+or, when something else consumes the stream, ``chart.track(stream)`` follows it from a thread.
+
+The chart must never slow generation down: the figure is updated at most ``1 / interval``
+times a second, each update sends whole arrays in one batched message, and between updates
+the cost per token is one clock read. A front-end module: plotly is imported here, never by
+the core.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+if TYPE_CHECKING:
+    from nbllm.engine import Stream
+    from nbllm.metrics import RequestStats
+
+__all__ = ["ReplyTrace", "ThroughputChart"]
+
+CURRENT_COLOR = "#2563eb"
+PAST_COLOR = "rgba(100, 116, 139, 0.45)"
+CACHED_COLOR = "#a3a3a3"
+STOPPED_COLOR = "#f59e0b"
+
+
+@dataclass
+class ReplyTrace:
+    """The throughput curve of one reply and, once it ended, its overall speed."""
+
+    label: str
+    times: list[float] = field(default_factory=list)  # seconds since the request started
+    rates: list[float] = field(default_factory=list)  # tokens/s over the last ``window`` seconds
+    tokens_per_second: float | None = None  # decoding speed of the whole reply, when it ended
+    tokens: int = 0
+    cached: bool = False
+    stopped: bool = False
+    model: str = ""
+
+
+class ThroughputChart:
+    """A live tokens/s chart (a plotly ``FigureWidget``) for nbllm streams.
+
+    ``interval`` is the least time between two figure updates (0.1 s: 10 updates a second);
+    ``window`` the span over which the live rate is measured, so that the curve shows speed
+    changes without jumping at every token; ``history`` how many past replies stay on the chart.
+    """
+
+    def __init__(
+        self, *, interval: float = 0.1, window: float = 1.0, history: int = 30, height: int = 230, title: str = ""
+    ) -> None:
+        self.interval = interval
+        self.window = window
+        self.history = history
+        self.replies: list[ReplyTrace] = []
+        self.updates = 0  # figure updates sent so far: the throttle's tests read this
+        self._lock = threading.RLock()  # the panel's worker and the kernel thread both draw
+        self._recent: deque[tuple[float, int]] = deque()
+        self._last_update = 0.0
+        self._tracking = 0  # bumped by track(): an older tracker thread sees it and ends
+        self.figure: Any = _make_figure(height, title)
+
+    # ----------------------------------------------------------------- following a stream
+
+    def watch(self, stream: Stream, label: str | None = None) -> Iterator[str]:
+        """Yield ``stream``'s pieces, drawing its throughput as they come."""
+        self.start(label)
+        next_update = 0.0
+        try:
+            for piece in stream:
+                now = time.perf_counter()
+                if now >= next_update:  # one clock read per token; drawing ~10 times a second
+                    next_update = now + self.interval
+                    self.sample(stream, now)
+                yield piece
+        finally:
+            self.finish(stream)
+
+    def track(self, stream: Stream, label: str | None = None, *, timeout: float | None = None) -> threading.Thread:
+        """Follow ``stream`` from a background thread while something else consumes it.
+
+        Returns the thread (``join()`` it to wait for the final point). It ends when the stream
+        ends, when ``timeout`` seconds have passed, or when another ``track`` begins.
+        """
+        with self._lock:
+            self._tracking += 1
+            ticket = self._tracking
+        self.start(label)
+        thread = threading.Thread(
+            target=self._follow, args=(stream, ticket, timeout), name="nbllm-chart-track", daemon=True
+        )
+        thread.start()
+        return thread
+
+    def _follow(self, stream: Stream, ticket: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while stream.stats is None and self._tracking == ticket:
+            if deadline is not None and time.monotonic() > deadline:
+                return
+            time.sleep(self.interval)
+            self.sample(stream, time.perf_counter())
+        if self._tracking == ticket:
+            self.finish(stream)
+
+    # ----------------------------------------------------------------- the building blocks
+
+    def start(self, label: str | None = None) -> ReplyTrace:
+        """Begin a new reply: the previous one joins the faded history curve."""
+        with self._lock:
+            reply = ReplyTrace(label or f"#{len(self.replies) + 1}")
+            self.replies.append(reply)
+            del self.replies[: -self.history]
+            self._recent.clear()
+            self._push(draw_bars=False)
+            return reply
+
+    @property
+    def current(self) -> ReplyTrace | None:
+        return self.replies[-1] if self.replies else None
+
+    def sample(self, stream: Stream, now: float | None = None) -> None:
+        """Add the stream's current rate to the curve, and draw it unless drawn within ``interval``."""
+        now = time.perf_counter() if now is None else now
+        first_token_at = stream.usage.first_token_at
+        tokens = stream.usage.completion_tokens
+        with self._lock:
+            reply = self.current
+            if reply is None or stream.started is None or first_token_at is None or tokens < 1:
+                return  # nothing generated yet: the prompt is still being read
+            rate = self._rate(first_token_at, tokens, now)
+            reply.tokens = tokens
+            if rate is not None:
+                reply.times.append(now - stream.started)
+                reply.rates.append(rate)
+            if now - self._last_update >= self.interval:
+                self._push(draw_bars=False)
+                self._last_update = now
+
+    def _rate(self, first_token_at: float, tokens: int, now: float) -> float | None:
+        """Tokens/s over the last ``window`` seconds (since the first token, at the start)."""
+        recent = self._recent
+        if not recent:
+            recent.append((first_token_at, 1))
+        while len(recent) > 1 and recent[1][0] <= now - self.window:
+            recent.popleft()
+        since, counted = recent[0]
+        recent.append((now, tokens))
+        elapsed = now - since
+        if elapsed < 0.05:  # too short to be a rate: the first token or two
+            return None
+        return (tokens - counted) / elapsed
+
+    def finish(self, stream: Stream) -> None:
+        """Close the current reply with its final numbers, and draw everything once more."""
+        stats = stream.stats
+        with self._lock:
+            reply = self.current
+            if reply is None:
+                return
+            if stats is not None:
+                if not stats.cached and stream.started is not None:
+                    self.sample(stream, now=stream.started + stats.total_seconds)  # the curve's last point
+                self._record_final(reply, stats)
+            self._push(draw_bars=True)
+
+    def _record_final(self, reply: ReplyTrace, stats: RequestStats) -> None:
+        reply.tokens = stats.completion_tokens
+        reply.model = stats.model
+        reply.cached = stats.cached
+        reply.stopped = stats.finish_reason == "cancelled"
+        # A cached answer was not generated: its "speed" would be a replay speed.
+        reply.tokens_per_second = 0.0 if stats.cached else stats.generation_tokens_per_second
+
+    def clear(self) -> None:
+        """Forget every reply."""
+        with self._lock:
+            self._tracking += 1
+            self.replies.clear()
+            self._recent.clear()
+            self._push(draw_bars=True)
+
+    # ----------------------------------------------------------------- drawing
+
+    def _push(self, *, draw_bars: bool) -> None:
+        """One batched figure update: every array in one message, not one per property."""
+        past, current = self.replies[:-1], self.current
+        past_x: list[float | None] = []
+        past_y: list[float | None] = []
+        for reply in past[-5:]:  # more faded curves would only be noise
+            past_x += [*reply.times, None]
+            past_y += [*reply.rates, None]
+        figure = self.figure
+        with figure.batch_update():
+            figure.data[0].x, figure.data[0].y = past_x, past_y
+            figure.data[1].x = list(current.times) if current else []
+            figure.data[1].y = list(current.rates) if current else []
+            if draw_bars:
+                done = [r for r in self.replies if r.tokens_per_second is not None]
+                bars = figure.data[2]
+                bars.x = [r.label for r in done]
+                bars.y = [r.tokens_per_second for r in done]
+                bars.text = [_bar_text(r) for r in done]
+                bars.hovertext = [_bar_hover(r) for r in done]
+                bars.marker.color = [_bar_color(r) for r in done]
+        self.updates += 1
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        with self._lock:
+            return self.figure._repr_mimebundle_(**kwargs)
+
+
+def _bar_text(reply: ReplyTrace) -> str:
+    return "cache" if reply.cached else f"{reply.tokens_per_second or 0:.0f}"
+
+
+def _bar_hover(reply: ReplyTrace) -> str:
+    if reply.cached:
+        return f"{reply.label}: from the prompt cache ({reply.tokens} tokens)"
+    state = " (stopped)" if reply.stopped else ""
+    return (
+        f"{reply.label}: {reply.tokens_per_second or 0:.1f} t/s decoding, {reply.tokens} tokens{state} · {reply.model}"
+    )
+
+
+def _bar_color(reply: ReplyTrace) -> str:
+    if reply.cached:
+        return CACHED_COLOR
+    return STOPPED_COLOR if reply.stopped else CURRENT_COLOR
+
+
+def _make_figure(height: int, title: str) -> Any:
+    # Built whole as a plain figure first: the widget sends its full state once, when created.
+    figure = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.74, 0.26],
+        horizontal_spacing=0.09,
+        subplot_titles=("tokens/s while generating", "decoding t/s per reply"),
+    )
+    line = {"shape": "spline", "smoothing": 0.6}
+    figure.add_scatter(
+        x=[], y=[], mode="lines", name="earlier replies", line={**line, "color": PAST_COLOR, "width": 1.5},
+        hoverinfo="skip", row=1, col=1,
+    )  # fmt: skip
+    figure.add_scatter(
+        x=[], y=[], mode="lines", name="this reply", line={**line, "color": CURRENT_COLOR, "width": 2.5},
+        fill="tozeroy", fillcolor="rgba(37, 99, 235, 0.08)",
+        hovertemplate="%{x:.1f}s: %{y:.1f} t/s<extra></extra>", row=1, col=1,
+    )  # fmt: skip
+    figure.add_bar(
+        x=[], y=[], name="per reply", textposition="outside", cliponaxis=False,
+        hovertemplate="%{hovertext}<extra></extra>", row=1, col=2,
+    )  # fmt: skip
+    figure.update_layout(
+        height=height,
+        margin={"l": 44, "r": 12, "t": 34 if not title else 56, "b": 32},
+        title={"text": title} if title else None,
+        template="plotly_white",
+        showlegend=False,
+        font={"size": 11},
+        bargap=0.35,
+        uirevision="nbllm",  # keep the user's zoom while data flows in
+    )
+    figure.update_xaxes(title_text="seconds", title_standoff=4, rangemode="tozero", row=1, col=1)
+    figure.update_yaxes(rangemode="tozero", row=1, col=1)
+    figure.update_yaxes(rangemode="tozero", showticklabels=False, row=1, col=2)
+    figure.update_xaxes(type="category", row=1, col=2)
+    figure.update_annotations(font_size=12)
+    return go.FigureWidget(figure)
