@@ -28,7 +28,8 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_are_the_guides() -> None:
     s = Settings()
-    assert (s.performance.context_size, s.performance.batch_size) == (4096, 512)
+    assert s.performance.context_size == 4096
+    assert s.performance.batch_size is None, "auto: the tuned value, else the guide's 512"
     assert s.performance.threads is None
     assert s.performance.gpu_layers == -1
     assert (s.performance.use_mmap, s.performance.use_mlock) == (True, False)
@@ -72,7 +73,8 @@ server:
     s = load_file(guide)
     assert s.server.workers == 4
     assert s.source == str(guide)
-    assert s.performance == Settings().performance
+    assert s.performance.batch_size == 512
+    assert s.generation == Settings().generation
 
 
 def test_search_order_explicit_then_env_then_cwd_then_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
