@@ -35,6 +35,7 @@ from nbllm.table import Table
 from nbllm.units import format_age, format_bytes
 
 if TYPE_CHECKING:
+    from nbllm.benchmark import BenchResults
     from nbllm.doctor import DoctorReport
     from nbllm.engine import Completion, Engine, Stream
     from nbllm.machine import HardwareReport
@@ -56,6 +57,7 @@ __all__ = [
     "NbllmError",
     "ParameterError",
     "Settings",
+    "bench",
     "chat",
     "clear_cache",
     "configure",
@@ -195,6 +197,40 @@ def tune(model: str | None = None, *, save: bool = True, progress: bool = True) 
     ``model`` on this machine. Saved per model file and machine; used whenever the config leaves
     them on auto (``threads: null`` ...). Takes well under a minute for the default model."""
     return get_engine().tune(model, save=save, progress=progress)
+
+
+def bench(
+    models: str | list[str] | None = None,
+    *,
+    pp: int | None = 512,
+    tg: int | None = 128,
+    repetitions: int = 5,
+    threads: int | list[int] | None = None,
+    batch_size: int | list[int] | None = None,
+    context_size: int | list[int] | None = None,
+    gpu_layers: int | list[int] | None = None,
+    progress: bool = True,
+    **callbacks: Any,
+) -> BenchResults:
+    """llama-bench-style tests: prompt processing of ``pp`` tokens and generation of ``tg``
+    tokens, ``repetitions`` times after a warm-up, for every combination of the given models and
+    settings (each may be a list). Returns records (mean ± std t/s, the guide's rating, the share
+    of the memory-bandwidth limit) that ``.save("results.json")`` writes and ``.figure()`` plots."""
+    from nbllm.benchmark import bench as run_bench
+
+    return run_bench(
+        get_engine(),
+        models,
+        pp=pp,
+        tg=tg,
+        repetitions=repetitions,
+        threads=threads,
+        batch_size=batch_size,
+        context_size=context_size,
+        gpu_layers=gpu_layers,
+        progress=progress,
+        **callbacks,
+    )
 
 
 def settings() -> Settings:

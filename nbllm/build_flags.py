@@ -104,3 +104,30 @@ def install_command(args: Iterable[str], version: str = LLAMA_CPP_PYTHON_VERSION
         f'CMAKE_ARGS="{joined}" python -m pip install --force-reinstall --no-cache-dir '
         f'--no-deps "llama-cpp-python=={version}"'
     )
+
+
+# llama.cpp's system-info feature names -> the /proc/cpuinfo flag each one executes.
+BUILD_FEATURE_CPU_FLAG = {
+    "AVX": "avx",
+    "AVX2": "avx2",
+    "FMA": "fma",
+    "F16C": "f16c",
+    "BMI2": "bmi2",
+    "AVX_VNNI": "avx_vnni",
+    "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi",
+    "AVX512_VNNI": "avx512_vnni",
+    "AVX512_BF16": "avx512_bf16",
+    "AMX_INT8": "amx_int8",
+}
+
+
+def missing_cpu_features(build_features: Iterable[str], cpu_flags: Iterable[str]) -> list[str]:
+    """Instruction sets the build uses but this CPU lacks: running it would die with SIGILL.
+
+    An unknown CPU (no flags readable) or a non-x86 machine reports nothing missing.
+    """
+    flags = frozenset(cpu_flags)
+    if not flags or not is_x86():
+        return []
+    return [f for f in build_features if f in BUILD_FEATURE_CPU_FLAG and BUILD_FEATURE_CPU_FLAG[f] not in flags]

@@ -129,6 +129,40 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a comma-separated list such as 1,2,4, got {text!r}"
+        ) from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import nbllm
+    from nbllm.benchmark import compare, load_results
+
+    if args.compare:
+        first, second = (load_results(path) for path in args.compare)
+        print(compare(first, second))
+        return EXIT_OK
+    results = nbllm.bench(
+        args.model or None,
+        pp=args.pp,
+        tg=args.tg,
+        repetitions=args.repetitions,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        context_size=args.context_size,
+        gpu_layers=args.gpu_layers,
+        progress=not args.quiet,
+    )
+    print(results)
+    if args.output:
+        print(f"Saved {len(results.records)} records to {results.save(args.output)}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nbllm import __version__
 
@@ -156,6 +190,25 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="show the settings in effect, or check a file")
     config.add_argument("--check", metavar="FILE", help="validate FILE and show what it sets")
     config.set_defaults(handler=cmd_config)
+    bench = commands.add_parser(
+        "bench",
+        help="llama-bench-style speed tests (pp/tg), saved as JSON",
+        description="Prompt processing (pp) and generation (tg) speed, mean ± std over repetitions, "
+        "for every combination of the models and settings given (comma-separated lists).",
+    )
+    bench.add_argument("--model", "-m", action="append", help="model (repeatable; default: the default model)")
+    bench.add_argument("--pp", "-p", type=int, default=512, help="prompt tokens (0 = skip)")
+    bench.add_argument("--tg", "-n", type=int, default=128, help="generated tokens (0 = skip)")
+    bench.add_argument("--repetitions", "-r", type=int, default=5)
+    bench.add_argument("--threads", "-t", type=_int_list, help="e.g. 1,2,4")
+    bench.add_argument("--batch-size", "-b", type=_int_list)
+    bench.add_argument("--context-size", "-c", type=_int_list)
+    bench.add_argument("--gpu-layers", "-ngl", type=_int_list)
+    bench.add_argument("--output", "-o", help="write the records to this JSON file")
+    bench.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), help="compare two result files")
+    bench.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    bench.set_defaults(handler=cmd_bench)
+
     doctor = commands.add_parser("doctor", help="hardware report, problems found and how to fix them")
     doctor.add_argument("--model", "-m", help="model to check (default: the configured default)")
     doctor.set_defaults(handler=cmd_doctor)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from nbllm import build_flags
 
 AVX512_MACHINE = "fma avx f16c bmi2 avx2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 sse4_2"
@@ -67,3 +69,31 @@ def test_the_installed_build_matches_this_cpu() -> None:
         assert "AVX2 = 1" in info
     if "avx512f" in present:
         assert "AVX512 = 1" in info
+
+
+def test_a_build_using_instructions_this_cpu_lacks_is_caught() -> None:
+    features = ["SSE3", "AVX", "AVX2", "FMA", "AVX512", "AVX512_VNNI", "OPENMP"]
+    assert build_flags.missing_cpu_features(features, AVX2_ONLY.split()) == ["AVX512", "AVX512_VNNI"]
+    assert build_flags.missing_cpu_features(features, [*AVX512_MACHINE.split(), "avx512_vnni"]) == []
+    assert build_flags.missing_cpu_features(features, []) == [], "an unreadable CPU is not a reason to refuse"
+
+
+def test_the_backend_refuses_a_build_the_cpu_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import llama_cpp
+
+    from nbllm.backends.llama_cpp import LlamaCppBackend
+    from nbllm.errors import ModelLoadError
+    from nbllm.machine import parse_system_info
+
+    # This machine's real build, on a CPU that lacks one instruction set the build uses.
+    used = [
+        f
+        for f in parse_system_info(llama_cpp.llama_print_system_info().decode())
+        if f in build_flags.BUILD_FEATURE_CPU_FLAG
+    ]
+    assert used, "an x86 build uses at least AVX"
+    dropped = used[-1]
+    real = build_flags.read_cpu_flags()
+    monkeypatch.setattr(build_flags, "read_cpu_flags", lambda *a: real - {build_flags.BUILD_FEATURE_CPU_FLAG[dropped]})
+    with pytest.raises(ModelLoadError, match=rf"uses .*{dropped}.*which this CPU does not have.*CMAKE_ARGS="):
+        LlamaCppBackend()

@@ -24,6 +24,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp import llama_chat_format
 
+from nbllm import build_flags
 from nbllm.backends.base import LoadSettings, Usage
 from nbllm.chat_format import FormattedPrompt
 from nbllm.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
@@ -401,6 +402,24 @@ class LlamaCppBackend:
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
             "system_info": llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip(),
         }
+        self._check_cpu()
+
+    def _check_cpu(self) -> None:
+        """Refuse a build this CPU cannot run, before it kills the kernel with SIGILL.
+
+        A wheel built elsewhere (another machine, a Binder image, a copied environment) may use
+        instruction sets this CPU lacks; llama.cpp would die on the first matrix product.
+        """
+        from nbllm.machine import parse_system_info
+
+        missing = build_flags.missing_cpu_features(
+            parse_system_info(str(self._build_info["system_info"])), build_flags.read_cpu_flags()
+        )
+        if missing:
+            raise ModelLoadError(
+                f"The installed llama.cpp uses {', '.join(missing)}, which this CPU does not have: running it "
+                "would crash. Rebuild it for this CPU: " + build_flags.install_command(build_flags.cmake_args())
+            )
 
     def load(self, path: Path, settings: LoadSettings) -> LlamaCppModel:
         return LlamaCppModel(path, settings)

@@ -1,0 +1,122 @@
+"""llama-bench-style benchmarks: records, ratings, JSON, comparison, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbllm import benchmark
+from nbllm.engine import Engine
+from nbllm.errors import NbllmError, ParameterError
+
+
+@pytest.mark.parametrize(
+    ("speed", "label"), [(1.0, "slow"), (5.0, "okay"), (14.9, "okay"), (15, "good"), (45, "fast"), (60, "excellent")]
+)
+def test_results_are_labelled_with_the_guides_rating(speed: float, label: str) -> None:
+    assert benchmark.rating(speed) == label
+
+
+def test_a_benchmark_record_carries_model_settings_machine_and_build(engine: Engine) -> None:
+    results = benchmark.bench(engine, None, pp=32, tg=8, repetitions=2, progress=False)
+    pp, tg = results.records
+    assert (pp["test"], tg["test"]) == ("pp32", "tg8")
+    for record in (pp, tg):
+        assert len(record["samples"]) == 2
+        assert record["tokens_per_second"] == pytest.approx(sum(record["samples"]) / 2)
+        assert record["std"] >= 0
+        assert record["rating"] in {"slow", "okay", "good", "fast", "excellent"}
+        assert record["model"]["name"] == "tiny-a"
+        assert len(record["model"]["sha256"]) == 64
+        assert record["model"]["quantization"] == "F32"
+        assert record["model"]["size_bytes"] > 0
+        assert record["settings"]["threads"] >= 1
+        assert record["machine"]["physical_cores"] >= 1
+        assert record["machine"]["ram_bytes"] > 0
+        assert record["machine"]["read_bandwidth_bytes_per_second"] > 0
+        assert record["build"]["llama_cpp_python"] == "0.3.36"
+    assert tg["bandwidth_percent"] > 0
+    assert tg["bytes_per_token"] > 0
+    assert "bandwidth_percent" not in pp
+
+
+def test_every_combination_of_models_and_settings_is_measured(engine: Engine) -> None:
+    results = benchmark.bench(engine, ["tiny-a", "tiny-b"], pp=16, tg=4, repetitions=1, threads=[1, 2], progress=False)
+    combos = {(r["model"]["name"], r["settings"]["threads"], r["test"]) for r in results.records}
+    assert len(combos) == 2 * 2 * 2
+    assert engine.registry.resident() == [], "benchmarks load their own copies and close them"
+
+
+def test_callbacks_see_every_run_and_every_result(engine: Engine) -> None:
+    runs: list[float] = []
+    finished: list[str] = []
+    benchmark.bench(
+        engine, None, pp=16, tg=4, repetitions=3, progress=False,
+        on_run=lambda record, speed: runs.append(speed), on_result=lambda record: finished.append(record["test"]),
+    )  # fmt: skip
+    assert len(runs) == 6
+    assert finished == ["pp16", "tg4"]
+
+
+def test_results_round_trip_through_json_and_compare(engine: Engine, tmp_path: Path) -> None:
+    first = benchmark.bench(engine, None, pp=16, tg=4, repetitions=1, progress=False)
+    second = benchmark.bench(engine, None, pp=16, tg=4, repetitions=1, progress=False)
+    path = first.save(tmp_path / "a.json")
+    loaded = benchmark.load_results(path)
+    assert loaded.records == json.loads(path.read_text())["records"]
+    table = benchmark.compare(loaded, second)
+    assert [row["test"] for row in table] == ["pp16", "tg4"]
+    assert all(row["B / A"] > 0 for row in table)
+    assert "tiny-a" in str(first)
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"repetitions": 0}, "repetitions = 0"),
+        ({"pp": 0, "tg": 0}, "Nothing to run"),
+        ({"tg": -5}, "tg = -5"),
+        ({"pp": 600}, "context_size 512 is smaller"),
+    ],
+)
+def test_bad_benchmark_options_are_clear_errors(engine: Engine, options: dict[str, int], fragment: str) -> None:
+    with pytest.raises(ParameterError, match=fragment):
+        benchmark.bench(engine, None, progress=False, **{"pp": 16, "tg": 4, **options})
+
+
+def test_a_file_that_is_not_results_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    with pytest.raises(NbllmError, match="not an nbllm benchmark results file"):
+        benchmark.load_results(bad)
+    with pytest.raises(NbllmError, match="No benchmark results"):
+        benchmark.load_results(tmp_path / "missing.json")
+
+
+def test_nbllm_bench_writes_the_guides_results_json(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "nbllm.cli", "bench", "-m", str(tiny_models["a"]), "-p", "16", "-n", "4", "-r", "1",
+         "-t", "1,2", "-q", "-o", str(out)],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Saved 4 records" in result.stdout
+    records = json.loads(out.read_text())["records"]
+    assert {r["settings"]["threads"] for r in records} == {1, 2}
+    compared = subprocess.run(
+        [sys.executable, "-m", "nbllm.cli", "bench", "--compare", str(out), str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert compared.returncode == 0, compared.stderr
+    assert "1.0" in compared.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "nbllm.cli", "bench", "-t", "one,two"], capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2
+    assert "comma-separated list" in bad.stderr
