@@ -154,7 +154,7 @@ def switching(engine: Engine, second: Path) -> None:
 
 def cold_load(engine: Engine, path: Path, runs: int) -> None:
     print(f"\n3. Cold load, alternated {runs} times (page cache warm for both; nbllm's GGUF cache cleared)")
-    settings = engine.settings.performance
+    settings = engine.registry.load(None).settings  # what nbllm loads with: the same for the bare load
     bare, ours = [], []
     for _ in range(runs):
         start = time.perf_counter()
@@ -163,7 +163,7 @@ def cold_load(engine: Engine, path: Path, runs: int) -> None:
             n_ctx=settings.context_size,
             n_batch=settings.batch_size,
             n_ubatch=settings.batch_size,
-            n_threads=engine.registry.resident()[0].settings.threads if engine.registry.resident() else 2,
+            n_threads=settings.threads,
             verbose=False,
         )
         bare.append(time.perf_counter() - start)

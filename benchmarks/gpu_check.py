@@ -94,7 +94,7 @@ def main() -> None:
         f"estimate: {fit.layers} of {info.n_layers + 1} layers, {format_bytes(fit.gpu_bytes)} of "
         f"{format_bytes(fit.free_bytes)} free; guide's rule of thumb: {fit.rule_of_thumb_layers} ({fit.rule_of_thumb})"
     )
-    from nbllm.doctor import diagnose
+    from nbllm.diagnosis import diagnose
 
     print(diagnose(engine))
 

@@ -35,10 +35,15 @@ from nbllm.table import Table
 from nbllm.units import format_age, format_bytes
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from nbllm.benchmark import BenchResults
-    from nbllm.doctor import DoctorReport
+    from nbllm.diagnosis import DoctorReport
+    from nbllm.downloader import Download, Progress
     from nbllm.engine import Completion, Engine, Stream
     from nbllm.machine import HardwareReport
+    from nbllm.manager import ModelInfo, VerifyReport
+    from nbllm.recommendation import Recommendation
     from nbllm.tuner import TuneResult
 
 __version__ = "0.1.0"
@@ -54,30 +59,39 @@ __all__ = [
     "InvalidModelFileError",
     "ModelLoadError",
     "ModelNotFoundError",
+    "ModelsPanel",
     "NbllmError",
     "ParameterError",
     "Settings",
     "bench",
+    "catalog",
     "chat",
     "clear_cache",
     "configure",
     "doctor",
+    "download",
     "generate",
     "get_engine",
     "hardware",
     "health",
+    "list_models",
     "load",
+    "model_info",
     "models",
+    "recommend",
+    "remove_model",
     "settings",
     "stats",
     "tune",
     "unload",
+    "verify",
 ]
 
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
     from nbllm.widgets import ChatPanel
+    from nbllm.widgets.models import ModelsPanel
 
 _engine: Engine | None = None
 _engine_lock = threading.Lock()
@@ -187,7 +201,7 @@ def hardware() -> HardwareReport:
 
 def doctor(model: str | None = None) -> DoctorReport:
     """The hardware report plus what is wrong with this set-up and what to do (``nbllm doctor``)."""
-    from nbllm.doctor import diagnose
+    from nbllm.diagnosis import diagnose
 
     return diagnose(get_engine(), model)
 
@@ -231,6 +245,60 @@ def bench(
         progress=progress,
         **callbacks,
     )
+
+
+def catalog() -> Table:
+    """Known models: family, parameters, license, quantizations, size and memory needed, source."""
+    from nbllm.manager import catalog as catalog_table
+
+    return catalog_table()
+
+
+def list_models() -> Table:
+    """The catalog and the models folder side by side: downloaded or not, size, loaded or not.
+
+    (``models()`` lists what can be loaded by name right now, with load times and last use.)"""
+    from nbllm.manager import list_models as listing
+
+    return listing()
+
+
+def recommend(**machine: Any) -> Recommendation:
+    """Which catalog models fit this machine (or ram=/vram=/cores=/bandwidth=), how fast, what to download."""
+    from nbllm.recommendation import recommend as advise
+
+    return advise(**machine)
+
+
+def download(
+    name: str, quant: str = "Q4_K_M", *, sha256: str | None = None, progress: Progress | None = None, **options: Any
+) -> Download:
+    """Download a catalog model, an https URL or hf://owner/repo/file: resumable, checksum-verified,
+    GGUF-checked, and moved into the models folder only when complete."""
+    from nbllm.manager import download as fetch_model
+
+    return fetch_model(name, quant, sha256=sha256, progress=progress, **options)
+
+
+def verify(name: str | None = None, quant: str | None = None) -> VerifyReport:
+    """The GGUF check and the SHA-256 of one downloaded model, or of all of them."""
+    from nbllm.manager import verify as check
+
+    return check(name, quant)
+
+
+def model_info(name: str, quant: str | None = None) -> ModelInfo:
+    """Architecture, parameters, context length, quantization, chat template, size, path."""
+    from nbllm.manager import model_info as info
+
+    return info(name, quant)
+
+
+def remove_model(name: str, quant: str | None = None) -> Path:
+    """Delete a downloaded model from the models folder (unloading it first)."""
+    from nbllm.manager import remove_model as remove
+
+    return remove(name, quant)
 
 
 def settings() -> Settings:
@@ -279,4 +347,12 @@ def __getattr__(name: str) -> Any:
         from nbllm.widgets import ChatPanel
 
         return ChatPanel
+    if name == "plots":  # ``nbllm.plots.ThroughputChart`` without importing plotly at ``import nbllm``
+        import importlib
+
+        return importlib.import_module("nbllm.plots")
+    if name == "ModelsPanel":
+        from nbllm.widgets.models import ModelsPanel
+
+        return ModelsPanel
     raise AttributeError(f"module 'nbllm' has no attribute {name!r}")

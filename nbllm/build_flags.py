@@ -38,6 +38,11 @@ X86_FEATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("GGML_AVX512_BF16", ("avx512_bf16",)),
 )
 
+# x86-64-v3 (Haswell, 2013, and every cloud CPU since): for a build made on one machine and run
+# on another, such as a Binder image. AVX-512 is left out: many of those CPUs lack it. A CPU
+# without AVX2 gets a clear error from the backend's check instead of a crash.
+PORTABLE_X86_FLAGS = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"})
+
 # Never enabled, whatever the CPU says: see the module docstring.
 ALWAYS_OFF: tuple[str, ...] = ("GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 

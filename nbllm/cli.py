@@ -1,7 +1,10 @@
 """The ``nbllm`` console script: what belongs in a terminal.
 
+    nbllm lab                            JupyterLab at the quickstart notebook
     nbllm run "What is Docker?"          stream an answer, then the stats line
-    nbllm models                         known and local models
+    nbllm models [list|recommend|download|verify|info|rm]   the model manager
+    nbllm bench [-o results.json]        llama-bench-style speed tests
+    nbllm doctor / nbllm tune            hardware report and fixes / measured tuning
     nbllm config [--check FILE]          the settings in effect, or validate a file
 
 Errors are translated here, at the edge: an ``NbllmError`` prints one line and exits 1, a usage
@@ -86,13 +89,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
-def cmd_models(args: argparse.Namespace) -> int:
-    import nbllm
-
-    print(nbllm.models())
-    return EXIT_OK
-
-
 def cmd_config(args: argparse.Namespace) -> int:
     import nbllm
     from nbllm.config import describe_settings, load_file
@@ -163,6 +159,27 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_lab(args: argparse.Namespace) -> int:
+    """JupyterLab at the quickstart notebook (the README's main job)."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    from nbllm.errors import NbllmError
+
+    if importlib.util.find_spec("jupyterlab") is None:
+        raise NbllmError(
+            "JupyterLab is not installed: python3 scripts/bootstrap.py --extras lab (or pip install jupyterlab)."
+        )
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    target = notebooks / "01_quickstart.ipynb" if notebooks.is_dir() else Path.cwd()
+    command = [sys.executable, "-m", "jupyterlab", str(target), *args.jupyter_args]
+    if os.name == "posix" and os.geteuid() == 0 and "--allow-root" not in command:
+        command.append("--allow-root")  # containers and CI run as root; JupyterLab refuses that otherwise
+    print(f"Starting JupyterLab at {target} (Ctrl-C to stop)", file=sys.stderr)
+    os.execv(sys.executable, command)  # replaces this process: JupyterLab's exit is ours
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nbllm import __version__
 
@@ -184,12 +201,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_options(run)
     run.set_defaults(handler=cmd_run)
 
-    models = commands.add_parser("models", help="list known and loaded models")
-    models.set_defaults(handler=cmd_models)
+    from nbllm.cli_models import add_models_commands
+
+    add_models_commands(commands)
 
     config = commands.add_parser("config", help="show the settings in effect, or check a file")
     config.add_argument("--check", metavar="FILE", help="validate FILE and show what it sets")
     config.set_defaults(handler=cmd_config)
+    lab = commands.add_parser("lab", help="open JupyterLab at the quickstart notebook")
+    lab.add_argument("jupyter_args", nargs=argparse.REMAINDER, help="passed on to JupyterLab, e.g. --port 8889")
+    lab.set_defaults(handler=cmd_lab)
+
     bench = commands.add_parser(
         "bench",
         help="llama-bench-style speed tests (pp/tg), saved as JSON",

@@ -484,6 +484,11 @@ class NbllmMagics(Magics, Configurable):
           config KEY=VALUE  change a setting, e.g. %llm config generation.top_k=20
           reset             forget the --chat conversation
           chat [NAME]       open the chat panel (on NAME, else the default model)
+          models [list|recommend|download NAME [--quant Q]|verify [NAME]|info NAME|rm NAME]
+                            the model manager (no word: the list)
+          bench [OPTIONS]   llama-bench-style speed tests, as `nbllm bench` (-m, -p, -n, -r, -t 1,2, -o FILE)
+          doctor [NAME]     hardware report, problems found and how to fix them
+          tune [NAME]       measure the fastest threads / batch size / GPU layers, and keep them
 
         Settings: %config NbllmMagics (or c.NbllmMagics.NAME in ipython_config.py):
           default_model, default_format, stream_updates_per_second, show_stats,
@@ -522,7 +527,7 @@ class NbllmMagics(Magics, Configurable):
         live = _LiveOutput(self.ipython, fmt, self.stream_updates_per_second, self.show_stats)
         stopped = self._consume(stream, live)
         text = stream.text
-        if args.chat:
+        if args.chat and text:  # a question stopped before any answer leaves no trace
             self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
         if args.out:
             self.ipython.user_ns[args.out] = text
@@ -612,6 +617,9 @@ class NbllmMagics(Magics, Configurable):
             "config": self._config,
             "reset": self._reset,
             "chat": self._chat,
+            "bench": self._bench,
+            "doctor": self._doctor,
+            "tune": self._tune,
         }
         if not name:
             return self._help(rest)
@@ -625,9 +633,50 @@ class NbllmMagics(Magics, Configurable):
     def _help(self, rest: str) -> None:
         print(self.usage())
 
-    def _models(self, rest: str) -> Table:
-        _no_arguments("models", rest)
-        return nbllm.models()
+    def _models(self, rest: str) -> Any:
+        from nbllm.cli_models import models_command
+
+        return models_command(_words(rest))  # no words: the list; mistakes: NbllmError -> UsageError
+
+    def _bench(self, rest: str) -> Any:
+        """The terminal's ``nbllm bench`` options; results as a table, plus a figure when several."""
+        from nbllm.cli import build_parser
+
+        args = _parse_cli(build_parser(), ["bench", *_words(rest)])
+        if args.compare:
+            from nbllm.benchmark import compare, load_results
+
+            return compare(*(load_results(path) for path in args.compare))
+        from nbllm.plots import bench_figure, live_bench_chart, threads_figure
+
+        live, on_run = live_bench_chart()
+        _display(live)
+        results = nbllm.bench(
+            args.model or None,
+            pp=args.pp,
+            tg=args.tg,
+            repetitions=args.repetitions,
+            threads=args.threads,
+            batch_size=args.batch_size,
+            context_size=args.context_size,
+            gpu_layers=args.gpu_layers,
+            progress=not args.quiet,
+            on_run=on_run,
+        )
+        _show_figure(bench_figure(results.records))
+        if len({r["settings"]["threads"] for r in results.records}) > 1:
+            _show_figure(threads_figure(results.records))
+        if args.output:
+            print(f"Saved {len(results.records)} records to {results.save(args.output)}")
+        return results
+
+    def _doctor(self, rest: str) -> Any:
+        return nbllm.doctor(_one_name("doctor", rest))
+
+    def _tune(self, rest: str) -> Any:
+        result = nbllm.tune(_one_name("tune", rest) or self.default_model)
+        _show_figure(result.figure())
+        return result
 
     def _load(self, rest: str) -> Table:
         return nbllm.load(_one_name("load", rest) or self.default_model)
@@ -694,6 +743,35 @@ class NbllmMagics(Magics, Configurable):
             ) from None
         self.chat_panel = panel
         _display(panel)
+
+
+def _show_figure(figure: Any) -> None:
+    """A plotly figure as its own MIME type, whatever plotly's renderer setting says (in a plain
+    IPython shell it may be "browser", which would open a web browser from a magic)."""
+    title = figure.layout.title.text or "plotly figure"
+    _display({"application/vnd.plotly.v1+json": json.loads(figure.to_json()), "text/plain": f"<{title}>"}, raw=True)
+
+
+def _words(rest: str) -> list[str]:
+    try:
+        return shlex.split(rest)
+    except ValueError as error:
+        raise UsageError(f"Cannot read {rest!r}: {error}.") from None
+
+
+def _parse_cli(parser: Any, argv: list[str]) -> Namespace:
+    """The terminal's own parser, with its complaints turned into a one-line UsageError."""
+    import contextlib
+    import io
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            args: Namespace = parser.parse_args(argv)
+    except SystemExit:
+        message = errors.getvalue().strip().splitlines()
+        raise UsageError(message[-1] if message else "Invalid options; %llm? shows the usage.") from None
+    return args
 
 
 def _unrecognized(extra: Sequence[str], parser: Any) -> str:

@@ -1,4 +1,4 @@
-"""Plotly figures for notebooks: the live throughput chart.
+"""Plotly figures for notebooks: the live throughput chart, benchmark and tuning figures.
 
 ``ThroughputChart`` draws tokens/s of a reply while it streams (left) and the decoding speed of
 every past reply (right). It works on any ``nbllm`` stream::
@@ -21,7 +21,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +32,21 @@ if TYPE_CHECKING:
     from nbllm.engine import Stream
     from nbllm.metrics import RequestStats
 
-__all__ = ["ReplyTrace", "ThroughputChart"]
+__all__ = [
+    "ReplyTrace",
+    "ThroughputChart",
+    "bench_figure",
+    "compare_figure",
+    "live_bench_chart",
+    "threads_figure",
+    "tuning_figure",
+]
 
 CURRENT_COLOR = "#2563eb"
 PAST_COLOR = "rgba(100, 116, 139, 0.45)"
 CACHED_COLOR = "#a3a3a3"
 STOPPED_COLOR = "#f59e0b"
+MIN_SPAN = 0.15  # seconds: the shortest span measured as a rate (the first tokens come in bursts)
 
 
 @dataclass
@@ -63,18 +72,26 @@ class ThroughputChart:
     """
 
     def __init__(
-        self, *, interval: float = 0.1, window: float = 1.0, history: int = 30, height: int = 230, title: str = ""
+        self,
+        *,
+        interval: float = 0.1,
+        window: float = 1.0,
+        history: int = 30,
+        width: int | None = None,
+        height: int = 230,
+        title: str = "",
     ) -> None:
         self.interval = interval
         self.window = window
         self.history = history
         self.replies: list[ReplyTrace] = []
         self.updates = 0  # figure updates sent so far: the throttle's tests read this
+        self._started = 0  # replies begun, for their default labels (#1, #2, ...)
         self._lock = threading.RLock()  # the panel's worker and the kernel thread both draw
         self._recent: deque[tuple[float, int]] = deque()
         self._last_update = 0.0
         self._tracking = 0  # bumped by track(): an older tracker thread sees it and ends
-        self.figure: Any = _make_figure(height, title)
+        self.figure: Any = _make_figure(width, height, title)
 
     # ----------------------------------------------------------------- following a stream
 
@@ -123,7 +140,8 @@ class ThroughputChart:
     def start(self, label: str | None = None) -> ReplyTrace:
         """Begin a new reply: the previous one joins the faded history curve."""
         with self._lock:
-            reply = ReplyTrace(label or f"#{len(self.replies) + 1}")
+            self._started += 1
+            reply = ReplyTrace(label or f"#{self._started}")
             self.replies.append(reply)
             del self.replies[: -self.history]
             self._recent.clear()
@@ -162,7 +180,7 @@ class ThroughputChart:
         since, counted = recent[0]
         recent.append((now, tokens))
         elapsed = now - since
-        if elapsed < 0.05:  # too short to be a rate: the first token or two
+        if elapsed < min(MIN_SPAN, self.window):  # too short to be a rate: a burst of the first tokens
             return None
         return (tokens - counted) / elapsed
 
@@ -173,11 +191,22 @@ class ThroughputChart:
             reply = self.current
             if reply is None:
                 return
-            if stats is not None:
+            if stats is None:  # it failed before generating: nothing to show
+                self.replies.remove(reply)
+            else:
                 if not stats.cached and stream.started is not None:
-                    self.sample(stream, now=stream.started + stats.total_seconds)  # the curve's last point
+                    self._last_point(reply, stream, stats)
                 self._record_final(reply, stats)
             self._push(draw_bars=True)
+
+    def _last_point(self, reply: ReplyTrace, stream: Stream, stats: RequestStats) -> None:
+        assert stream.started is not None
+        end = stream.started + stats.total_seconds
+        self.sample(stream, now=end)
+        if not reply.times and stats.generation_tokens_per_second > 0:
+            # Too short for a live rate: one point with the reply's own speed, so it still shows.
+            reply.times.append(stats.total_seconds)
+            reply.rates.append(stats.generation_tokens_per_second)
 
     def _record_final(self, reply: ReplyTrace, stats: RequestStats) -> None:
         reply.tokens = stats.completion_tokens
@@ -191,6 +220,7 @@ class ThroughputChart:
         """Forget every reply."""
         with self._lock:
             self._tracking += 1
+            self._started = 0
             self.replies.clear()
             self._recent.clear()
             self._push(draw_bars=True)
@@ -244,7 +274,7 @@ def _bar_color(reply: ReplyTrace) -> str:
     return STOPPED_COLOR if reply.stopped else CURRENT_COLOR
 
 
-def _make_figure(height: int, title: str) -> Any:
+def _make_figure(width: int | None, height: int, title: str) -> Any:
     # Built whole as a plain figure first: the widget sends its full state once, when created.
     figure = make_subplots(
         rows=1,
@@ -268,6 +298,7 @@ def _make_figure(height: int, title: str) -> Any:
         hovertemplate="%{hovertext}<extra></extra>", row=1, col=2,
     )  # fmt: skip
     figure.update_layout(
+        width=width,  # None: plotly's default (the widget cannot follow its container's width)
         height=height,
         margin={"l": 44, "r": 12, "t": 34 if not title else 56, "b": 32},
         title={"text": title} if title else None,
@@ -282,4 +313,157 @@ def _make_figure(height: int, title: str) -> Any:
     figure.update_yaxes(rangemode="tozero", showticklabels=False, row=1, col=2)
     figure.update_xaxes(type="category", row=1, col=2)
     figure.update_annotations(font_size=12)
-    return go.FigureWidget(figure)
+    try:
+        return go.FigureWidget(figure)
+    except ImportError as error:  # plotly >= 6 builds its FigureWidget on anywidget
+        raise ImportError(
+            f"The live chart needs plotly's FigureWidget, which could not be created ({error}). "
+            "Install anywidget: `pip install anywidget`."
+        ) from error
+
+
+# ---------------------------------------------------------------------------- benchmarks and tuning
+
+BENCH_COLORS = ("#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#64748b")
+
+
+def _setting_label(record: Mapping[str, Any], varying: Sequence[str]) -> str:
+    parts = [record["model"]["name"]]
+    names = {"threads": "t", "batch_size": "b", "context_size": "ctx", "gpu_layers": "ngl"}
+    parts += [f"{names[key]}={record['settings'][key]}" for key in varying]
+    return " ".join(parts)
+
+
+def _varying(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    keys = ("threads", "batch_size", "context_size", "gpu_layers")
+    return [k for k in keys if len({r["settings"][k] for r in records}) > 1]
+
+
+def bench_figure(records: Sequence[Mapping[str, Any]], title: str = "Benchmark") -> Any:
+    """Mean t/s with ± std error bars, one bar per model and setting; pp and tg side by side."""
+    varying = _varying(records)
+    kinds = [k for k in ("pp", "tg") if any(r["kind"] == k for r in records)]
+    figure = make_subplots(
+        rows=1, cols=len(kinds) or 1, subplot_titles=[f"{k} (tokens/s)" for k in kinds], horizontal_spacing=0.12
+    )
+    for column, kind in enumerate(kinds, start=1):
+        chosen = [r for r in records if r["kind"] == kind]
+        figure.add_bar(
+            x=[_setting_label(r, varying) for r in chosen],
+            y=[r["tokens_per_second"] for r in chosen],
+            error_y={"type": "data", "array": [r["std"] for r in chosen], "visible": True},
+            text=[f"{r['tokens_per_second']:.1f} · {r['rating']}" for r in chosen],
+            textposition="outside",
+            cliponaxis=False,
+            marker_color=BENCH_COLORS[column - 1],
+            hovertemplate="%{x}<br>%{y:.1f} t/s<extra>" + kind + "</extra>",
+            row=1,
+            col=column,
+        )
+    figure.update_layout(title=title, template="plotly_white", showlegend=False, height=380, bargap=0.4)
+    figure.update_yaxes(rangemode="tozero")
+    return figure
+
+
+def threads_figure(records: Sequence[Mapping[str, Any]], title: str = "Speed against threads") -> Any:
+    """t/s against the thread count, one line per model and test, with error bars."""
+    figure = go.Figure()
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault((record["model"]["name"], record["test"]), []).append(record)
+    for index, ((model, test), chosen) in enumerate(sorted(groups.items())):
+        chosen = sorted(chosen, key=lambda r: r["settings"]["threads"])
+        figure.add_scatter(
+            x=[r["settings"]["threads"] for r in chosen],
+            y=[r["tokens_per_second"] for r in chosen],
+            error_y={"type": "data", "array": [r["std"] for r in chosen], "visible": True},
+            mode="lines+markers",
+            name=f"{model} {test}",
+            line={"color": BENCH_COLORS[index % len(BENCH_COLORS)]},
+        )
+    figure.update_layout(title=title, template="plotly_white", height=360, xaxis_title="threads")
+    figure.update_yaxes(title_text="tokens/s", rangemode="tozero")
+    figure.update_xaxes(dtick=1)
+    return figure
+
+
+def compare_figure(
+    first: Sequence[Mapping[str, Any]], second: Sequence[Mapping[str, Any]], labels: tuple[str, str] = ("A", "B")
+) -> Any:
+    """Two result files side by side: the same tests, grouped bars with error bars."""
+    varying = _varying([*first, *second])
+
+    def key(record: Mapping[str, Any]) -> str:
+        return f"{_setting_label(record, varying)} {record['test']}"
+
+    figure = go.Figure()
+    for index, (label, records) in enumerate(zip(labels, (first, second), strict=True)):
+        figure.add_bar(
+            x=[key(r) for r in records],
+            y=[r["tokens_per_second"] for r in records],
+            error_y={"type": "data", "array": [r["std"] for r in records], "visible": True},
+            name=f"{label}: {records[0]['machine']['cpu'] if records else ''}",
+            marker_color=BENCH_COLORS[index],
+        )
+    figure.update_layout(
+        title="Benchmark comparison", template="plotly_white", barmode="group", height=380, yaxis_title="tokens/s"
+    )
+    return figure
+
+
+def live_bench_chart(title: str = "Benchmark runs (live)") -> tuple[Any, Callable[[Mapping[str, Any], float], None]]:
+    """A FigureWidget and the ``on_run`` callback that adds each timed run to it as it finishes."""
+    figure = go.FigureWidget(
+        layout={
+            "title": title,
+            "template": "plotly_white",
+            "height": 300,
+            "yaxis_title": "tokens/s",
+            "xaxis_title": "run",
+        }
+    )
+    traces: dict[str, Any] = {}
+    lock = threading.Lock()
+
+    def on_run(record: Mapping[str, Any], tokens_per_second: float) -> None:
+        label = f"{record['model']['name']} {record['test']} t={record['settings']['threads']}"
+        with lock, figure.batch_update():
+            if label not in traces:
+                figure.add_scatter(x=[], y=[], mode="lines+markers", name=label)
+                traces[label] = figure.data[-1]
+            trace = traces[label]
+            trace.x = (*trace.x, len(trace.x) + 1)
+            trace.y = (*trace.y, tokens_per_second)
+
+    return figure, on_run
+
+
+def tuning_figure(result: Any) -> Any:
+    """What the tuner tried: generation and prompt speed of every trial, the chosen one marked."""
+    trials = result.trials
+    labels = [
+        f"#{i + 1} t={t.threads} b={t.batch_size}" + (f" ngl={t.gpu_layers}" if t.gpu_layers else "")
+        + (" fa" if t.flash_attention else "")
+        for i, t in enumerate(trials)
+    ]  # fmt: skip
+    best = [t is result.best for t in trials]
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_bar(
+        x=labels,
+        y=[t.tg or None for t in trials],
+        name="generation t/s",
+        marker_color=[STOPPED_COLOR if b else CURRENT_COLOR for b in best],
+        text=["failed" if t.error else "" for t in trials],
+    )
+    figure.add_scatter(
+        x=labels, y=[t.pp or None for t in trials], name="prompt t/s", mode="markers",
+        marker={"size": 10, "color": "#10b981"}, secondary_y=True,
+    )  # fmt: skip
+    figure.update_layout(
+        title=f"Tuning {result.model}: {len(trials)} trials in {result.seconds:.1f}s (chosen in orange)",
+        template="plotly_white",
+        height=380,
+    )
+    figure.update_yaxes(title_text="generation t/s", rangemode="tozero", secondary_y=False)
+    figure.update_yaxes(title_text="prompt t/s", rangemode="tozero", secondary_y=True)
+    return figure

@@ -151,7 +151,7 @@ class Registry:
         if "/" not in name and os.sep not in name:
             local = paths.models_dir() / (name if name.endswith(".gguf") else f"{name}.gguf")
             if local.is_file():
-                return ModelSpec(Path(name).stem, local, "models-dir")
+                return ModelSpec(name.removesuffix(".gguf"), local, "models-dir")
         candidate = Path(os.path.expandvars(name)).expanduser()
         looks_like_path = os.sep in name or name.endswith(".gguf") or name.startswith("~")
         if candidate.exists() or looks_like_path:

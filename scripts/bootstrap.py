@@ -63,11 +63,12 @@ def ensure_venv(venv_dir: Path) -> Path:
     return python
 
 
-def ensure_llama_wheel(python: Path, bf) -> Path:  # type: ignore[no-untyped-def]
+def ensure_llama_wheel(python: Path, bf, portable: bool = False) -> Path:  # type: ignore[no-untyped-def]
     cuda = os.environ.get("NBLLM_CUDA", "auto")
     use_cuda = bf.cuda_available() if cuda == "auto" else cuda in ("1", "on", "yes", "true")
     extra = os.environ.get("NBLLM_CMAKE_ARGS", "").split()
-    args = bf.cmake_args(cuda=use_cuda) + extra
+    flags = bf.PORTABLE_X86_FLAGS if portable and bf.is_x86() else None
+    args = bf.cmake_args(flags, cuda=use_cuda) + extra
     key = bf.build_key(args)
     house = wheelhouse_root() / key
     wheels = sorted(house.glob("llama_cpp_python-*.whl"))
@@ -127,6 +128,11 @@ def ensure_chromium() -> None:
     run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
 
 
+def prepare_default_model(python: Path) -> None:
+    """Assemble the default model now, so the first notebook cell answers at once."""
+    run([str(python), "-c", "from nbllm.default_model import default_model_path as p; print(p())"])
+
+
 def stamp_for(wheel: Path, extras: str) -> str:
     digest = hashlib.sha256()
     digest.update(str(wheel).encode())
@@ -139,6 +145,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--extras", default="", help="comma-separated extras, e.g. 'dev'")
     parser.add_argument("--venv", default=str(ROOT / ".venv"), type=Path)
+    parser.add_argument(
+        "--system",
+        action="store_true",
+        help="install into the running Python's environment instead of a venv (containers, Binder)",
+    )
+    parser.add_argument(
+        "--portable",
+        action="store_true",
+        help="build for any x86-64 CPU with AVX2 (an image built on one machine and run on another)",
+    )
     options = parser.parse_args()
     if sys.version_info < (3, 10):  # noqa: UP036 - this script runs on whatever python3 the machine has
         say(f"Python 3.10 or newer is needed; this is {sys.version.split()[0]}")
@@ -147,9 +163,9 @@ def main() -> int:
     bf = load_build_flags()
     if "dev" in options.extras.split(","):
         ensure_chromium()
-    python = ensure_venv(options.venv)
-    wheel = ensure_llama_wheel(python, bf)
-    stamp_file = options.venv / ".nbllm-bootstrap"
+    python = Path(sys.executable) if options.system else ensure_venv(options.venv)
+    wheel = ensure_llama_wheel(python, bf, portable=options.portable)
+    stamp_file = (Path(sys.prefix) if options.system else options.venv) / ".nbllm-bootstrap"
     stamp = stamp_for(wheel, options.extras)
     if stamp_file.exists() and stamp_file.read_text() == stamp:
         say("environment is up to date")
@@ -159,8 +175,9 @@ def main() -> int:
     target = f"{ROOT}[{options.extras}]" if options.extras else str(ROOT)
     # setuptools warns about every editable install; it is what we asked for.
     run([str(python), "-m", "pip", "install", "--quiet", "-e", target], env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    prepare_default_model(python)
     stamp_file.write_text(stamp)
-    say("ready: " + str(options.venv / "bin" / "nbllm"))
+    say("ready: " + str(python.parent / "nbllm"))
     return 0
 
 

@@ -21,7 +21,7 @@ from nbllm import build_flags, machine
 from nbllm.backends.base import LoadSettings
 from nbllm.backends.llama_cpp import LlamaCppBackend
 from nbllm.config import Settings
-from nbllm.doctor import diagnose
+from nbllm.diagnosis import diagnose
 from nbllm.engine import Engine
 from nbllm.errors import GpuOutOfMemoryError
 from nbllm.fit import (

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from nbllm.widgets.chat import ChatPanel, Message
+from nbllm.widgets.models import ModelsPanel
 
-__all__ = ["ChatPanel", "Message"]
+__all__ = ["ChatPanel", "Message", "ModelsPanel"]

@@ -42,6 +42,7 @@ ASSISTANT_BUBBLE = (
     "background:var(--jp-layout-color2,#f3f4f6);color:var(--jp-content-font-color1,#111827);"
     "border-radius:14px 14px 14px 4px"
 )
+CHART_WIDTH = 820  # px: fits JupyterLab's notebook column (plotly cannot size a widget to its container)
 _STATUS_COLORS = {
     "ready": "var(--jp-content-font-color2,#4b5563)",
     "busy": "#1d4ed8",
@@ -94,7 +95,7 @@ class ChatPanel:
         self.update_interval = update_interval
         self.messages: list[Message] = []
         self.renders = 0  # message redraws while streaming: the throttle's tests read this
-        self.chart = ThroughputChart(interval=update_interval)
+        self.chart = ThroughputChart(interval=update_interval, width=CHART_WIDTH)
         self.status_kind = "ready"  # ready | busy | done | stopped | error
         self.last_stream: Stream | None = None  # the latest reply's stream: its request and stats
         self._job: _Job | None = None
@@ -163,14 +164,17 @@ class ChatPanel:
         return True
 
     def clear(self) -> None:
-        """Empty the history and the chart (stopping a reply being generated first)."""
+        """Empty the conversation (stopping a reply being generated first).
+
+        The chart keeps its per-reply bars: they are a speed record (switch models, clear, ask
+        again, compare). ``panel.chart.clear()`` empties the chart too.
+        """
         if self.busy:
             self.stop()
             self.wait(10)
         with self._lock:
             self.messages.clear()
             self._render_history()
-        self.chart.clear()
         self._set_status(f"Cleared. {self.model.value} answers the next message.", "ready")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -234,7 +238,7 @@ class ChatPanel:
     def _consume(self, job: _Job) -> None:
         stream, message = job.stream, job.message
         next_update = 0.0
-        for _ in self.chart.watch(stream, label=f"#{len(self.chart.replies) + 1}"):
+        for _ in self.chart.watch(stream):
             now = time.perf_counter()
             if now >= next_update:
                 next_update = now + self.update_interval
@@ -250,23 +254,28 @@ class ChatPanel:
         message.content, message.stats, message.streaming = stream.text, stats, False
         if stats is not None:
             message.model = stats.model
-        self._render(message)
+        self._show_or_drop(message)
         if stats is None:
             self._set_status("The reply ended without statistics.", "error")
         elif stats.finish_reason == "cancelled":
-            self._set_status(f"Stopped. {_final_status(stats)}; the partial answer is kept.", "stopped")
+            self._set_status(f"Stopped: {_final_status(stats)}", "stopped")
         else:
             self._set_status(_final_status(stats), "done")
 
     def _fail(self, job: _Job, error: str) -> None:
         message = job.message
         message.content, message.streaming = job.stream.text, False
+        self._show_or_drop(message)
+        self._set_status(error, "error")
+
+    def _show_or_drop(self, message: Message) -> None:
+        """Show the final answer; an empty one (stopped or failed at once) is no answer at all,
+        so that Regenerate answers the question again."""
         with self._lock:
             if message.content:
                 self._render(message)
             elif message in self.messages:
-                self._remove(message)  # an empty answer is no answer: Regenerate retries the question
-        self._set_status(error, "error")
+                self._remove(message)
 
     # ----------------------------------------------------------------- widgets
 
@@ -323,7 +332,7 @@ class ChatPanel:
         scroller = widgets.Box(
             [self.history_box],
             layout=widgets.Layout(
-                flex_flow="column-reverse", overflow="auto", height="340px", width="100%",
+                flex_flow="column-reverse", overflow="auto", min_height="120px", max_height="360px", width="100%",
                 border="1px solid var(--jp-border-color2,#e5e7eb)",
             ),
         )  # fmt: skip
@@ -342,9 +351,10 @@ class ChatPanel:
         self.clear_button = _button("Clear", "trash", "", "nbllm-clear", lambda _: self.clear())
         self.stop_button.disabled = True
 
-        self.status = widgets.HTML(layout=widgets.Layout(flex="1 1 auto", width="auto", min_height="24px"))
+        self.status = widgets.HTML(layout=widgets.Layout(flex="1 1 0%", min_width="0", min_height="24px"))
         self.status.add_class("nbllm-status")
-        chart_box = widgets.Box([self.chart.figure], layout=widgets.Layout(width="100%"))
+        # A column box stretches the figure to the panel's width, which plotly's autosize then uses.
+        chart_box = widgets.VBox([self.chart.figure], layout=widgets.Layout(width="100%", margin="6px 0 0 0"))
         chart_box.add_class("nbllm-chart")
 
         settings = widgets.VBox(
@@ -378,7 +388,7 @@ class ChatPanel:
                 chart_box,
                 settings_panel,
             ],
-            layout=widgets.Layout(width="100%", max_width="960px", padding="4px"),
+            layout=widgets.Layout(width="100%", max_width="880px", padding="4px"),
         )
         self.widget.add_class("nbllm-chat")
         self._render_history()
@@ -441,7 +451,9 @@ class ChatPanel:
 
 
 def _button(text: str, icon: str, style: str, css_class: str, on_click: Any) -> Any:
-    button = widgets.Button(description=text, icon=icon, button_style=style, layout=widgets.Layout(width="auto"))
+    button = widgets.Button(
+        description=text, icon=icon, button_style=style, layout=widgets.Layout(width="auto", flex="0 0 auto")
+    )
     button.add_class(css_class)
     button.on_click(on_click)
     return button
@@ -499,14 +511,8 @@ def _live_status(stream: Stream, now: float) -> str:
 
 
 def _final_status(stats: RequestStats) -> str:
-    parts = [stats.summary(), stats.model]
-    if stats.cached:
-        parts.append("from the prompt cache")
-    else:
-        parts.append(f"first token {stats.time_to_first_token:.2f}s")
-        if stats.reused_prompt_tokens:
-            parts.append(f"reused {stats.reused_prompt_tokens}/{stats.prompt_tokens} prompt tokens")
-    return " · ".join(parts)
+    cost = "from the prompt cache" if stats.cached else f"first token {stats.time_to_first_token:.2f}s"
+    return " · ".join([stats.summary(), cost, stats.model])
 
 
 def _strip_tags(markup: str) -> str:
