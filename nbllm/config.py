@@ -42,6 +42,10 @@ class Performance:
     use_mmap: bool = _spec(True, "memory-map the model file")
     use_mlock: bool = _spec(False, "lock the model in RAM (never swapped out)")
     flash_attention: bool | None = _spec(None, "flash attention; null = tuned value or off")
+    parallel: int | None = _spec(
+        None, "sequences decoded together by generate_many and the server; null = tuned value or 8", min=1, max=256
+    )
+    parallel_context_size: int = _spec(2048, "tokens of context (KV cache) per batched sequence", min=64, max=1 << 20)
 
 
 @dataclass(frozen=True)

@@ -16,18 +16,19 @@ import secrets
 import sys
 import threading
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nbllm import identity, machine, paths, tuner
 from nbllm.backends.base import Backend, LoadSettings, Usage
+from nbllm.batching import BatchScheduler, ManyResult, run_many
 from nbllm.cache import CACHE_FORMAT, PromptCache
 from nbllm.chat_format import FormattedPrompt, normalize_messages
 from nbllm.config import Settings, load_file, load_settings
-from nbllm.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError
-from nbllm.fit import GpuFit, fit_gpu_layers
+from nbllm.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError, ParameterError
+from nbllm.fit import GpuFit, fit_gpu_layers, kv_cache_bytes
 from nbllm.gguf_file import GGUFInfo, read_gguf
 from nbllm.gpu import GpuInfo, list_gpus
 from nbllm.metrics import RequestStats, StatsCollector
@@ -71,7 +72,7 @@ class Stream:
     or calling ``close()`` ends it too, and the model is free again.
     """
 
-    def __init__(self, engine: Engine, request: Request) -> None:
+    def __init__(self, engine: Engine, request: Request, *, batched: bool = False) -> None:
         self.request = request
         self.cancel = threading.Event()
         self.pieces: list[str] = []
@@ -80,7 +81,12 @@ class Stream:
         self.started: float | None = None
         self.load_seconds = 0.0
         self.thread_id = threading.get_ident()
-        self._steps = engine._run(request, self)
+        if batched:
+            from nbllm.batching import stream_batched
+
+            self._steps: Generator[str, None, None] = stream_batched(engine, request, self)  # type: ignore[assignment]
+        else:
+            self._steps = engine._run(request, self)
 
     def __iter__(self) -> Iterator[str]:
         return self
@@ -141,6 +147,7 @@ class Engine:
             gpu_memory=self._gpu_memory,
         )
         self.prompt_cache = self._make_prompt_cache(self._settings)
+        self.batches = BatchScheduler(self)
         self._tuned_cache: dict[str, dict[str, Any] | None] = {}
         self._auto_gpu_layers: dict[tuple[str, int, int], int] = {}
         self._gpus: list[GpuInfo] | None = None
@@ -332,15 +339,17 @@ class Engine:
             return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
         return Request(model=model, params=resolved, messages=tuple(normalize_messages(messages)), use_cache=cache)
 
-    def stream(self, request: Request) -> Stream:
+    def stream(self, request: Request, *, batched: bool = False) -> Stream:
+        """The one generation path. ``batched``: decode together with other requests for the
+        same model (a server's concurrent clients) instead of waiting for them."""
         self.registry.resolve(request.model)  # an unknown model fails here, not at first token
-        return Stream(self, request)
+        return Stream(self, request, batched=batched)
 
     def _run(self, request: Request, owner: Stream) -> Generator[str, None, None]:
         started = owner.started = time.perf_counter()
         owner.thread_id = threading.get_ident()
-        cache_key = self._cache_key(request)
-        if self._cache_wanted(request):
+        cache_key = self.cache_key(request)
+        if self.cache_wanted(request):
             answer = self.prompt_cache.get(cache_key)
             if answer is not None:
                 yield from self._replay(answer, cache_key, owner, started)
@@ -374,7 +383,7 @@ class Engine:
                 log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
             log.info("%s", stats.summary())
         # Only answers that ended normally are worth keeping (never cancelled or failed ones).
-        if self._cache_wanted(request) and usage.finish_reason in ("stop", "length"):
+        if self.cache_wanted(request) and usage.finish_reason in ("stop", "length"):
             self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(owner.pieces)})
 
     def _start(self, request: Request, owner: Stream, seed: int) -> tuple[ResidentModel, Iterator[str]]:
@@ -437,11 +446,11 @@ class Engine:
             log.info("Prompt cache hit")
             log.info("%s", stats.summary())
 
-    def _cache_wanted(self, request: Request) -> bool:
+    def cache_wanted(self, request: Request) -> bool:
         cache = self._settings.cache
         return request.use_cache and cache.enabled and cache.prompt_cache_size > 0 and self.prompt_cache.enabled
 
-    def _cache_key(self, request: Request) -> dict[str, Any]:
+    def cache_key(self, request: Request) -> dict[str, Any]:
         """Everything that decides an answer; a change in any of it is a different entry.
 
         Computed for every request, cached or not: it is also the answer's provenance (the
@@ -488,6 +497,67 @@ class Engine:
         result = self.stream(request)
         return result if stream else result.result()
 
+    def generate_many(
+        self,
+        prompts: Sequence[str],
+        model: str | None = None,
+        *,
+        per_item: Sequence[Mapping[str, Any]] | None = None,
+        cache: bool = True,
+        progress: bool = True,
+        on_result: Callable[[ManyResult], None] | None = None,
+        **params: Any,
+    ) -> list[ManyResult]:
+        """Answer many prompts at once (see ``nbllm.generate_many``)."""
+        requests = [
+            self.make_request(prompt=p, model=model, params={**params, **self._item(per_item, i)}, cache=cache)
+            for i, p in enumerate(self._sequence(prompts, "prompts"))
+        ]
+        return run_many(self, requests, on_result=on_result, progress=progress)
+
+    def chat_many(
+        self,
+        conversations: Sequence[Any],
+        model: str | None = None,
+        *,
+        per_item: Sequence[Mapping[str, Any]] | None = None,
+        cache: bool = True,
+        progress: bool = True,
+        on_result: Callable[[ManyResult], None] | None = None,
+        **params: Any,
+    ) -> list[ManyResult]:
+        """``generate_many`` for chats: each item a string or a list of messages."""
+        requests = [
+            self.make_request(messages=c, model=model, params={**params, **self._item(per_item, i)}, cache=cache)
+            for i, c in enumerate(self._sequence(conversations, "conversations"))
+        ]
+        return run_many(self, requests, on_result=on_result, progress=progress)
+
+    @staticmethod
+    def _sequence(items: Any, what: str) -> list[Any]:
+        if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+            raise ParameterError(f"{what} must be a list (or other sequence) of prompts, not {type(items).__name__}.")
+        return list(items)
+
+    @staticmethod
+    def _item(per_item: Sequence[Mapping[str, Any]] | None, index: int) -> Mapping[str, Any]:
+        if per_item is None:
+            return {}
+        if index >= len(per_item) or not isinstance(per_item[index], Mapping):
+            raise ParameterError(f"per_item must hold one dict of parameters per prompt; item {index} has none.")
+        return per_item[index]
+
+    def _batch_report(self, info: GGUFInfo) -> dict[str, int]:
+        """What batched generation on this model takes: sequences, context and KV memory each."""
+        parallel, seq_context = self.batches.parallel_for(None)
+        per_sequence = kv_cache_bytes(info, seq_context)
+        return {
+            "parallel": parallel,
+            "context_per_sequence": seq_context,
+            "kv_bytes_per_sequence": per_sequence,
+            "kv_bytes": per_sequence * parallel,
+        }
+
     def health(self) -> dict[str, Any]:
         residents = self.registry.resident()
         return {
@@ -504,6 +574,7 @@ class Engine:
                     "gpu_layers": r.settings.gpu_layers,
                     "memory_bytes": r.memory.total,
                     "busy": r.lock.locked(),
+                    "batch": self._batch_report(r.info),
                 }
                 for r in residents
             ],

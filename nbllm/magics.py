@@ -16,6 +16,7 @@ import json
 import re
 import shlex
 import sys
+import threading
 import time
 import uuid
 from argparse import Namespace
@@ -33,6 +34,7 @@ from traitlets import Bool, Enum, Float, Unicode
 from traitlets.config import Configurable
 
 import nbllm
+from nbllm.batching import BatchInterrupted
 from nbllm.config import describe_settings, parse_assignment
 from nbllm.engine import Stream
 from nbllm.errors import NbllmError, did_you_mean
@@ -431,6 +433,13 @@ class NbllmMagics(Magics, Configurable):
     @_argument("--raw", action="store_true", help="continue the text as a plain completion instead of chatting")
     @_argument("--no-cache", action="store_true", help="neither use nor fill the prompt cache")
     @_argument("--no-interpolate", action="store_true", help="send {braces} as written")
+    @_argument(
+        "--map",
+        metavar="NAME",
+        help="run the prompt once per element of the list / pandas Series / DataFrame NAME ({item}, {row.column}), "
+        "batched; answers go to --out (a list or Series; a DataFrame gets a new --column)",
+    )
+    @_argument("--column", metavar="COL", default="answer", help="with --map over a DataFrame: the new column (answer)")
     @_argument_group("Generation (defaults from the config's generation section)")
     @_argument("--temperature", "-t", type=float, help="sampling temperature; 0 = greedy")
     @_argument("--top-p", type=float, help="nucleus sampling threshold")
@@ -510,6 +519,9 @@ class NbllmMagics(Magics, Configurable):
             print(self.usage())
             return
         self._check_options(args)
+        if args.map:
+            self._map(args, cell)
+            return
         if self.interpolate and not args.no_interpolate:
             namespace = self.ipython.user_ns
             cell = interpolate(cell, namespace)
@@ -569,6 +581,38 @@ class NbllmMagics(Magics, Configurable):
             return stream
         stream = engine.chat(self._messages(args, prompt), model=model, stream=True, cache=cache, **params)
         return stream
+
+    def _map(self, args: Namespace, cell: str) -> None:
+        """``--map NAME``: the prompt once per element, answered together (generate_many)."""
+        from nbllm.mapping import answers_into, prompts_for
+
+        if args.chat:
+            raise UsageError("--map and --chat do not go together: each element is its own conversation.")
+        namespace = self.ipython.user_ns
+        if args.map not in namespace:
+            raise UsageError(f"--map {args.map}: no variable {args.map!r} in this notebook.")
+        data = namespace[args.map]
+        prompts = prompts_for(data, cell.strip(), namespace, interpolate_text=interpolate)
+        engine = nbllm.get_engine()
+        model = args.model or self.default_model
+        params = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}
+        chart = _AggregateChart(engine, model) if prompts else None
+        try:
+            if args.raw:
+                results = engine.generate_many(prompts, model, cache=not args.no_cache, **params)
+            else:
+                system = [{"role": "system", "content": args.system}] if args.system else []
+                chats = [[*system, {"role": "user", "content": p}] for p in prompts]
+                results = engine.chat_many(chats, model, cache=not args.no_cache, **params)
+            stopped = False
+        except BatchInterrupted as interrupted:
+            results, stopped = interrupted.results, True
+        finally:
+            if chart is not None:
+                chart.close()
+        target = args.out or (args.map if _is_dataframe(data) else "answers")
+        namespace[target] = answers_into(data, results, args.column)
+        _display(_map_summary(results, target, stopped), raw=True)
 
     def _messages(self, args: Namespace, prompt: str) -> list[dict[str, str]]:
         system = args.system
@@ -743,6 +787,59 @@ class NbllmMagics(Magics, Configurable):
             ) from None
         self.chat_panel = panel
         _display(panel)
+
+
+def _is_dataframe(data: Any) -> bool:
+    return hasattr(data, "iterrows") and hasattr(data, "columns")
+
+
+class _AggregateChart:
+    """Aggregate tokens/s of a --map run, drawn live (polled: the batch loop stays untouched)."""
+
+    def __init__(self, engine: Any, model: str | None) -> None:
+        from nbllm.plots import live_throughput_figure
+
+        self._engine, self._model = engine, model
+        self.figure, self._update = live_throughput_figure("tokens/s, all prompts together")
+        self._done = threading.Event()
+        _display(self.figure)
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        started = time.perf_counter()
+        last_tokens, last_time = 0, started
+        while not self._done.wait(0.25):
+            progress = self._engine.batches.progress(self._model)
+            if progress is None:
+                continue
+            now = time.perf_counter()
+            rate = (progress.tokens - last_tokens) / (now - last_time) if progress.tokens >= last_tokens else 0.0
+            last_tokens, last_time = progress.tokens, now
+            self._update(now - started, rate)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=2)
+
+
+def _map_summary(results: Sequence[Any], target: str, stopped: bool) -> dict[str, str]:
+    ok = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    cached = sum(1 for r in ok if r.stats and r.stats.cached)
+    tokens = sum(r.stats.completion_tokens for r in ok if r.stats)
+    seconds = max((r.stats.total_seconds for r in ok if r.stats), default=0.0)
+    lines = [
+        f"{'[stopped] ' if stopped else ''}Answered {len(ok)} of {len(results)} prompts into {target!r}: "
+        f"{tokens} tokens in {seconds:.2f}s ({tokens / seconds if seconds else 0:.1f} t/s together)"
+        + (f", {cached} from the prompt cache" if cached else "")
+    ]
+    for result in failed[:5]:
+        lines.append(f"  #{result.index}: {result.error}")
+    if len(failed) > 5:
+        lines.append(f"  ... and {len(failed) - 5} more failed")
+    text = "\n".join(lines)
+    return {"text/plain": text, "text/html": f"<pre style='color:#6b7280'>{html.escape(text)}</pre>"}
 
 
 def _show_figure(figure: Any) -> None:

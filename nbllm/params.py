@@ -23,7 +23,7 @@ _CONFIG_FIELD = {
     "frequency_penalty": "frequency_penalty",
     "seed": "seed",
 }
-PARAM_NAMES = (*_CONFIG_FIELD, "stop")
+PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos")
 MAX_STOPS = 16
 
 
@@ -39,6 +39,9 @@ class GenerationParams:
     frequency_penalty: float
     seed: int | None
     stop: tuple[str, ...] = ()
+    # Keep generating past end-of-sequence tokens, up to max_tokens: for throughput benchmarks
+    # (llama.cpp's own tools decode fixed token counts), not for answers.
+    ignore_eos: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -76,4 +79,7 @@ def resolve_params(defaults: Generation, overrides: Mapping[str, Any]) -> Genera
             f"Unknown generation parameter {name!r}.{did_you_mean(name, PARAM_NAMES)} "
             f"Known parameters: {', '.join(PARAM_NAMES)}."
         )
-    return GenerationParams(stop=_check_stop(overrides.get("stop")), **values)
+    ignore_eos = overrides.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ParameterError(f"ignore_eos = {ignore_eos!r}: must be true or false.")
+    return GenerationParams(stop=_check_stop(overrides.get("stop")), ignore_eos=ignore_eos, **values)

@@ -38,6 +38,7 @@ __all__ = [
     "bench_figure",
     "compare_figure",
     "live_bench_chart",
+    "live_throughput_figure",
     "threads_figure",
     "tuning_figure",
 ]
@@ -436,6 +437,27 @@ def live_bench_chart(title: str = "Benchmark runs (live)") -> tuple[Any, Callabl
             trace.y = (*trace.y, tokens_per_second)
 
     return figure, on_run
+
+
+def live_throughput_figure(title: str) -> tuple[Any, Callable[[float, float], None]]:
+    """A FigureWidget line of tokens/s over time and ``update(seconds, tokens_per_second)``:
+    the aggregate speed of a batch (``%%llm --map``)."""
+    figure = go.FigureWidget(
+        layout={
+            "title": title, "template": "plotly_white", "height": 260, "xaxis_title": "seconds",
+            "yaxis": {"title": "tokens/s", "rangemode": "tozero"}, "margin": {"t": 40, "b": 40},
+        }
+    )  # fmt: skip
+    figure.add_scatter(x=[], y=[], mode="lines", line={"color": CURRENT_COLOR, "width": 2.5}, fill="tozeroy")
+    lock = threading.Lock()
+
+    def update(seconds: float, tokens_per_second: float) -> None:
+        with lock, figure.batch_update():
+            trace = figure.data[0]
+            trace.x = (*trace.x, seconds)
+            trace.y = (*trace.y, tokens_per_second)
+
+    return figure, update
 
 
 def tuning_figure(result: Any) -> Any:

@@ -41,3 +41,38 @@ class StopMatcher:
         """What was held back, once the stream has ended without reaching a stop."""
         pending, self._pending = self._pending, ""
         return pending
+
+
+class TextAssembler:
+    """Token bytes -> the text to show, one token at a time.
+
+    UTF-8 characters split across tokens are joined, stop sequences end the text without ever
+    showing part of them, and with ``trim`` (chat answers) blank space at the very start and
+    end is dropped: trailing whitespace is held back until something follows it.
+    """
+
+    def __init__(self, stops: Iterable[str], trim: bool) -> None:
+        import codecs
+
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._matcher = StopMatcher(stops)
+        self._trim = trim
+        self._held = ""
+        self._emitted = False
+
+    def feed(self, piece: bytes) -> tuple[str, bool]:
+        """(text to show now, whether a stop sequence was reached)."""
+        text = self._decoder.decode(piece)
+        if text and self._trim:
+            text = self._held + text if self._emitted else text.lstrip()
+            stripped = text.rstrip()
+            self._held, text = text[len(stripped) :], stripped
+            self._emitted = self._emitted or bool(text)
+        if not text:
+            return "", False
+        return self._matcher.feed(text)
+
+    def finish(self) -> str:
+        """The rest, once the stream ended without a stop sequence."""
+        tail = self._matcher.flush() + self._decoder.decode(b"", final=True)
+        return tail.rstrip() if self._trim else tail

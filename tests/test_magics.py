@@ -725,3 +725,67 @@ def test_models_subcommands_reach_the_model_manager(ip: InteractiveShell) -> Non
     assert recommendation.advice
     info = ip.run_line_magic("llm", "models info tiny-a")
     assert "llama" in str(info)
+
+
+# ----------------------------------------------------------------- %%llm --map
+
+
+def test_map_over_a_list_answers_every_item_in_order(ip: InteractiveShell, global_engine: Engine) -> None:
+    ip.user_ns["topics"] = ["docker", "python", "notebook"]
+    with capture_output() as captured:
+        run(ip, "%%llm --map topics --raw -n 6 --seed 1 --out explained\nthe {item} model")
+    answers = ip.user_ns["explained"]
+    assert isinstance(answers, list)
+    assert len(answers) == 3
+    one_by_one = [
+        global_engine.generate(f"the {t} model", max_tokens=6, seed=1).text for t in ["docker", "python", "notebook"]
+    ]
+    assert answers == one_by_one
+    summary = captured.outputs[-1].data["text/plain"]
+    assert summary.startswith("Answered 3 of 3 prompts into 'explained'")
+    assert any("application/vnd.jupyter.widget-view+json" in o.data for o in captured.outputs), "the live chart"
+
+
+def test_map_over_a_dataframe_adds_a_column_from_row_fields(ip: InteractiveShell, global_engine: Engine) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame({"name": ["ada", "alan"], "field": ["maths", "computing"]}, index=[10, 20])
+    ip.user_ns["people"] = frame
+    with capture_output():
+        run(ip, "%%llm --map people --raw -n 5 --seed 2 --column summary\n{row.name} worked on {row.field}")
+    result = ip.user_ns["people"]
+    assert list(result.columns) == ["name", "field", "summary"]
+    assert list(result.index) == [10, 20]
+    assert result.loc[20, "summary"] == global_engine.generate("alan worked on computing", max_tokens=5, seed=2).text
+    assert "summary" not in frame.columns, "the original DataFrame is left as it was"
+
+
+def test_map_over_a_series_keeps_its_index(ip: InteractiveShell) -> None:
+    import pandas as pd
+
+    ip.user_ns["words"] = pd.Series(["cache", "token"], index=["a", "b"])
+    with capture_output():
+        run(ip, "%%llm --map words -n 4 --seed 3 --out said\nSay {item}.")
+    said = ip.user_ns["said"]
+    assert list(said.index) == ["a", "b"]
+    assert all(isinstance(text, str) for text in said)
+
+
+def test_map_reports_items_that_failed_and_keeps_the_others(ip: InteractiveShell, global_engine: Engine) -> None:
+    global_engine.configure(performance={"parallel_context_size": 64})
+    ip.user_ns["texts"] = ["short", " ".join(["model"] * 200), "also short"]
+    with capture_output() as captured:
+        run(ip, "%%llm --map texts --raw -n 4 --seed 1\n{item}")
+    assert ip.user_ns["answers"][1] is None
+    assert all(isinstance(a, str) for a in (ip.user_ns["answers"][0], ip.user_ns["answers"][2]))
+    summary = captured.outputs[-1].data["text/plain"]
+    assert "Answered 2 of 3 prompts" in summary
+    assert "#1: The prompt is" in summary
+
+
+def test_map_mistakes_are_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
+    assert "no variable 'missing'" in usage_error_of(ip, "%%llm --map missing\n{item}", capsys)
+    ip.user_ns["text"] = "not a list"
+    assert "needs a list" in usage_error_of(ip, "%%llm --map text\n{item}", capsys)
+    ip.user_ns["items"] = [1]
+    assert "do not go together" in usage_error_of(ip, "%%llm --map items --chat\n{item}", capsys)

@@ -52,3 +52,19 @@ def test_any_split_of_the_text_gives_the_same_result(seed: int) -> None:
     pieces = [text[i:j] for i, j in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     expected = ("alpha beta", True) if seed % 2 else (text, False)
     assert run(pieces, ["\nQuestion:"]) == expected
+
+
+def test_text_held_back_as_a_possible_stop_is_shown_when_the_stream_ends() -> None:
+    from nbllm.stop import TextAssembler
+
+    text = TextAssembler(["\nQuestion:"], trim=False)
+    assert text.feed(b"Paris.\nQue") == ("Paris.", False)
+    assert text.finish() == "\nQue"
+
+
+def test_chat_text_is_trimmed_at_both_ends_and_utf8_is_joined_across_tokens() -> None:
+    from nbllm.stop import TextAssembler
+
+    text = TextAssembler([], trim=True)
+    shown = [text.feed(piece)[0] for piece in (b"  ", b"caf", b"\xc3", b"\xa9", b" ", b"ok", b"\n\n")]
+    assert "".join(shown) + text.finish() == "café ok"

@@ -8,7 +8,6 @@ holds back only what might be the start of a stop sequence.
 
 from __future__ import annotations
 
-import codecs
 import collections
 import contextlib
 import ctypes
@@ -24,15 +23,17 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
 from nbllm import build_flags
 from nbllm.backends.base import LoadSettings, Usage
+from nbllm.backends.llama_cpp_batch import BatchDecoder, BatchItem, BatchProgress
 from nbllm.chat_format import FormattedPrompt
 from nbllm.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
 from nbllm.params import GenerationParams
 from nbllm.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
-from nbllm.stop import StopMatcher
+from nbllm.stop import TextAssembler
 
 log = logging.getLogger("nbllm")
 llama_log = logging.getLogger("nbllm.llama_cpp")
@@ -122,6 +123,8 @@ class LlamaCppModel:
             ) from error
         self._llm.verbose = False
         llm = self._llm
+        # Llama.generate builds its sampler through this method: ours puts top-k first.
+        llm._init_sampler = lambda **options: sampler_chain(llm._n_vocab, llm.last_n_tokens_size, llm._seed, **options)
         self._vocab = llm._model.vocab
         self._add_bos = bool(llm._model.add_bos_token())
         self._pieces: dict[int, bytes] = {}
@@ -129,6 +132,7 @@ class LlamaCppModel:
         self._template = self._make_template(llm)
         self._prefixes = PrefixCache(settings.prefix_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nbllm-{path.stem}")
+        self._batcher: BatchDecoder | None = None
 
     @property
     def context_size(self) -> int:
@@ -273,10 +277,8 @@ class LlamaCppModel:
     ) -> Iterator[str]:
         llm = self._llm
         vocab, is_eog, piece_of = self._vocab, llama_cpp.llama_vocab_is_eog, self._piece
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher((*params.stop, *prompt.stop))
-        trim, held, emitted_any = prompt.trim_whitespace, "", False
-        finish, produced = "length", 0
+        text = TextAssembler((*params.stop, *prompt.stop), prompt.trim_whitespace)
+        finish, produced, at_stop_sequence = "length", 0, False
         steps = llm.generate(
             tokens,
             top_k=params.top_k,
@@ -291,34 +293,24 @@ class LlamaCppModel:
             for token in steps:
                 if produced == 0:
                     usage.first_token_at = time.perf_counter()
-                if is_eog(vocab, token):
+                if is_eog(vocab, token) and not params.ignore_eos:
                     finish = "stop"
                     break
                 produced += 1
                 usage.completion_tokens = produced  # live, for progress displays
-                text = decoder.decode(piece_of(token))
-                if text and trim:
-                    # A chat answer neither starts nor ends with blank space: hold trailing
-                    # whitespace back until something follows it.
-                    text = held + text if emitted_any else text.lstrip()
-                    stripped = text.rstrip()
-                    held, text = text[len(stripped) :], stripped
-                    emitted_any = emitted_any or bool(text)
-                if text:
-                    shown, stopped = matcher.feed(text)
-                    if shown:
-                        yield shown
-                    if stopped:
-                        finish = "stop"
-                        break
+                shown, stopped = text.feed(piece_of(token))
+                if shown:
+                    yield shown
+                if stopped:
+                    finish, at_stop_sequence = "stop", True
+                    break
                 if produced >= max_tokens:
                     break
                 if cancel.is_set():
                     finish = "cancelled"
                     break
-            if finish != "stop":
-                tail = matcher.flush() + decoder.decode(b"", final=True)
-                tail = tail.rstrip() if trim else tail
+            if not at_stop_sequence:  # held-back text (a possible stop-sequence start) is real text
+                tail = text.finish()
                 if tail:
                     yield tail
         except (GeneratorExit, KeyboardInterrupt):
@@ -427,6 +419,62 @@ class LlamaCppModel:
         llm._requires_eval = True  # logits are stale until one token is evaluated
         self._prefixes.restored += 1
 
+    # ------------------------------------------------------------ many prompts at once
+
+    def run_batch(
+        self,
+        feed: queue.SimpleQueue[BatchItem | None],
+        stop: threading.Event,
+        progress: BatchProgress,
+        idle: Callable[[], bool],
+        *,
+        parallel: int,
+        seq_context: int,
+    ) -> None:
+        """Run the continuous-batching loop (llama_cpp_batch.py) on this model's thread until
+        ``idle()``; the extra context is built once per (parallel, seq_context) and kept."""
+
+        def loop() -> None:
+            decoder = self._batch_decoder(parallel, seq_context)
+            decoder.run(feed, stop, progress, idle)
+
+        _wait(self._worker.submit(loop))
+
+    def _batch_decoder(self, parallel: int, seq_context: int) -> BatchDecoder:
+        current = self._batcher
+        if current is not None and (current.parallel, current.seq_context) == (parallel, seq_context):
+            return current
+        if current is not None:
+            current.close()
+        self._batcher = BatchDecoder(
+            self._llm,
+            parallel=parallel,
+            seq_context=seq_context,
+            batch_size=self.settings.batch_size,
+            threads=self.settings.threads,
+            piece_of=self._piece,
+            tokenize=self._tokenize,
+            make_sampler=self._make_sampler,
+            format_chat=lambda messages: self.format_chat(messages),
+        )
+        return self._batcher
+
+    def _make_sampler(self, params: GenerationParams, seed: int) -> Any:
+        # The very chain single streams use (see sampler_chain), so a batched answer is
+        # sampled exactly as a one-at-a-time answer with the same seed would be.
+        return sampler_chain(
+            self._llm._n_vocab,
+            self._llm.last_n_tokens_size,
+            seed,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+            frequency_penalty=params.frequency_penalty,
+            presence_penalty=params.presence_penalty,
+        )
+
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()
 
@@ -435,8 +483,57 @@ class LlamaCppModel:
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)
+        if self._batcher is not None:
+            self._batcher.close()
         self._prefixes.clear()
         self._llm.close()
+
+
+def sampler_chain(
+    n_vocab: int,
+    last_n: int,
+    seed: int,
+    *,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    temp: float,
+    repeat_penalty: float,
+    frequency_penalty: float,
+    presence_penalty: float,
+    typical_p: float = 1.0,
+    **_unused: Any,
+) -> Any:
+    """llama-cpp-python's sampler chain with top-k moved before the repetition penalties.
+
+    Its chain applies the penalties first, to the whole vocabulary: 2.7 ms per token on Gemma's
+    262,144 tokens against 0.8 ms with top-k first (measured), i.e. 8 % of a 270M model's
+    generation time, and more in a batch. Penalties only lower logits, so the only difference is
+    at the edge: a penalized token among the k most likely stays a candidate with its lowered
+    logit instead of possibly giving its place to the (k+1)-th. Mirostat and grammars, which
+    nbllm does not offer, are not built.
+    """
+    chain = internals.LlamaSampler()
+    if top_k > 0:
+        chain.add_top_k(top_k)
+    chain.add_penalties(
+        n_vocab=n_vocab,
+        penalty_last_n=last_n,
+        penalty_repeat=repeat_penalty,
+        penalty_freq=frequency_penalty,
+        penalty_present=presence_penalty,
+    )
+    if temp < 0:
+        chain.add_dist(seed)
+    elif temp == 0:
+        chain.add_greedy()
+    else:
+        chain.add_typical(typical_p, 1)
+        chain.add_top_p(top_p, 1)
+        chain.add_min_p(min_p, 1)
+        chain.add_temp(temp)
+        chain.add_dist(seed)
+    return chain
 
 
 _DONE = object()

@@ -1,0 +1,299 @@
+"""Many prompts at once on one model: llama.cpp's multi-sequence decoding, continuous batching.
+
+On a CPU, producing one token costs reading the whole model from memory, however many
+sequences ask for it: one ``llama_batch`` carrying a token of each of several sequences costs
+little more than one carrying a single token. This module runs that loop:
+
+- up to ``parallel`` sequences share one extra llama.cpp context built on the loaded model's
+  weights (no second copy of the model), each with ``seq_context`` tokens of KV cache;
+- each sequence has its own sampler chain — the very chain llama-cpp-python builds for a single
+  stream, seeded with the item's seed — and its own stop sequences;
+- every step decodes one token of each generating sequence together with chunks of the prompts
+  of sequences that are still reading theirs (continuous batching: when a sequence finishes,
+  the next prompt takes its place at once);
+- items arrive through a queue while the loop runs (a server's concurrent requests join it),
+  and each has its own cancel flag (a client that hung up) besides the loop's own stop.
+
+It is the second (and last) module allowed to import ``llama_cpp``: both live under
+``nbllm/backends/``, which is the boundary the design draws around llama.cpp.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import llama_cpp
+from llama_cpp import _internals as internals
+
+from nbllm.backends.base import Usage
+from nbllm.chat_format import FormattedPrompt
+from nbllm.errors import ContextLengthError, GenerationError, NbllmError
+from nbllm.params import GenerationParams
+from nbllm.stop import TextAssembler
+
+
+@dataclass(eq=False)
+class BatchItem:
+    """One prompt for the batch loop, with where its results go."""
+
+    key: Any  # the caller's name for it (an index, a ticket)
+    prompt: FormattedPrompt | list[dict[str, str]]  # text, or chat messages the model formats
+    params: GenerationParams
+    seed: int
+    sink: Callable[[BatchEvent], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """``piece`` (text to show), ``done`` (finished: usage says why) or ``error``."""
+
+    item: BatchItem
+    kind: str
+    text: str = ""
+    error: NbllmError | None = None
+
+
+@dataclass
+class BatchProgress:
+    """Live totals for progress bars and throughput charts (written by the loop only)."""
+
+    tokens: int = 0
+    finished: int = 0
+    active: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    item: BatchItem
+    sampler: Any
+    text: TextAssembler
+    pending: list[int]  # prompt tokens not evaluated yet
+    max_tokens: int
+    n_past: int = 0
+    last_token: int = -1
+    produced: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def generating(self) -> bool:
+        return not self.pending
+
+
+class BatchDecoder:
+    """An extra llama.cpp context on a loaded model, for ``parallel`` sequences at once."""
+
+    def __init__(
+        self,
+        llm: Any,
+        *,
+        parallel: int,
+        seq_context: int,
+        batch_size: int,
+        threads: int,
+        piece_of: Callable[[int], bytes],
+        tokenize: Callable[[FormattedPrompt], list[int]],
+        make_sampler: Callable[[GenerationParams, int], Any],
+        format_chat: Callable[[list[dict[str, str]]], FormattedPrompt],
+    ) -> None:
+        self.parallel = parallel
+        self.seq_context = seq_context
+        self.batch_size = batch_size
+        self._llm = llm
+        self._piece_of = piece_of
+        self._tokenize = tokenize
+        self._make_sampler = make_sampler
+        self._format = format_chat
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = parallel * seq_context  # split evenly: each sequence gets seq_context
+        params.n_batch = batch_size
+        params.n_ubatch = batch_size
+        params.n_seq_max = parallel
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.flash_attn_type = llm.context_params.flash_attn_type
+        params.no_perf = True
+        self._ctx = internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self._batch = internals.LlamaBatch(n_tokens=batch_size, embd=0, n_seq_max=1, verbose=False)
+        self._vocab = llm._model.vocab
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+
+    def close(self) -> None:
+        self._batch.close()
+        self._ctx.close()
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(
+        self,
+        feed: queue.SimpleQueue[BatchItem | None],
+        stop: threading.Event,
+        progress: BatchProgress,
+        idle: Callable[[], bool],
+    ) -> None:
+        """Decode until ``idle()`` says no more work will come (it is asked only when nothing is
+        queued or running) or ``stop`` is set. ``None`` in the feed wakes the loop up."""
+        waiting: deque[BatchItem] = deque()
+        slots: list[_Slot | None] = [None] * self.parallel
+        try:
+            while not stop.is_set():
+                self._take_new(feed, waiting, block=not waiting and not any(slots), idle=idle)
+                if not waiting and not any(slots):
+                    if idle():
+                        return
+                    continue
+                self._admit(waiting, slots)
+                progress.active = sum(1 for s in slots if s is not None)
+                if not any(slots):
+                    continue
+                self._step(slots, progress)
+        finally:
+            for slot in slots:
+                if slot is not None:
+                    self._finish(slot, "cancelled", progress)
+            for item in waiting:
+                item.usage.finish_reason = "cancelled"
+                item.sink(BatchEvent(item, "done"))
+            self._ctx.kv_cache_clear()
+
+    def _take_new(
+        self,
+        feed: queue.SimpleQueue[BatchItem | None],
+        waiting: deque[BatchItem],
+        *,
+        block: bool,
+        idle: Callable[[], bool],
+    ) -> None:
+        while True:
+            try:
+                item = feed.get(timeout=0.05) if block else feed.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if item is not None:
+                waiting.append(item)
+
+    def _admit(self, waiting: deque[BatchItem], slots: list[_Slot | None]) -> None:
+        for seq_id, slot in enumerate(slots):
+            while slot is None and waiting:
+                item = waiting.popleft()
+                if item.cancel.is_set():
+                    item.usage.finish_reason = "cancelled"
+                    item.sink(BatchEvent(item, "done"))
+                    continue
+                try:
+                    slot = self._start(seq_id, item)
+                except NbllmError as error:
+                    item.usage.finish_reason = "error"
+                    item.sink(BatchEvent(item, "error", error=error))
+                    continue
+                slots[seq_id] = slot
+
+    def _start(self, seq_id: int, item: BatchItem) -> _Slot:
+        # A chat is formatted here, by the model (its template or the transcript): stop
+        # sequences and trimming come with it.
+        formatted = item.prompt if isinstance(item.prompt, FormattedPrompt) else self._format(item.prompt)
+        stops, trim = formatted.stop, formatted.trim_whitespace
+        tokens = self._tokenize(formatted)
+        if not tokens:
+            raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
+        if len(tokens) >= self.seq_context:
+            raise ContextLengthError(
+                f"The prompt is {len(tokens):,} tokens but a batched sequence holds {self.seq_context:,}. Shorten "
+                "it, or raise performance.parallel_context_size."
+            )
+        item.usage.prompt_tokens = len(tokens)
+        return _Slot(
+            seq_id=seq_id,
+            item=item,
+            sampler=self._make_sampler(item.params, item.seed),
+            text=TextAssembler((*item.params.stop, *stops), trim),
+            pending=tokens,
+            max_tokens=min(item.params.max_tokens, self.seq_context - len(tokens)),
+        )
+
+    def _step(self, slots: list[_Slot | None], progress: BatchProgress) -> None:
+        batch = self._batch.batch
+        n = 0
+        sample_at: list[tuple[_Slot, int]] = []
+        # First the generating sequences: one token each (their latency matters most) ...
+        for slot in slots:
+            if slot is not None and slot.generating:
+                n = self._add(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
+                slot.n_past += 1
+                sample_at.append((slot, n - 1))
+        # ... then prompt chunks with the room left.
+        for slot in slots:
+            room = self.batch_size - n
+            if room <= 0:
+                break
+            if slot is None or slot.generating:
+                continue
+            chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+            for index, token in enumerate(chunk):
+                last = not slot.pending and index == len(chunk) - 1
+                n = self._add(batch, n, token, slot.n_past + index, slot.seq_id, last)
+            slot.n_past += len(chunk)
+            if not slot.pending:
+                sample_at.append((slot, n - 1))
+        batch.n_tokens = n
+        result = llama_cpp.llama_decode(self._ctx.ctx, batch)
+        if result != 0:
+            raise GenerationError(f"llama.cpp could not decode a batch of {n} tokens (llama_decode returned {result}).")
+        for slot, index in sample_at:
+            self._sample(slot, index, slots, progress)
+
+    @staticmethod
+    def _add(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        batch.token[n] = token
+        batch.pos[n] = pos
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = seq_id
+        batch.logits[n] = logits
+        return n + 1
+
+    def _sample(self, slot: _Slot, index: int, slots: list[_Slot | None], progress: BatchProgress) -> None:
+        item = slot.item
+        token = slot.sampler.sample(self._ctx, index)
+        if slot.produced == 0:
+            item.usage.first_token_at = time.perf_counter()
+        if self._is_eog(self._vocab, token) and not item.params.ignore_eos:
+            slots[slot.seq_id] = None
+            self._finish(slot, "stop", progress)
+            return
+        slot.produced += 1
+        progress.tokens += 1
+        item.usage.completion_tokens = slot.produced
+        shown, stopped = slot.text.feed(self._piece_of(token))
+        if shown:
+            item.sink(BatchEvent(item, "piece", shown))
+        reason = "stop" if stopped else "length" if slot.produced >= slot.max_tokens else None
+        if reason is None and item.cancel.is_set():
+            reason = "cancelled"
+        if reason is not None:
+            slots[slot.seq_id] = None
+            self._finish(slot, reason, progress, at_stop_sequence=stopped)
+            return
+        slot.last_token = token
+
+    def _finish(self, slot: _Slot, reason: str, progress: BatchProgress, *, at_stop_sequence: bool = False) -> None:
+        item = slot.item
+        if not at_stop_sequence:  # text held back (a possible stop-sequence start) is real text after all
+            tail = slot.text.finish()
+            if tail:
+                item.sink(BatchEvent(item, "piece", tail))
+        item.usage.finish_reason = reason
+        item.usage.completion_tokens = slot.produced
+        self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        slot.sampler.close()
+        progress.finished += 1
+        item.sink(BatchEvent(item, "done"))
