@@ -184,7 +184,8 @@ class BatchScheduler:
         with self._lock:
             session = self._sessions.get(spec.key)
             if session is None or not session.submit(item):
-                self._check_memory(spec, parallel, seq_context)
+                if spec.remote is None:  # a remote server holds its own KV cache
+                    self._check_memory(spec, parallel, seq_context)
                 session = BatchSession(self._engine, model, parallel, seq_context)
                 self._sessions[spec.key] = session
                 session.submit(item)

@@ -149,6 +149,17 @@ def bench(
     try:
         for name, n_threads, n_batch, n_ctx, n_gpu in grid:
             spec = engine.registry.resolve(name)
+            if spec.remote is not None:
+                # A remote model is measured through its API, with the server's own settings.
+                resident = engine.registry.load(name)
+                for kind, n in tests:
+                    record = _record(kind, n, _remote_record(engine, spec), resident.settings, machine_info, build)
+                    record["build"] = {"backend": "remote", "url": spec.remote.url}
+                    _finish(record, _run(resident.model, kind, n, repetitions, bar, record, on_run), None, machine_info)
+                    records.append(record)
+                    if on_result is not None:
+                        on_result(record)
+                continue
             info = read_gguf(spec.path)
             settings = _settings(engine, spec, info, n_threads, n_batch, n_ctx, n_gpu, tests)
             model_info = _model_record(spec, info)
@@ -202,6 +213,19 @@ def _model_record(spec: Any, info: Any) -> dict[str, Any]:
     }
 
 
+def _remote_record(engine: Any, spec: Any) -> dict[str, Any]:
+    key = engine.cache_key(engine.make_request(prompt="x", model=spec.name))["model_sha256"]
+    return {
+        "name": spec.name,
+        "path": spec.remote.url,
+        "sha256": key,
+        "size_bytes": None,
+        "quantization": "remote",
+        "architecture": "remote",
+        "parameters": None,
+    }
+
+
 def _record(
     kind: str, n: int, model: dict[str, Any], settings: Any, machine_info: dict[str, Any], build: dict[str, Any]
 ) -> dict[str, Any]:
@@ -248,12 +272,13 @@ def _run(
 
 
 def _finish(record: dict[str, Any], samples: list[float], info: Any, machine_info: dict[str, Any]) -> None:
+    """Mean, spread, rating; for a local generation test, the share of the bandwidth limit."""
     mean = statistics.fmean(samples)
     record["samples"] = samples
     record["tokens_per_second"] = mean
     record["std"] = statistics.stdev(samples) if len(samples) > 1 else 0.0
     record["rating"] = rating(mean)
-    if record["kind"] == "tg":
+    if record["kind"] == "tg" and info is not None:
         # Every weight is read per generated token, except the input embedding (one row is
         # looked up) — unless the output layer is tied to it, as in Gemma: then it is read too.
         tied = info.tensor("output.weight") is None

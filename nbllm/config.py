@@ -86,6 +86,18 @@ class Server:
 
 
 @dataclass(frozen=True)
+class RemoteModel:
+    """A model served elsewhere over an OpenAI-compatible API (llama-server, vLLM, Ollama, nbllm serve)."""
+
+    url: str = _spec("", "base URL of the API, e.g. http://gpu-box:8080/v1")
+    model: str | None = _spec(None, "the model's name on that server; null = the entry's own name")
+    api_key: str | None = _spec(None, "sent as 'Authorization: Bearer KEY'; null = none")
+    context_size: int = _spec(4096, "the remote model's context, for nbllm's checks", min=16, max=1 << 24)
+    timeout: float = _spec(600.0, "seconds to wait for the server", min=1.0, max=86400.0)
+    llama_extras: bool = _spec(True, "also send top_k, min_p, repeat_penalty (llama.cpp and vLLM accept them)")
+
+
+@dataclass(frozen=True)
 class Logging:
     llama_cpp: str = _spec(
         "ERROR",
@@ -98,6 +110,9 @@ class Logging:
 class Settings:
     default_model: str = _spec(DEFAULT_MODEL, "model used when none is named")
     models: dict[str, str] = field(default_factory=dict, metadata={"help": "extra model names: name -> .gguf path"})
+    remote_models: dict[str, RemoteModel] = field(
+        default_factory=dict, metadata={"help": "models on OpenAI-compatible servers: name -> url, model, api_key"}
+    )
     performance: Performance = field(default_factory=Performance)
     generation: Generation = field(default_factory=Generation)
     cache: Cache = field(default_factory=Cache)
@@ -128,7 +143,7 @@ SECTIONS: dict[str, type] = {
     "server": Server,
     "logging": Logging,
 }
-TOP_LEVEL_KEYS = ("default_model", "models", *SECTIONS)
+TOP_LEVEL_KEYS = ("default_model", "models", "remote_models", *SECTIONS)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -266,6 +281,30 @@ def _validate_models(data: Any, source: str) -> dict[str, str]:
     return models
 
 
+def _validate_remote_models(data: Any, source: str) -> dict[str, RemoteModel]:
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"remote_models in {source} must map names to settings, e.g. 'big: {{url: http://gpu-box:8080/v1}}'."
+        )
+    remotes: dict[str, RemoteModel] = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigError(f"remote_models in {source}: model name {name!r} must be a non-empty string.")
+        if isinstance(value, RemoteModel):
+            remotes[name] = value
+            continue
+        remote = _validate_section(f"remote_models.{name}", RemoteModel, value, source)
+        if not remote.url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"remote_models.{name}.url = {remote.url!r} in {source}: must be an http(s) URL such as "
+                "http://localhost:8080/v1."
+            )
+        remotes[name] = remote
+    return remotes
+
+
 def validate(data: Any, source: str = "overrides") -> Settings:
     """Turn parsed YAML (or a dict of overrides) into ``Settings``; ``ConfigError`` if invalid."""
     if data is None:
@@ -287,6 +326,7 @@ def validate(data: Any, source: str = "overrides") -> Settings:
     return Settings(
         default_model=default_model,
         models=_validate_models(data.get("models"), source),
+        remote_models=_validate_remote_models(data.get("remote_models"), source),
         source=source,
         **sections,
     )
@@ -352,6 +392,9 @@ def describe_settings(settings: Settings) -> list[tuple[str, Any, str]]:
             rows.append((f"{name}.{f.name}", getattr(section, f.name), f.metadata.get("help", "")))
     for model, path in settings.models.items():
         rows.append((f"models.{model}", path, "model file"))
+    for model, remote in settings.remote_models.items():
+        key = "set (hidden)" if remote.api_key else "none"
+        rows.append((f"remote_models.{model}", f"{remote.url} model={remote.model or model} api_key={key}", "remote"))
     return rows
 
 

@@ -147,6 +147,10 @@ def diagnose(engine: Any, model: str | None = None) -> DoctorReport:
 def _check_model(engine: Any, model: str | None, report: DoctorReport) -> None:
     try:
         spec = engine.registry.resolve(model)
+        if spec.remote is not None:
+            report.model = f"{spec.name} (remote, {spec.remote.url})"
+            report.findings.append(Finding("ok", f"{spec.name} runs on {spec.remote.url}: nothing to check here"))
+            return
         info = read_gguf(spec.path)
     except NbllmError as error:
         report.findings.append(Finding("problem", f"model: {error}"))

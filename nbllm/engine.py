@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import inspect
 import itertools
 import logging
@@ -457,16 +458,23 @@ class Engine:
         model file's SHA-256 is hashed once per file and remembered).
         """
         spec = self.registry.resolve(request.model)
-        info = read_gguf(spec.path)
-        try:
-            model_sha256 = identity.file_sha256(spec.path)
-        except OSError as error:
-            raise ModelNotFoundError(f"Cannot read model file {spec.path}: {error.strerror or error}.") from error
+        if spec.remote is not None:
+            # No file to hash: the server and the model's name there are its identity.
+            identity_text = f"remote|{spec.remote.url}|{spec.remote.model or spec.name}"
+            model_sha256 = hashlib.sha256(identity_text.encode()).hexdigest()
+            context, backend = spec.remote.context_size, "remote"
+        else:
+            info = read_gguf(spec.path)
+            try:
+                model_sha256 = identity.file_sha256(spec.path)
+            except OSError as error:
+                raise ModelNotFoundError(f"Cannot read model file {spec.path}: {error.strerror or error}.") from error
+            context, backend = self._context_size(info), _backend_version()
         return {
             "format": CACHE_FORMAT,
             "model_sha256": model_sha256,
-            "backend": _backend_version(),
-            "context_size": self._context_size(info),
+            "backend": backend,
+            "context_size": context,
             "kind": "completion" if request.prompt is not None else "chat",
             "prompt": request.prompt,
             "messages": [dict(m) for m in request.messages] if request.messages else None,
@@ -567,14 +575,14 @@ class Engine:
                 {
                     "name": r.name,
                     "path": str(r.spec.path),
-                    "architecture": r.info.architecture,
-                    "quantization": r.info.quantization,
+                    "architecture": r.info.architecture if r.info else "remote",
+                    "quantization": r.info.quantization if r.info else "-",
                     "context_size": r.settings.context_size,
                     "threads": r.settings.threads,
                     "gpu_layers": r.settings.gpu_layers,
                     "memory_bytes": r.memory.total,
                     "busy": r.lock.locked(),
-                    "batch": self._batch_report(r.info),
+                    "batch": self._batch_report(r.info) if r.info else {"parallel": self.batches.parallel_for(None)[0]},
                 }
                 for r in residents
             ],

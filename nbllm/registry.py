@@ -25,6 +25,7 @@ from typing import Protocol
 
 from nbllm import default_model, machine, paths
 from nbllm.backends.base import Backend, LoadedModel, LoadSettings
+from nbllm.config import RemoteModel as RemoteConfig
 from nbllm.config import Settings
 from nbllm.errors import GpuOutOfMemoryError, InsufficientMemoryError, ModelNotFoundError, did_you_mean
 from nbllm.fit import GPU_MARGIN, MemoryEstimate, estimate_memory, fit_gpu_layers, gpu_bytes_for
@@ -54,10 +55,13 @@ class LockOwner(Protocol):
 class ModelSpec:
     name: str
     path: Path
-    source: str  # default | config | models-dir | path
+    source: str  # default | config | models-dir | path | remote
+    remote: RemoteConfig | None = None  # a model on an OpenAI-compatible server
 
     @property
     def key(self) -> str:
+        if self.remote is not None:
+            return f"remote:{self.remote.url}|{self.remote.model or self.name}"
         return str(self.path.resolve())
 
 
@@ -65,7 +69,7 @@ class ModelSpec:
 class ResidentModel:
     spec: ModelSpec
     model: LoadedModel
-    info: GGUFInfo
+    info: GGUFInfo | None  # None for a remote model: no file here
     settings: LoadSettings
     memory: MemoryEstimate
     load_seconds: float
@@ -123,7 +127,7 @@ class Registry:
     # ----------------------------------------------------------------- names -> files
 
     def known_names(self) -> list[str]:
-        names = [default_model.NAME, *self._settings().models]
+        names = [default_model.NAME, *self._settings().models, *self._settings().remote_models]
         folder = paths.models_dir()
         if folder.is_dir():
             names += sorted(p.stem for p in folder.glob("*.gguf") if p.name != default_model.FILE_NAME)
@@ -144,6 +148,9 @@ class Registry:
                     f"Fix models.{name} in {settings.source}, or download the file."
                 )
             return ModelSpec(name, path, "config")
+        if name in settings.remote_models:
+            remote = settings.remote_models[name]
+            return ModelSpec(name, Path(f"remote/{name}"), "remote", remote)
         with self._lock:
             for resident in self._resident.values():
                 if resident.name == name:
@@ -192,6 +199,8 @@ class Registry:
             return resident
 
     def _get_or_load(self, spec: ModelSpec) -> ResidentModel:
+        if spec.remote is not None:
+            return self._get_or_connect(spec)
         resident = self._lookup(spec)
         if resident is not None:
             info = read_gguf(spec.path)  # cached per (path, size, mtime): a replaced file reloads
@@ -204,6 +213,31 @@ class Registry:
             if resident is not None:
                 return resident
             return self._load(spec)
+
+    def _get_or_connect(self, spec: ModelSpec) -> ResidentModel:
+        """A remote model is "resident" once its server answered: no file, no memory here."""
+        assert spec.remote is not None
+        resident = self._lookup(spec)
+        if resident is not None:
+            return resident
+        with self._load_lock:
+            resident = self._lookup(spec)
+            if resident is not None:
+                return resident
+            from nbllm.backends.remote import RemoteBackend
+
+            settings = LoadSettings(
+                context_size=spec.remote.context_size, batch_size=0, threads=0, gpu_layers=0,
+                use_mmap=False, use_mlock=False, flash_attention=False,
+            )  # fmt: skip
+            started = time.perf_counter()
+            model = RemoteBackend().load(spec.name, spec.remote, settings)
+            seconds = time.perf_counter() - started
+            resident = ResidentModel(spec, model, None, settings, MemoryEstimate(0, 0, 0), seconds)
+            with self._lock:
+                self._resident[spec.key] = resident
+            log.info("Connected to %s at %s in %.2fs", spec.name, spec.remote.url, seconds)
+            return resident
 
     def _settings_for(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
         settings = self._load_settings(spec, info)
@@ -396,12 +430,12 @@ class Registry:
     @staticmethod
     def _row(spec: ModelSpec, resident: ResidentModel | None) -> ModelRow:
         try:
-            size: int | None = spec.path.stat().st_size
+            size: int | None = None if spec.remote else spec.path.stat().st_size
         except OSError:
             size = None
         return ModelRow(
             name=spec.name,
-            path=str(spec.path),
+            path=spec.remote.url if spec.remote else str(spec.path),
             source=spec.source,
             resident=resident is not None,
             size_bytes=size,

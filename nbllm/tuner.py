@@ -177,6 +177,10 @@ def tune(
     """Measure what runs fastest here and remember it for this model file and machine."""
     started = time.perf_counter()
     spec = engine.registry.resolve(model)
+    if spec.remote is not None:
+        raise NbllmError(
+            f"{spec.name} runs on {spec.remote.url}: tuning measures local llama.cpp settings. Tune on that server."
+        )
     from nbllm.gguf_file import read_gguf
 
     info = read_gguf(spec.path)

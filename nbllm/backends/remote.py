@@ -1,0 +1,302 @@
+"""Models served elsewhere: any OpenAI-compatible endpoint (llama.cpp's llama-server, vLLM,
+Ollama, another ``nbllm serve``), behind the same small interface as a local model.
+
+This is how a team outgrows one machine: run vLLM or llama-server on a GPU box, name it in
+``remote_models``, and the magics, chat panel, prompt cache, stats and benchmarks work on it the
+same way. Standard library HTTP only (streamed server-sent events); nothing to install.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nbllm.backends.base import LoadSettings, Usage
+from nbllm.chat_format import FormattedPrompt
+from nbllm.config import RemoteModel as RemoteConfig
+from nbllm.errors import GenerationError, ModelLoadError, NbllmError
+from nbllm.params import GenerationParams
+from nbllm.stop import StopMatcher
+
+
+@dataclass(frozen=True)
+class RemotePrompt(FormattedPrompt):
+    """A chat for a remote model: the server applies its own template to the messages."""
+
+    messages: tuple[dict[str, str], ...] = field(default=())
+
+
+def _endpoint_error(url: str, error: BaseException) -> NbllmError:
+    if isinstance(error, urllib.error.HTTPError):
+        try:
+            body = json.loads(error.read().decode("utf-8", "replace"))
+            detail = body.get("error", {}).get("message") or body.get("detail") or body
+        except (ValueError, AttributeError):
+            detail = error.reason
+        hint = " Check remote_models' api_key." if error.code in (401, 403) else ""
+        return GenerationError(f"The server at {url} answered {error.code}: {detail}.{hint}")
+    reason = getattr(error, "reason", error)
+    return ModelLoadError(
+        f"Cannot reach {url}: {reason}. Is the server running, and is remote_models' url right (e.g. "
+        "http://host:8080/v1)?"
+    )
+
+
+class RemoteModel:
+    """One model on an OpenAI-compatible server. Thread-safe: the server does the queueing."""
+
+    def __init__(self, name: str, config: RemoteConfig, settings: LoadSettings) -> None:
+        self.name = name
+        self.config = config
+        self.settings = settings
+        self.url = config.url.rstrip("/")
+        self.model = config.model or name
+        self.path = Path(f"remote/{name}")  # no file: a stable stand-in for displays
+
+    @property
+    def context_size(self) -> int:
+        return self.config.context_size
+
+    # ---------------------------------------------------------------- requests
+
+    def _request(self, endpoint: str, payload: dict[str, Any] | None = None) -> Any:
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(f"{self.url}{endpoint}", data=data, headers=headers)
+        try:
+            return urllib.request.urlopen(request, timeout=self.config.timeout)
+        except (urllib.error.URLError, OSError) as error:
+            raise _endpoint_error(self.url, error) from error
+
+    def check(self) -> list[str]:
+        """The models the server lists (``GET /models``): proves it answers, at load time."""
+        with self._request("/models") as response:
+            listing = json.loads(response.read().decode("utf-8"))
+        return [str(entry.get("id")) for entry in listing.get("data", [])]
+
+    def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
+        return RemotePrompt(text="", messages=tuple(dict(m) for m in messages), trim_whitespace=True)
+
+    def count_tokens(self, prompt: FormattedPrompt) -> int:
+        # No tokenizer here: an estimate (about four characters per token) for checks only.
+        text = prompt.text or " ".join(m["content"] for m in getattr(prompt, "messages", ()))
+        return max(1, len(text) // 4)
+
+    def _payload(self, prompt: FormattedPrompt, params: GenerationParams, seed: int) -> tuple[str, dict[str, Any]]:
+        payload: dict[str, Any] = {
+            "model": self.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+            "seed": seed,
+        }
+        stops = [*params.stop, *prompt.stop]
+        if stops:
+            payload["stop"] = stops[:4]  # OpenAI allows four; the rest are applied here
+        if self.config.llama_extras:
+            payload.update(top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty)
+            if params.ignore_eos:
+                payload["ignore_eos"] = True
+        if isinstance(prompt, RemotePrompt):
+            payload["messages"] = list(prompt.messages)
+            return "/chat/completions", payload
+        payload["prompt"] = prompt.text
+        return "/completions", payload
+
+    def generate(
+        self, prompt: FormattedPrompt, params: GenerationParams, seed: int, usage: Usage, cancel: threading.Event
+    ) -> Iterator[str]:
+        endpoint, payload = self._payload(prompt, params, seed)
+        response = self._request(endpoint, payload)  # errors here, at the call: like a local prompt check
+        return self._stream(response, params, prompt, usage, cancel)
+
+    def _stream(
+        self, response: Any, params: GenerationParams, prompt: FormattedPrompt, usage: Usage, cancel: threading.Event
+    ) -> Iterator[str]:
+        matcher = StopMatcher([*params.stop, *prompt.stop])
+        finish, chunks, at_stop = "stop", 0, False
+        try:
+            for data in _events(response):
+                if cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if data.get("usage"):
+                    usage.prompt_tokens = int(data["usage"].get("prompt_tokens") or 0)
+                    usage.completion_tokens = int(data["usage"].get("completion_tokens") or chunks)
+                for choice in data.get("choices", [])[:1]:
+                    text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
+                    if text:
+                        if chunks == 0:
+                            usage.first_token_at = time.perf_counter()
+                            text = text.lstrip() if prompt.trim_whitespace else text
+                        chunks += 1
+                        # Without a usage report, chunks stand in for tokens (a server may split
+                        # a token's bytes over two chunks: never count past max_tokens).
+                        usage.completion_tokens = max(usage.completion_tokens, min(chunks, params.max_tokens))
+                        shown, at_stop = matcher.feed(text)
+                        if shown:
+                            yield shown
+                        if at_stop:
+                            break
+                    if choice.get("finish_reason"):
+                        finish = "length" if choice["finish_reason"] == "length" else "stop"
+                if at_stop:
+                    break
+            if not at_stop and finish != "cancelled":
+                tail = matcher.flush()
+                tail = tail.rstrip() if prompt.trim_whitespace else tail
+                if tail:
+                    yield tail
+        except (GeneratorExit, KeyboardInterrupt):
+            finish = "cancelled"
+            raise
+        except (OSError, ValueError) as error:
+            finish = "error"
+            raise GenerationError(f"The stream from {self.url} broke off: {error}.") from error
+        finally:
+            response.close()
+            usage.finish_reason = finish
+
+    # ---------------------------------------------------------------- batches and benchmarks
+
+    def run_batch(
+        self,
+        feed: queue.SimpleQueue[Any],
+        stop: threading.Event,
+        progress: Any,
+        idle: Callable[[], bool],
+        *,
+        parallel: int,
+        seq_context: int,
+    ) -> None:
+        """``generate_many`` on a remote model: ``parallel`` requests in flight at once (the
+        server batches them); the same events as the local loop."""
+        from nbllm.backends.llama_cpp_batch import BatchEvent
+
+        def one(item: Any) -> None:
+            prompt = item.prompt if isinstance(item.prompt, FormattedPrompt) else self.format_chat(item.prompt)
+            try:
+                for piece in self.generate(prompt, item.params, item.seed, item.usage, item.cancel):
+                    progress.tokens += 1
+                    item.sink(BatchEvent(item, "piece", piece))
+            except NbllmError as error:
+                item.usage.finish_reason = "error"
+                item.sink(BatchEvent(item, "error", error=error))
+                return
+            progress.finished += 1
+            item.sink(BatchEvent(item, "done"))
+
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"nbllm-remote-{self.name}") as pool:
+            running: list[Any] = []
+            while not stop.is_set():
+                running = [job for job in running if not job.done()]
+                try:
+                    item = feed.get(timeout=0.05)
+                except queue.Empty:
+                    if not running and idle():
+                        return
+                    continue
+                if item is not None:
+                    running.append(pool.submit(one, item))
+
+    def timed_decode(self, kind: str, n_tokens: int, seed: int = 0) -> float:
+        """llama-bench's pp/tg as far as an API allows: pp = a prompt of about ``n_tokens`` with
+        one token answered; tg = ``n_tokens`` generated (EOS ignored where the server allows),
+        timed from the first token."""
+        words = " ".join(["token"] * n_tokens)
+        params = GenerationParams(
+            temperature=0.0, max_tokens=1 if kind == "pp" else n_tokens, top_p=1.0, top_k=0, min_p=0.0,
+            repeat_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0, seed=seed, ignore_eos=kind == "tg",
+        )  # fmt: skip
+        usage = Usage()
+        start = time.perf_counter()
+        for _ in self.generate(
+            FormattedPrompt(words if kind == "pp" else "Count:"), params, seed, usage, threading.Event()
+        ):
+            pass
+        end = time.perf_counter()
+        if kind == "tg" and usage.first_token_at is not None and usage.completion_tokens > 1:
+            return (end - usage.first_token_at) * n_tokens / (usage.completion_tokens - 1)
+        return end - start
+
+    def set_threads(self, threads: int) -> None:
+        pass  # the server's own business
+
+    def clear_prefix_cache(self) -> None:
+        pass
+
+    def prefix_cache_stats(self) -> dict[str, int]:
+        return {"snapshots": 0, "bytes": 0, "tokens": 0, "saved": 0, "restored": 0, "evicted": 0}
+
+    def close(self) -> None:
+        pass  # nothing held: each request is its own connection
+
+
+def _events(response: Any) -> Iterator[dict[str, Any]]:
+    """Server-sent events of a streamed completion (or one JSON body, if the server ignored
+    ``stream``), as dicts; ``[DONE]`` ends them."""
+    content_type = response.headers.get("Content-Type", "")
+    if "text/event-stream" not in content_type:
+        yield _as_stream_chunk(json.loads(response.read().decode("utf-8")))
+        return
+    for raw in response:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        event = json.loads(data)
+        if isinstance(event, dict) and "error" in event:
+            raise GenerationError(f"The server reported: {event['error'].get('message', event['error'])}.")
+        yield event
+
+
+def _as_stream_chunk(body: dict[str, Any]) -> dict[str, Any]:
+    choices = []
+    for choice in body.get("choices", [])[:1]:
+        message = choice.get("message") or {}
+        choices.append(
+            {
+                "delta": {"content": message.get("content") or choice.get("text") or ""},
+                "finish_reason": choice.get("finish_reason"),
+            }
+        )
+    return {"choices": choices, "usage": body.get("usage")}
+
+
+class RemoteBackend:
+    name = "remote"
+
+    def load(self, name: str, config: RemoteConfig, settings: LoadSettings) -> RemoteModel:
+        model = RemoteModel(name, config, settings)
+        try:
+            listed = model.check()
+        except (TimeoutError, ValueError) as error:
+            raise ModelLoadError(f"The server at {model.url} did not answer /models properly: {error}.") from error
+        if listed and model.model not in listed:
+            from nbllm.errors import ModelNotFoundError, did_you_mean
+
+            raise ModelNotFoundError(
+                f"The server at {model.url} has no model {model.model!r}.{did_you_mean(model.model, listed)} "
+                f"It serves: {', '.join(listed)}. Set remote_models.{name}.model."
+            )
+        return model
+
+    def build_info(self) -> dict[str, Any]:
+        return {"backend": "remote", "gpu_offload": False, "system_info": ""}
