@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from nbllm.machine import HardwareReport
     from nbllm.manager import ModelInfo, VerifyReport
     from nbllm.recommendation import Recommendation
+    from nbllm.server import ServerHandle
     from nbllm.tuner import TuneResult
 
 __version__ = "0.1.0"
@@ -83,6 +84,7 @@ __all__ = [
     "models",
     "recommend",
     "remove_model",
+    "serve",
     "settings",
     "stats",
     "tune",
@@ -341,6 +343,34 @@ def remove_model(name: str, quant: str | None = None) -> Path:
     from nbllm.manager import remove_model as remove
 
     return remove(name, quant)
+
+
+def serve(
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    api_key: str | None = None,
+    workers: int | None = None,
+    batched: bool = True,
+    max_tokens_limit: int | None = None,
+    log_requests: bool = False,
+) -> ServerHandle:
+    """The OpenAI-compatible server (``nbllm serve``) from this process, in a background thread;
+    returns at once. Its clients share this kernel's engine: loaded models, prompt cache, stats.
+    ``handle.url``, ``handle.base_url`` (for OpenAI clients), ``handle.stop()``; ``port=0`` picks a
+    free port. Concurrent requests for one model decode together unless ``batched=False``.
+    Needs ``pip install 'nbllm[server]'``."""
+    from nbllm.server import serve_in_background
+
+    return serve_in_background(
+        host,
+        port,
+        api_key=api_key,
+        workers=workers,
+        batched=batched,
+        max_tokens_limit=max_tokens_limit,
+        log_requests=log_requests,
+    )
 
 
 def settings() -> Settings:

@@ -5,6 +5,7 @@
     nbllm models [list|recommend|download|verify|info|rm]   the model manager
     nbllm bench [-o results.json]        llama-bench-style speed tests
     nbllm doctor / nbllm tune            hardware report and fixes / measured tuning
+    nbllm serve [--host H] [--port P] [--api-key K]   OpenAI-compatible server on these models
     nbllm config [--check FILE]          the settings in effect, or validate a file
 
 Errors are translated here, at the edge: an ``NbllmError`` prints one line and exits 1, a usage
@@ -202,8 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     from nbllm.cli_models import add_models_commands
+    from nbllm.cli_serve import add_serve_command
 
     add_models_commands(commands)
+    add_serve_command(commands)
 
     config = commands.add_parser("config", help="show the settings in effect, or check a file")
     config.add_argument("--check", metavar="FILE", help="validate FILE and show what it sets")

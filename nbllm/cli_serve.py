@@ -26,6 +26,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", "-w", type=int, help="answers generated at once, across models (default: server.workers)"
     )
     parser.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for (default: 4096)")
+    parser.add_argument(
+        "--no-batching",
+        dest="batched",
+        action="store_false",
+        help="answer requests for one model one after the other instead of decoding them together "
+        "(up to performance.parallel at once, the default)",
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no request log and no generation log lines")
 
 
@@ -36,6 +43,7 @@ def serve_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "api_key": args.api_key,
         "workers": args.workers,
         "max_tokens_limit": args.max_tokens_limit,
+        "batched": args.batched,
         "log_requests": not args.quiet,
     }
 
