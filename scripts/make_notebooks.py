@@ -155,6 +155,9 @@ import time
 
 import nbllm
 
+# The prompt cache answers a repeated question at once; off here, so every answer below is live.
+nbllm.configure(cache={"enabled": False})
+
 panel = nbllm.ChatPanel()
 panel
 """),
@@ -174,7 +177,8 @@ once. A long answer, stopped after a second:
 """),
     code("""
 panel.send("Tell me a long story about a container ship.")
-time.sleep(1.0)
+while panel.current_stream is None or panel.current_stream.tokens < 5:
+    time.sleep(0.05)
 panel.stop()
 panel.wait(60)
 print(panel.status_text)

@@ -255,6 +255,7 @@ def test_options_reach_the_engine_and_the_metadata_records_them(ip: InteractiveS
         "frequency_penalty": -0.2,
         "seed": 42,
         "stop": ["xyz", "two words"],
+        "ignore_eos": False,
     }
     assert record["stats"]["completion_tokens"] <= 7
 
