@@ -96,11 +96,15 @@ def nbllm_stream(engine: Engine, tokens: int, seed: int) -> tuple[float, int]:
 
 def speed(engine: Engine, llm: llama_cpp.Llama, runs: int, tokens: int) -> None:
     print(f"\n1. Streaming generation, {tokens} tokens, {runs} rounds (decode-phase t/s)")
-    print("   All three drive the same Llama object, in a rotating order, so only their own")
-    print("   per-token work differs; ratios are the median of per-round ratios.")
+    print("   All three drive the same Llama object on the same thread, in a rotating order, so only")
+    print("   their own per-token work differs; ratios are the median of per-round ratios.")
+    # nbllm decodes on the model's own thread (backends/llama_cpp.py: with OpenMP, decoding
+    # from two threads slows both down); the baselines run on that same thread, so that only
+    # each one's per-token work differs.
+    worker = engine.registry.load(None).model._worker  # type: ignore[attr-defined]
     methods = {
-        "create_completion": lambda seed: raw_stream(llm, tokens, seed),
-        "bare generate": lambda seed: bare_generate(llm, tokens, seed),
+        "create_completion": lambda seed: worker.submit(raw_stream, llm, tokens, seed).result(),
+        "bare generate": lambda seed: worker.submit(bare_generate, llm, tokens, seed).result(),
         "nbllm": lambda seed: nbllm_stream(engine, tokens, seed),
     }
     rates: dict[str, list[float]] = {name: [] for name in methods}

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from nbllm.errors import NbllmError
 from nbllm.metrics import RequestStats
+from nbllm.progress import progress_bar
 
 if TYPE_CHECKING:
     from nbllm.backends.llama_cpp_batch import BatchEvent, BatchItem, BatchProgress
@@ -217,16 +218,10 @@ def _cached_result(engine: Engine, index: int, request: Request, key: Mapping[st
     if answer is None:
         engine.stats.record_cache_miss()
         return None
+    from nbllm.engine import cached_stats
+
     started = time.perf_counter()
-    stats = RequestStats(
-        model=str(answer["model"]),
-        prompt_tokens=int(answer["prompt_tokens"]),
-        completion_tokens=int(answer["completion_tokens"]),
-        finish_reason=str(answer["finish_reason"]),
-        seed=answer["seed"],
-        cached=True,
-        model_hash=key["model_sha256"],
-    )
+    stats = cached_stats(answer, key)
     stats.total_seconds = stats.time_to_first_token = time.perf_counter() - started
     engine.stats.record_request(stats, time_saved=max(float(answer["total_seconds"]) - stats.total_seconds, 0.0))
     return ManyResult(index, "".join(answer["pieces"]), stats)
@@ -244,7 +239,7 @@ def run_many(
 
     results: list[ManyResult | None] = [None] * len(requests)
     keys = [engine.cache_key(request) for request in requests]
-    bar = _progress(progress, len(requests))
+    bar = progress_bar(progress, len(requests), "Prompts", "prompt")
 
     def deliver(result: ManyResult) -> None:
         results[result.index] = result
@@ -311,22 +306,6 @@ def _interrupted(results: list[ManyResult | None], pieces: Mapping[int, list[str
         r if r is not None else ManyResult(i, "".join(pieces.get(i, [])), None, cancelled)
         for i, r in enumerate(results)
     ]
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int) -> Any:
-    if not enabled or total == 0:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Prompts", unit="prompt")
 
 
 def stream_batched(engine: Engine, request: Request, owner: Any) -> Iterator[str]:

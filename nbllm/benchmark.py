@@ -23,6 +23,7 @@ from typing import Any
 from nbllm import __version__, bandwidth, identity, machine
 from nbllm.errors import NbllmError, ParameterError
 from nbllm.gguf_file import read_gguf
+from nbllm.progress import progress_bar
 from nbllm.table import Table
 
 FORMAT = "nbllm-bench/1"
@@ -145,7 +146,7 @@ def bench(
     build = engine.registry.backend.build_info()
     machine_info = machine_record()
     records: list[dict[str, Any]] = []
-    bar = _progress(progress, total=len(grid) * len(tests) * (repetitions + 1))
+    bar = progress_bar(progress, len(grid) * len(tests) * (repetitions + 1), "Benchmark", "run")
     try:
         for name, n_threads, n_batch, n_ctx, n_gpu in grid:
             spec = engine.registry.resolve(name)
@@ -288,25 +289,6 @@ def _finish(record: dict[str, Any], samples: list[float], info: Any, machine_inf
         record["bytes_per_token"] = per_token
         record["bandwidth_limit_tokens_per_second"] = limit
         record["bandwidth_percent"] = 100 * mean / limit
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Benchmark", unit="run")
 
 
 def compare(a: BenchResults, b: BenchResults) -> Table:

@@ -135,15 +135,11 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def bench_with_args(args: argparse.Namespace, **callbacks: Any) -> Any:
+    """``nbllm bench``'s options, run (shared with ``%llm bench``)."""
     import nbllm
-    from nbllm.benchmark import compare, load_results
 
-    if args.compare:
-        first, second = (load_results(path) for path in args.compare)
-        print(compare(first, second))
-        return EXIT_OK
-    results = nbllm.bench(
+    return nbllm.bench(
         args.model or None,
         pp=args.pp,
         tg=args.tg,
@@ -153,7 +149,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
         context_size=args.context_size,
         gpu_layers=args.gpu_layers,
         progress=not args.quiet,
+        **callbacks,
     )
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nbllm.benchmark import compare, load_results
+
+    if args.compare:
+        first, second = (load_results(path) for path in args.compare)
+        print(compare(first, second))
+        return EXIT_OK
+    results = bench_with_args(args)
     print(results)
     if args.output:
         print(f"Saved {len(results.records)} records to {results.save(args.output)}")

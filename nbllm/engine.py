@@ -423,15 +423,7 @@ class Engine:
         self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], owner: Stream, started: float
     ) -> Generator[str, None, None]:
         """A cached answer, streamed like a fresh one so that front ends need no special case."""
-        stats = RequestStats(
-            model=str(answer["model"]),
-            prompt_tokens=int(answer["prompt_tokens"]),
-            completion_tokens=int(answer["completion_tokens"]),
-            finish_reason=str(answer["finish_reason"]),
-            seed=answer["seed"],
-            cached=True,
-            model_hash=cache_key["model_sha256"],
-        )
+        stats = cached_stats(answer, cache_key)
         owner.usage.completion_tokens = stats.completion_tokens
         try:
             for index, piece in enumerate(answer["pieces"]):
@@ -505,28 +497,19 @@ class Engine:
         result = self.stream(request)
         return result if stream else result.result()
 
-    def generate_many(
-        self,
-        prompts: Sequence[str],
-        model: str | None = None,
-        *,
-        per_item: Sequence[Mapping[str, Any]] | None = None,
-        cache: bool = True,
-        progress: bool = True,
-        on_result: Callable[[ManyResult], None] | None = None,
-        **params: Any,
-    ) -> list[ManyResult]:
+    def generate_many(self, prompts: Sequence[str], model: str | None = None, **options: Any) -> list[ManyResult]:
         """Answer many prompts at once (see ``nbllm.generate_many``)."""
-        requests = [
-            self.make_request(prompt=p, model=model, params={**params, **self._item(per_item, i)}, cache=cache)
-            for i, p in enumerate(self._sequence(prompts, "prompts"))
-        ]
-        return run_many(self, requests, on_result=on_result, progress=progress)
+        return self._many("prompt", self._sequence(prompts, "prompts"), model, **options)
 
-    def chat_many(
+    def chat_many(self, conversations: Sequence[Any], model: str | None = None, **options: Any) -> list[ManyResult]:
+        """``generate_many`` for chats: each item a string or a list of messages."""
+        return self._many("messages", self._sequence(conversations, "conversations"), model, **options)
+
+    def _many(
         self,
-        conversations: Sequence[Any],
-        model: str | None = None,
+        field: str,
+        items: list[Any],
+        model: str | None,
         *,
         per_item: Sequence[Mapping[str, Any]] | None = None,
         cache: bool = True,
@@ -534,10 +517,9 @@ class Engine:
         on_result: Callable[[ManyResult], None] | None = None,
         **params: Any,
     ) -> list[ManyResult]:
-        """``generate_many`` for chats: each item a string or a list of messages."""
         requests = [
-            self.make_request(messages=c, model=model, params={**params, **self._item(per_item, i)}, cache=cache)
-            for i, c in enumerate(self._sequence(conversations, "conversations"))
+            self.make_request(model=model, params={**params, **self._item(per_item, i)}, cache=cache, **{field: item})
+            for i, item in enumerate(items)
         ]
         return run_many(self, requests, on_result=on_result, progress=progress)
 
@@ -604,6 +586,19 @@ def _backend_version() -> str:
         return f"llama-cpp-python {version('llama-cpp-python')}"
     except PackageNotFoundError:
         return "unknown"
+
+
+def cached_stats(answer: Mapping[str, Any], cache_key: Mapping[str, Any]) -> RequestStats:
+    """The stats of an answer served from the prompt cache (its timings are filled by the caller)."""
+    return RequestStats(
+        model=str(answer["model"]),
+        prompt_tokens=int(answer["prompt_tokens"]),
+        completion_tokens=int(answer["completion_tokens"]),
+        finish_reason=str(answer["finish_reason"]),
+        seed=answer["seed"],
+        cached=True,
+        model_hash=cache_key["model_sha256"],
+    )
 
 
 def _default_backend() -> Backend:

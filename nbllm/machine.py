@@ -7,7 +7,6 @@ functions are what the engine asks on its hot paths (threads, free memory).
 from __future__ import annotations
 
 import functools
-import html
 import os
 import platform
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import psutil
 
 from nbllm.build_flags import read_cpu_flags
 from nbllm.gpu import GpuInfo, gpu_status
+from nbllm.table import key_value_html, key_value_text
 from nbllm.units import format_bytes
 
 # The instruction sets that matter to llama.cpp, in the order people know them.
@@ -141,12 +141,10 @@ class HardwareReport:
         return rows
 
     def __str__(self) -> str:
-        width = max(len(k) for k, _ in self.rows())
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in self.rows())
+        return key_value_text(self.rows())
 
     def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in self.rows())
-        return f"<table>{body}</table>"
+        return key_value_html(self.rows())
 
 
 def hardware_report(build: dict[str, Any] | None = None) -> HardwareReport:

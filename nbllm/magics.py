@@ -684,7 +684,7 @@ class NbllmMagics(Magics, Configurable):
 
     def _bench(self, rest: str) -> Any:
         """The terminal's ``nbllm bench`` options; results as a table, plus a figure when several."""
-        from nbllm.cli import build_parser
+        from nbllm.cli import bench_with_args, build_parser
 
         args = _parse_cli(build_parser(), ["bench", *_words(rest)])
         if args.compare:
@@ -695,18 +695,7 @@ class NbllmMagics(Magics, Configurable):
 
         live, on_run = live_bench_chart()
         _display(live)
-        results = nbllm.bench(
-            args.model or None,
-            pp=args.pp,
-            tg=args.tg,
-            repetitions=args.repetitions,
-            threads=args.threads,
-            batch_size=args.batch_size,
-            context_size=args.context_size,
-            gpu_layers=args.gpu_layers,
-            progress=not args.quiet,
-            on_run=on_run,
-        )
+        results = bench_with_args(args, on_run=on_run)
         _show_figure(bench_figure(results.records))
         if len({r["settings"]["threads"] for r in results.records}) > 1:
             _show_figure(threads_figure(results.records))

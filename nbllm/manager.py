@@ -9,7 +9,6 @@ stem (``phi-2.Q4_K_M``), a name from the config's ``models:`` section, or a path
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
 import os
 from collections.abc import Iterable
@@ -32,7 +31,7 @@ from nbllm.errors import DownloadError, InvalidModelFileError, ModelNotFoundErro
 from nbllm.gguf_file import read_gguf
 from nbllm.model_catalog import DEFAULT_QUANT, CatalogFile, CatalogModel, load_catalog
 from nbllm.recommendation import format_params, format_size
-from nbllm.table import Table
+from nbllm.table import Table, key_value_html, key_value_text
 from nbllm.units import format_bytes
 
 if TYPE_CHECKING:
@@ -425,12 +424,10 @@ class ModelInfo:
         }
 
     def __str__(self) -> str:
-        width = max(len(k) for k, _ in self.rows())
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in self.rows())
+        return key_value_text(self.rows())
 
     def _repr_html_(self) -> str:
-        body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in self.rows())
-        return f"<table>{body}</table>"
+        return key_value_html(self.rows())
 
 
 def model_info(name: str, quant: str | None = None, engine: Engine | None = None) -> ModelInfo:

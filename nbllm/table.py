@@ -59,3 +59,15 @@ class Table(list[dict[str, Any]]):
         )
         caption = f"<caption>{html.escape(self.title)}</caption>" if self.title else ""
         return f"<table>{caption}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def key_value_text(rows: Sequence[tuple[str, str]]) -> str:
+    """``key  value`` lines, keys aligned: a report in a terminal."""
+    width = max((len(k) for k, _ in rows), default=0)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def key_value_html(rows: Sequence[tuple[str, str]]) -> str:
+    """The same report as an HTML table, for a notebook."""
+    body = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{body}</table>"

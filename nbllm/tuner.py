@@ -31,6 +31,7 @@ from typing import Any
 from nbllm import identity, machine, paths
 from nbllm.backends.base import LoadSettings
 from nbllm.errors import GpuOutOfMemoryError, NbllmError
+from nbllm.progress import progress_bar
 
 log = logging.getLogger("nbllm")
 
@@ -189,7 +190,7 @@ def tune(
     use_gpu = bool(backend.build_info()["gpu_offload"]) and (gpu if gpu is not None else bool(engine.gpus()))
     measure = _Measure(backend, spec.path)
     trials: list[Trial] = []
-    bar = _progress(progress, total=_planned_trials(use_gpu), description=f"Tuning {spec.name}")
+    bar = progress_bar(progress, _planned_trials(use_gpu), f"Tuning {spec.name}", "trial")
 
     def record(trial: Trial) -> Trial:
         trials.append(trial)
@@ -324,25 +325,6 @@ def _tune_gpu(
             results.append(record(trial))
     good = [t for t in results if t.error is None]
     return max(good, key=lambda t: t.tg) if good else best
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool, total: int, description: str) -> Any:
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm  # a notebook widget in Jupyter, a text bar in a terminal
-
-    return tqdm(total=total, desc=description, unit="trial", leave=True)
 
 
 def iter_saved() -> Iterator[tuple[str, str, dict[str, Any]]]:

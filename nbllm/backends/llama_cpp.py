@@ -279,16 +279,7 @@ class LlamaCppModel:
         vocab, is_eog, piece_of = self._vocab, llama_cpp.llama_vocab_is_eog, self._piece
         text = TextAssembler((*params.stop, *prompt.stop), prompt.trim_whitespace)
         finish, produced, at_stop_sequence = "length", 0, False
-        steps = llm.generate(
-            tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-        )
+        steps = llm.generate(tokens, **sampling_options(params))
         try:
             for token in steps:
                 if produced == 0:
@@ -462,18 +453,7 @@ class LlamaCppModel:
     def _make_sampler(self, params: GenerationParams, seed: int) -> Any:
         # The very chain single streams use (see sampler_chain), so a batched answer is
         # sampled exactly as a one-at-a-time answer with the same seed would be.
-        return sampler_chain(
-            self._llm._n_vocab,
-            self._llm.last_n_tokens_size,
-            seed,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            temp=params.temperature,
-            repeat_penalty=params.repeat_penalty,
-            frequency_penalty=params.frequency_penalty,
-            presence_penalty=params.presence_penalty,
-        )
+        return sampler_chain(self._llm._n_vocab, self._llm.last_n_tokens_size, seed, **sampling_options(params))
 
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()
@@ -487,6 +467,19 @@ class LlamaCppModel:
             self._batcher.close()
         self._prefixes.clear()
         self._llm.close()
+
+
+def sampling_options(params: GenerationParams) -> dict[str, Any]:
+    """nbllm's parameters under llama-cpp-python's names (Llama.generate and sampler_chain)."""
+    return {
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+        "temp": params.temperature,
+        "repeat_penalty": params.repeat_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "presence_penalty": params.presence_penalty,
+    }
 
 
 def sampler_chain(
