@@ -172,6 +172,7 @@ def test_the_magics_and_the_chat_panel_work_on_a_remote_model(remote_engine: Eng
         assert metadata["model"] == "far"
 
         panel = nbllm.ChatPanel(engine=remote_engine, model="far")
+        panel.max_tokens.value = 8
         panel.send("hi")
         panel.wait(60)
         assert panel.history[-1]["role"] == "assistant"
