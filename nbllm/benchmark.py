@@ -107,7 +107,7 @@ def machine_record() -> dict[str, Any]:
         "logical_cpus": report.logical_cpus,
         "ram_bytes": report.memory_total,
         "gpus": [{"name": g.name, "memory_bytes": g.memory_total} for g in report.gpus],
-        "read_bandwidth_bytes_per_second": bandwidth.read_bandwidth(),
+        "read_bandwidth_bytes_per_second": bandwidth.read_bandwidth(refresh=True),
     }
 
 

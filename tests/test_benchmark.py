@@ -120,3 +120,20 @@ def test_nbllm_bench_writes_the_guides_results_json(tiny_models: dict[str, Path]
     )
     assert bad.returncode == 2
     assert "comma-separated list" in bad.stderr
+
+
+def test_the_bandwidth_is_measured_once_and_keeps_its_best_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nbllm import bandwidth
+
+    monkeypatch.setenv("NBLLM_HOME", str(tmp_path))
+    measured = bandwidth.measure_read_bandwidth(buffer_bytes=16 * 2**20)
+    assert measured > 1e8, "at least 100 MB/s from any RAM"
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 5e9)
+    assert bandwidth.read_bandwidth() == 5e9
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 1e9)  # a busy moment
+    assert bandwidth.read_bandwidth() == 5e9, "cached"
+    assert bandwidth.read_bandwidth(refresh=True) == 5e9, "a lower measurement never replaces a higher one"
+    monkeypatch.setattr(bandwidth, "measure_read_bandwidth", lambda: 7e9)
+    assert bandwidth.read_bandwidth(refresh=True) == 7e9

@@ -146,7 +146,7 @@ class BatchDecoder:
         slots: list[_Slot | None] = [None] * self.parallel
         try:
             while not stop.is_set():
-                self._take_new(feed, waiting, block=not waiting and not any(slots), idle=idle)
+                self._take_new(feed, waiting, block=not waiting and not any(slots))
                 if not waiting and not any(slots):
                     if idle():
                         return
@@ -171,7 +171,6 @@ class BatchDecoder:
         waiting: deque[BatchItem],
         *,
         block: bool,
-        idle: Callable[[], bool],
     ) -> None:
         while True:
             try:
