@@ -89,7 +89,8 @@ def bare_generate(llm: llama_cpp.Llama, tokens: int, seed: int) -> tuple[float, 
 
 def nbllm_stream(engine: Engine, tokens: int, seed: int) -> tuple[float, int]:
     timer = Timer()
-    for _piece in engine.generate(PROMPT, stream=True, max_tokens=tokens, seed=seed, **SAMPLING):
+    # cache=False: a rerun of this script would otherwise be answered from the prompt cache
+    for _piece in engine.generate(PROMPT, stream=True, max_tokens=tokens, seed=seed, cache=False, **SAMPLING):
         timer.tick()
     return timer.rate(), timer.count
 
