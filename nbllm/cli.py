@@ -261,9 +261,33 @@ def _setup_logging(verbosity: int) -> None:
     logger.setLevel(logging.INFO if verbosity else logging.WARNING)
 
 
+def _split_lab_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``nbllm [options] lab ARGS...`` -> (the arguments for nbllm, ARGS for JupyterLab).
+
+    argparse cannot pass on options it does not know: ``REMAINDER`` refuses one that comes
+    first (``nbllm lab --port 8889`` failed) and ``parse_known_args`` reorders them. So
+    everything after the ``lab`` command goes to JupyterLab untouched, except a lone --help."""
+    takes_value = {"--config", "-c"}
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        if word in takes_value:
+            index += 2
+        elif word.startswith("-"):
+            index += 1
+        else:
+            break
+    if index >= len(argv) or argv[index] != "lab" or argv[index + 1 :] in (["-h"], ["--help"]):
+        return list(argv), []
+    return list(argv[: index + 1]), list(argv[index + 1 :])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    own, jupyter_args = _split_lab_arguments(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(own)
+    if jupyter_args:
+        args.jupyter_args = jupyter_args
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

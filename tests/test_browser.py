@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,7 @@ from playwright.sync_api import sync_playwright
 from nbllm.config import Settings
 from nbllm.engine import Engine
 from nbllm.testing import make_tiny_model
+from tests.servers import free_port, stop_server, wait_for_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -40,13 +39,6 @@ KNOWN_LONG_SEED = 3  # found by long_reply_seed() on this build: tried first, so
 
 
 # --------------------------------------------------------------------- the setup
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def browser_model(folder: Path) -> Path:
@@ -159,20 +151,6 @@ def quiet_lab(settings_dir: Path) -> None:
     notification.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}), encoding="utf-8")
 
 
-def wait_for_server(url: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"JupyterLab exited with {server.returncode}:\n{log.read_text(errors='replace')[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"JupyterLab did not answer within {timeout}s:\n{log.read_text(errors='replace')[-3000:]}")
-
-
 def start_kernel(base: str, token: str) -> None:
     """Start the notebook's kernel through the REST API, so the page opens on a running kernel
     (and never asks which kernel to use)."""
@@ -185,21 +163,6 @@ def start_kernel(base: str, token: str) -> None:
     )
     with urllib.request.urlopen(request, timeout=60) as response:
         assert response.status == 201, response.read()
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM lets the server shut its kernels down; whatever is left of its group is killed."""
-    if server.poll() is None:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(20)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(server.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    server.wait(10)
 
 
 def artifacts_dir(tmp_path: Path) -> Path:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from nbllm.cli import _split_lab_arguments
+from tests.servers import free_port, stop_server, wait_for_server
 
 
 def nbllm_cli(
@@ -122,3 +128,49 @@ def test_no_command_prints_help_and_exits_2() -> None:
     result = nbllm_cli()
     assert result.returncode == 2
     assert "run" in result.stdout
+
+
+def test_lab_opens_the_quickstart_and_passes_jupyterlab_options_through(tmp_path: Path) -> None:
+    """``nbllm lab --no-browser --port P ...``: options nbllm does not know go to JupyterLab as
+    given (argparse alone refused an option in first place), and the quickstart is served."""
+    pytest.importorskip("jupyterlab", reason="the lab extra is not installed")
+    port, token = free_port(), secrets.token_hex(16)
+    env = {
+        **os.environ,
+        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),  # none of the developer's settings
+        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+        "JUPYTER_DATA_DIR": str(tmp_path / "data"),
+    }
+    command = [
+        sys.executable, "-m", "nbllm.cli", "lab", "--no-browser", "--port", str(port), "--ServerApp.port_retries=0",
+        "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
+        f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]  # fmt: skip
+    log_path = tmp_path / "lab.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_server(f"{base}/api/status?token={token}", server, log_path)
+            url = f"{base}/api/contents/01_quickstart.ipynb?content=0&token={token}"
+            with urllib.request.urlopen(url, timeout=30) as response:
+                assert json.load(response)["type"] == "notebook"
+        finally:
+            stop_server(server)
+    assert "Starting JupyterLab at" in log_path.read_text(errors="replace")
+
+
+@pytest.mark.parametrize(
+    ("argv", "own", "passed_on"),
+    [
+        (["lab", "--port", "8889"], ["lab"], ["--port", "8889"]),
+        (["-c", "my.yaml", "-v", "lab", "--no-browser"], ["-c", "my.yaml", "-v", "lab"], ["--no-browser"]),
+        (["lab", "--help"], ["lab", "--help"], []),  # nbllm's own help for its lab command
+        (["run", "lab", "--port", "1"], ["run", "lab", "--port", "1"], []),  # "lab" as a prompt word
+    ],
+)
+def test_only_what_follows_the_lab_command_goes_to_jupyterlab(
+    argv: list[str], own: list[str], passed_on: list[str]
+) -> None:
+    assert _split_lab_arguments(argv) == (own, passed_on)

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from nbllm.server import (
     serve_in_background,
     server_options,
 )
+from tests.servers import free_port
 
 PROMPT = "Question: what is a model?\nAnswer:"
 HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there"}]
@@ -597,13 +597,6 @@ def test_stopping_the_server_ends_running_generations_at_once(global_engine: Eng
 
 
 # ---------------------------------------------------------------------------------- a real process
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def test_python_m_nbllm_server_serves_the_openai_client_and_stops_on_ctrl_c(
