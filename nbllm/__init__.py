@@ -98,8 +98,10 @@ if TYPE_CHECKING:
     from nbllm.widgets import ChatPanel
     from nbllm.widgets.models import ModelsPanel
 
-_engine: Engine | None = None
-_engine_lock = threading.Lock()
+# ``%reload_ext nbllm`` re-runs this module in place (importlib.reload): keep the engine, with its
+# loaded models, caches, stats and settings, instead of orphaning it and the memory it holds.
+_engine: Engine | None = globals().get("_engine")
+_engine_lock: threading.Lock = globals().get("_engine_lock") or threading.Lock()
 
 
 def get_engine() -> Engine:

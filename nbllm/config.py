@@ -11,6 +11,7 @@ then the per-user file (``~/.config/nbllm/config.yaml``, or ``$NBLLM_HOME/config
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import typing
@@ -231,6 +232,8 @@ def check_value(
         raise fail()
     if base is float:
         value = float(value)
+        if not math.isfinite(value):  # NaN passes every range comparison below
+            raise fail()
     if "choices" in meta and value not in meta["choices"]:
         raise fail()
     low, high = meta.get("min"), meta.get("max")

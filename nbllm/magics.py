@@ -523,14 +523,7 @@ class NbllmMagics(Magics, Configurable):
             self._map(args, cell)
             return
         if self.interpolate and not args.no_interpolate:
-            namespace = self.ipython.user_ns
-            cell = interpolate(cell, namespace)
-            for name in ("model", "system"):
-                value = getattr(args, name)
-                if value is not None:
-                    setattr(args, name, interpolate(value, namespace))
-            if args.stop:
-                args.stop = [interpolate(stop, namespace) for stop in args.stop]
+            cell = interpolate(cell, self.ipython.user_ns)
         prompt = cell.strip("\n") if args.raw else cell.strip()
         if not prompt.strip():
             raise UsageError("The cell is empty: write the prompt in the cell, below the %%llm line.")
@@ -556,6 +549,9 @@ class NbllmMagics(Magics, Configurable):
             raise UsageError(f"Cannot read the options {line.strip()!r}: {error}.") from None
         if "-h" in tokens or "--help" in tokens:
             return None
+        if self.interpolate and "--no-interpolate" not in tokens:
+            # Each option's value, numbers included (-n {budget}), filled before parsing.
+            tokens = [interpolate(token, self.ipython.user_ns) for token in tokens]
         parser = self.option_parser()
         args, extra = parser.parse_known_args(tokens)
         if extra:
@@ -592,7 +588,10 @@ class NbllmMagics(Magics, Configurable):
         if args.map not in namespace:
             raise UsageError(f"--map {args.map}: no variable {args.map!r} in this notebook.")
         data = namespace[args.map]
-        prompts = prompts_for(data, cell.strip(), namespace, interpolate_text=interpolate)
+        # --no-interpolate leaves the notebook's names alone; the element's own ({item},
+        # {row.column}, {index}) are what --map is for, so they are always filled.
+        names = namespace if self.interpolate and not args.no_interpolate else {}
+        prompts = prompts_for(data, cell.strip(), names, interpolate_text=interpolate)
         engine = nbllm.get_engine()
         model = args.model or self.default_model
         params = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}

@@ -4,6 +4,8 @@ through the objects the user hands in."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -48,10 +50,34 @@ def prompts_for(
     """The template filled once per element (``{item}``, ``{row.column}``, ``{index}``, notebook names)."""
     if not template.strip():
         raise ParameterError("The cell is empty: write the prompt, with {item} (or {row.column}) where each goes.")
-    prompts = []
-    for names in _elements(data):
-        prompts.append(interpolate_text(template, {**namespace, **names}))
-    return prompts
+    elements = _elements(data)
+    if elements:
+        _check_placeholders(template, elements[0], interpolate_text)
+    return [interpolate_text(template, {**namespace, **names}) for names in elements]
+
+
+# {item}, {row.column}, {row[column]}, {index}, not the escaped {{item}}.
+_ELEMENT_PLACEHOLDER = re.compile(r"(?<!\{)\{((?:item|row|index)\b[^{}]*)\}(?!\})")
+
+
+def _check_placeholders(
+    template: str, first: Mapping[str, Any], interpolate_text: Callable[[str, Mapping[str, Any]], str]
+) -> None:
+    """A misspelt column or ``{item}`` over a DataFrame would send the same literal text for
+    every element: refuse it, naming what each element offers. No placeholder at all is
+    allowed (the same question sampled N times) but probably a slip, so it warns."""
+    offers = (
+        f"{{row.COLUMN}} (columns: {', '.join(map(str, first['row']._values))}) and {{index}}"
+        if "row" in first
+        else "{item} and {index}"
+    )
+    used = _ELEMENT_PLACEHOLDER.findall(template)
+    if not used:
+        warnings.warn(f"The --map prompt names no element, so every prompt is the same; use {offers}.", stacklevel=3)
+    for reference in used:
+        placeholder = "{" + reference + "}"
+        if interpolate_text(placeholder, first) == placeholder:
+            raise ParameterError(f"{placeholder} names nothing in the elements of --map: each offers {offers}.")
 
 
 def answers_into(data: Any, results: Sequence[Any], column: str) -> Any:

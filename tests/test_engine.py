@@ -192,6 +192,8 @@ def test_repeated_prompt_reuses_the_kv_prefix(engine: Engine) -> None:
         ({"max_tokens": "ten"}, "max_tokens = 'ten'"),
         ({"temperature": True}, "temperature = True"),
         ({"stop": 5}, "stop = 5"),
+        ({"top_p": float("nan")}, "top_p = nan"),  # NaN passes every range comparison
+        ({"temperature": float("inf")}, "temperature = inf"),
         ({"temprature": 0.5}, "Did you mean 'temperature'?"),
     ],
 )

@@ -129,6 +129,18 @@ def test_unload_ext_removes_the_magics_and_their_settings(ip: InteractiveShell) 
     run(ip, "%load_ext nbllm")  # the fixture unloads it again
 
 
+def test_reload_ext_keeps_the_engine_its_models_and_the_default_model(ip: InteractiveShell, tiny: str) -> None:
+    """%reload_ext re-runs nbllm/__init__.py; a new engine would orphan the loaded models' memory."""
+    engine = nbllm.get_engine()
+    run(ip, f"%llm use {tiny}")
+    run(ip, f"%llm load {tiny}")
+    run(ip, "%reload_ext nbllm")
+    assert nbllm.get_engine() is engine
+    assert [model.name for model in engine.registry.resident()] == ["tiny-a"]
+    assert engine.settings.default_model == tiny
+    assert "llm" in ip.magics_manager.magics["cell"]
+
+
 # ----------------------------------------------------------------- streaming and the stats line
 
 
@@ -348,8 +360,13 @@ def test_a_prompt_is_filled_from_the_notebook_variables(ip: InteractiveShell) ->
 
 
 def test_options_are_filled_from_the_notebook_variables_too(ip: InteractiveShell) -> None:
-    ip.user_ns["chosen"] = "tiny-c"
-    assert provenance(ask(ip, "-n 4 --seed 1 -m {chosen}"))["model"] == "tiny-c"
+    ip.user_ns.update(chosen="tiny-c", budget=3, end="zz")
+    record = provenance(ask(ip, "-n {budget} --seed 1 -m {chosen} --stop {end}"))
+    assert record["model"] == "tiny-c"
+    assert record["parameters"]["max_tokens"] == 3, "numbers too: they are filled before they are parsed"
+    assert record["parameters"]["stop"] == ["zz"]
+    as_written = provenance(ask(ip, "-n 4 --seed 1 --stop {end} --no-interpolate"))
+    assert as_written["parameters"]["stop"] == ["{end}"]
 
 
 # ----------------------------------------------------------------- mistakes: one line, no traceback
@@ -782,6 +799,32 @@ def test_map_reports_items_that_failed_and_keeps_the_others(ip: InteractiveShell
     summary = captured.outputs[-1].data["text/plain"]
     assert "Answered 2 of 3 prompts" in summary
     assert "#1: The prompt is" in summary
+
+
+def test_map_fills_options_and_respects_no_interpolate(ip: InteractiveShell, global_engine: Engine) -> None:
+    ip.user_ns.update(things=["a", "b"], x="XVAL", budget=3)
+    with capture_output():
+        run(ip, "%%llm --map things --raw -n {budget} --seed 1 --out filled\n{item} {x}")
+        run(ip, "%%llm --map things --raw -n 3 --seed 1 --no-interpolate --out as_written\n{item} {x}")
+    assert ip.user_ns["filled"][1] == global_engine.generate("b XVAL", max_tokens=3, seed=1).text
+    assert ip.user_ns["as_written"][1] == global_engine.generate("b {x}", max_tokens=3, seed=1).text
+
+
+def test_map_refuses_a_placeholder_that_names_nothing_in_the_elements(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pandas as pd
+
+    ip.user_ns["people"] = pd.DataFrame({"name": ["ada"], "field": ["maths"]})
+    message = usage_error_of(ip, "%%llm --map people\n{row.nmae} worked on {row.field}", capsys)
+    assert message == (
+        "{row.nmae} names nothing in the elements of --map: "
+        "each offers {row.COLUMN} (columns: name, field) and {index}."
+    )
+    assert "{item} names nothing" in usage_error_of(ip, "%%llm --map people\nSay {item}", capsys)
+    ip.user_ns["words"] = ["a"]
+    with pytest.warns(UserWarning, match="names no element"), capture_output():
+        run(ip, "%%llm --map words -n 2 --seed 1\nSay hello.")
 
 
 def test_map_mistakes_are_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
