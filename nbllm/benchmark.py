@@ -14,17 +14,21 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import statistics
 import time
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from nbllm import __version__, bandwidth, identity, machine
-from nbllm.errors import NbllmError, ParameterError
+from nbllm.errors import InsufficientMemoryError, NbllmError, ParameterError
+from nbllm.fit import estimate_memory
 from nbllm.gguf_file import read_gguf
 from nbllm.progress import progress_bar
 from nbllm.table import Table
+from nbllm.units import format_bytes
 
 FORMAT = "nbllm-bench/1"
 
@@ -75,14 +79,34 @@ class BenchResults:
         return self.table()._repr_html_()
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps({"format": FORMAT, "records": self.records}, indent=1), encoding="utf-8")
+        """Write the records as JSON, whole or not at all (a temporary file moved into place)."""
+        path = check_output_path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        try:
+            partial.write_text(json.dumps({"format": FORMAT, "records": self.records}, indent=1), encoding="utf-8")
+            partial.replace(path)
+        except OSError as error:
+            partial.unlink(missing_ok=True)
+            raise NbllmError(f"Cannot write the results to {path}: {error.strerror or error}.") from None
         return path
 
     def figure(self) -> Any:
         from nbllm.plots import bench_figure
 
         return bench_figure(self.records)
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Where results will be saved, checked before a run that may take minutes, not after it."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise NbllmError(f"{path} is a folder: name a file to save the results in, e.g. {path / 'results.json'}.")
+    folder = path.parent
+    if not folder.is_dir():
+        raise NbllmError(f"Cannot save the results to {path}: the folder {folder} does not exist.")
+    if not os.access(folder, os.W_OK):
+        raise NbllmError(f"Cannot save the results to {path}: the folder {folder} is not writable.")
+    return path
 
 
 def load_results(path: str | Path) -> BenchResults:
@@ -140,10 +164,10 @@ def bench(
         if n < 1 or n > 1 << 16:
             raise ParameterError(f"{kind} = {n}: must be between 1 and 65536 tokens.")
     names = _as_list(models)
-    grid = list(
-        itertools.product(names, _as_list(threads), _as_list(batch_size), _as_list(context_size), _as_list(gpu_layers))
-    )
     build = engine.registry.backend.build_info()
+    sweep = {"threads": threads, "batch_size": batch_size, "context_size": context_size, "gpu_layers": gpu_layers}
+    check_plan(engine, names, sweep)
+    grid = list(itertools.product(names, *(_as_list(values) for values in sweep.values())))
     machine_info = machine_record()
     records: list[dict[str, Any]] = []
     bar = progress_bar(progress, len(grid) * len(tests) * (repetitions + 1), "Benchmark", "run")
@@ -164,6 +188,12 @@ def bench(
             info = read_gguf(spec.path)
             settings = _settings(engine, spec, info, n_threads, n_batch, n_ctx, n_gpu, tests)
             model_info = _model_record(spec, info)
+            needed = estimate_memory(info, settings.context_size, settings.batch_size)
+            if needed.total > machine.available_memory():
+                raise InsufficientMemoryError(
+                    f"{spec.name} with context_size {settings.context_size} needs about {needed.describe()}, but "
+                    f"only {format_bytes(machine.available_memory())} of RAM is available: lower context_size."
+                )
             model = engine.registry.backend.load(spec.path, settings)
             try:
                 for kind, n in tests:
@@ -178,6 +208,29 @@ def bench(
     finally:
         bar.close()
     return BenchResults(records)
+
+
+def check_plan(engine: Any, models: str | Sequence[str] | None, sweep: dict[str, Any]) -> None:
+    """What a bench would run, checked before the first run: every model known, and every value
+    of the settings swept (``threads``, ``batch_size``, ``context_size``, ``gpu_layers``) valid
+    by the config's own declaration of that setting (a bad value used to fail inside llama.cpp
+    after the other runs, or be recorded as if it had applied)."""
+    from nbllm.config import Performance, check_value
+
+    for name in _as_list(models):
+        engine.registry.resolve(name)
+    gpu_offload = bool(engine.registry.backend.build_info().get("gpu_offload"))
+    hints = typing.get_type_hints(Performance)
+    fields = {f.name: f for f in dataclasses.fields(Performance)}
+    for name, values in sweep.items():
+        for value in _as_list(values):
+            if value is not None:
+                check_value(name, value, hints[name], fields[name].metadata, error=ParameterError)
+    if not gpu_offload and any(layers not in (None, 0, -1) for layers in _as_list(sweep["gpu_layers"])):
+        raise ParameterError(
+            "gpu_layers: this llama.cpp build cannot offload to a GPU, so the runs would all be on the CPU. "
+            "nbllm doctor shows how to install a GPU build."
+        )
 
 
 def _settings(

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a program stopped by SIGPIPE
 
 
 def _add_generation_options(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +68,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not prompt.strip():
         raise nbllm.ParameterError("The prompt is empty. Pass it as an argument or on standard input.")
     params = _generation_params(args)
+    if args.raw and args.system:
+        raise nbllm.ParameterError("--system applies to a chat; with --raw, write the instructions into the text.")
     if args.raw:
         stream = nbllm.generate(prompt, model=args.model, stream=True, cache=not args.no_cache, **params)
     else:
@@ -87,6 +91,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     stats = stream.stats
     if stats is not None:
         _stderr_line(("[stopped] " if interrupted else "") + stats.details())
+    elif interrupted:  # while the model was loading
+        _stderr_line("[stopped] before the first token; nothing was generated")
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
@@ -135,10 +141,22 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def check_bench_args(args: argparse.Namespace) -> None:
+    """Mistakes in ``nbllm bench``'s options, found before anything runs or is drawn."""
+    import nbllm
+    from nbllm.benchmark import check_output_path, check_plan
+
+    if args.output:
+        check_output_path(args.output)
+    sweep = {name: getattr(args, name) for name in ("threads", "batch_size", "context_size", "gpu_layers")}
+    check_plan(nbllm.get_engine(), args.model, sweep)
+
+
 def bench_with_args(args: argparse.Namespace, **callbacks: Any) -> Any:
     """``nbllm bench``'s options, run (shared with ``%llm bench``)."""
     import nbllm
 
+    check_bench_args(args)
     return nbllm.bench(
         args.model or None,
         pp=args.pp,
@@ -170,7 +188,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_lab(args: argparse.Namespace) -> int:
     """JupyterLab at the quickstart notebook (the README's main job)."""
     import importlib.util
-    import os
     from pathlib import Path
 
     from nbllm.errors import NbllmError
@@ -312,7 +329,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry_point() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`nbllm run ... | head`): not an error worth a traceback. Point
+        # stdout at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_BROKEN_PIPE
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "required for any address but loopback",
     )
     parser.add_argument(
-        "--workers", "-w", type=int, help="answers generated at once, across models (default: server.workers)"
+        "--workers", "-w", type=int, help="models generating at once, each on its own thread (default: server.workers)"
     )
     parser.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for (default: 4096)")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: 1 MiB)")
     parser.add_argument(
         "--no-batching",
         dest="batched",
@@ -43,6 +44,7 @@ def serve_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "api_key": args.api_key,
         "workers": args.workers,
         "max_tokens_limit": args.max_tokens_limit,
+        "max_body_bytes": args.max_body_bytes,
         "batched": args.batched,
         "log_requests": not args.quiet,
     }

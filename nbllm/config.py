@@ -82,7 +82,7 @@ class Cache:
 class Server:
     host: str = _spec("127.0.0.1", "address to listen on")
     port: int = _spec(8000, "TCP port", min=1, max=65535)
-    workers: int = _spec(1, "requests served at once", min=1, max=256)
+    workers: int = _spec(1, "models generating at once, each on a thread (nbllm serve)", min=1, max=256)
     api_key: str | None = _spec(None, "key clients must send; required off loopback")
 
 

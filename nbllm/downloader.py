@@ -107,8 +107,8 @@ def resolve_url(source: str) -> str:
     if urllib.parse.urlsplit(text).scheme.lower() in ("http", "https"):
         return text
     raise DownloadError(
-        f"Cannot download {source!r}: give a catalog name (see nbllm.catalog()), an https:// URL, "
-        "or hf://owner/repo/file.gguf."
+        f"Cannot download {source!r}: give a catalog name (nbllm models list; nbllm.catalog() in Python), "
+        "an https:// URL, or hf://owner/repo/file.gguf."
     )
 
 
@@ -132,7 +132,8 @@ def safe_file_name(name: str, origin: str, folder: Path | None = None) -> str:
         where = folder or paths.models_dir()
         raise DownloadError(
             f"Refusing to save a download as {name!r} ({origin}): {problem}. nbllm writes only plain .gguf "
-            f"file names into its models folder ({where}); pass file_name='name.gguf' to choose one."
+            f"file names into its models folder ({where}); choose one with --file-name NAME.gguf "
+            "(file_name= in Python)."
         )
     return name
 
@@ -302,7 +303,7 @@ def _http_error(url: str, code: int, reason: str) -> DownloadError:
     if code == 404:
         advice = (
             "There is no file at that address: check the repository and the file name "
-            "(a catalog entry may be out of date; see nbllm.catalog())."
+            "(a catalog entry may be out of date; nbllm models list shows the known ones)."
         )
     elif code in (401, 403):
         advice = (
@@ -345,7 +346,7 @@ def _disposition_name(response: http.client.HTTPResponse, url: str, folder: Path
     if not suggested:
         raise DownloadError(
             f"Cannot tell which file {url} is: the URL does not end in a .gguf name and the server suggests "
-            "none. Pass file_name='model.gguf'."
+            "none. Choose one with --file-name NAME.gguf (file_name= in Python)."
         )
     return safe_file_name(suggested, "the name the server suggested (Content-Disposition)", folder)
 

@@ -683,7 +683,7 @@ class NbllmMagics(Magics, Configurable):
 
     def _bench(self, rest: str) -> Any:
         """The terminal's ``nbllm bench`` options; results as a table, plus a figure when several."""
-        from nbllm.cli import bench_with_args, build_parser
+        from nbllm.cli import bench_with_args, build_parser, check_bench_args
 
         args = _parse_cli(build_parser(), ["bench", *_words(rest)])
         if args.compare:
@@ -692,6 +692,7 @@ class NbllmMagics(Magics, Configurable):
             return compare(*(load_results(path) for path in args.compare))
         from nbllm.plots import bench_figure, live_bench_chart, threads_figure
 
+        check_bench_args(args)  # a mistake is one line, before a chart or a progress bar appears
         live, on_run = live_bench_chart()
         _display(live)
         results = bench_with_args(args, on_run=on_run)

@@ -353,7 +353,8 @@ def _verify_file(path: Path, progress: bool) -> dict[str, Any]:
         row["ok"] = gguf_ok
     else:
         row["checksum"] = (
-            f"MISMATCH ({source}): expected {expected[:12]}..., got {actual[:12]}...: download it again (force)"
+            f"MISMATCH ({source}): expected {expected[:12]}..., got {actual[:12]}...: "
+            "download it again with --force (force=True in Python)"
         )
         row["ok"] = False
     return row

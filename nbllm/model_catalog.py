@@ -165,7 +165,8 @@ class Catalog:
             every = [*self.models, *(a for m in self.models.values() for a in m.aliases)]
             raise ModelNotFoundError(
                 f"{name!r} is not in the model catalog.{did_you_mean(name.strip().lower(), every)} "
-                "See nbllm.catalog() for the known models, or download a URL or hf://repo/file directly."
+                "nbllm models list (nbllm.catalog() in Python) shows the known models; "
+                "or download a URL or hf://repo/file directly."
             )
         return model
 

@@ -165,7 +165,11 @@ class Registry:
             if not candidate.exists():
                 raise ModelNotFoundError(f"Model file {candidate} does not exist. Check the path.")
             return ModelSpec(candidate.stem, candidate, "path")
-        raise ModelNotFoundError(f"Unknown model {name!r}.{did_you_mean(name, self.known_names())} See nbllm.models().")
+        known = self.known_names()
+        listed = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
+        raise ModelNotFoundError(
+            f"Unknown model {name!r}.{did_you_mean(name, known)} Known: {listed}; or give the path of a .gguf file."
+        )
 
     # ----------------------------------------------------------------- residency
 

@@ -274,7 +274,7 @@ class BodyLimit:
         return ApiError(
             413,
             f"The request body{told}; this server accepts at most {self.limit:,} bytes. Send a shorter "
-            "prompt or conversation (or start the server with a higher max_body_bytes).",
+            "prompt or conversation (or start the server with a higher --max-body-bytes).",
             code="request_too_large",
         )
 
@@ -789,12 +789,19 @@ def run_server(
     api_key: str | None = None,
     workers: int | None = None,
     max_tokens_limit: int | None = None,
+    max_body_bytes: int | None = None,
     batched: bool = True,
     log_requests: bool = True,
 ) -> int:
     """Serve in the foreground until Ctrl-C or SIGTERM (``nbllm serve``); returns the exit code."""
     options = server_options(
-        host=host, port=port, workers=workers, api_key=api_key, max_tokens_limit=max_tokens_limit, batched=batched
+        host=host,
+        port=port,
+        workers=workers,
+        api_key=api_key,
+        max_tokens_limit=max_tokens_limit,
+        max_body_bytes=max_body_bytes,
+        batched=batched,
     )
     scheduler = _scheduler(options)
     app = create_app(options, scheduler=scheduler)

@@ -12,7 +12,7 @@ import pytest
 
 from nbllm import benchmark
 from nbllm.engine import Engine
-from nbllm.errors import NbllmError, ParameterError
+from nbllm.errors import InsufficientMemoryError, NbllmError, ParameterError
 
 
 @pytest.mark.parametrize(
@@ -82,11 +82,44 @@ def test_results_round_trip_through_json_and_compare(engine: Engine, tmp_path: P
         ({"pp": 0, "tg": 0}, "Nothing to run"),
         ({"tg": -5}, "tg = -5"),
         ({"pp": 600}, "context_size 512 is smaller"),
+        ({"threads": [1, 0]}, "threads = 0: must be an integer from 1"),
+        ({"batch_size": 0}, "batch_size = 0: must be an integer from 1"),
+        ({"context_size": 1 << 30}, "context_size = 1073741824: must be an integer"),
+        ({"gpu_layers": 5}, "cannot offload to a GPU"),  # this machine's build is CPU-only
     ],
 )
 def test_bad_benchmark_options_are_clear_errors(engine: Engine, options: dict[str, int], fragment: str) -> None:
+    runs: list[float] = []
     with pytest.raises(ParameterError, match=fragment):
-        benchmark.bench(engine, None, progress=False, **{"pp": 16, "tg": 4, **options})
+        benchmark.bench(
+            engine, None, progress=False, on_run=lambda _r, speed: runs.append(speed), **{"pp": 16, "tg": 4, **options}
+        )
+    assert runs == [], "nothing ran before the mistake was found"
+
+
+def test_a_bench_that_would_not_fit_in_ram_is_refused_before_llama_cpp_tries(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(benchmark.machine, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB free
+    with pytest.raises(InsufficientMemoryError, match="but only 1.0 MiB of RAM is available: lower context_size"):
+        benchmark.bench(engine, None, progress=False, pp=16, tg=4, context_size=4096)
+
+
+def test_unknown_models_and_unwritable_outputs_are_found_before_the_first_run(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    base = [sys.executable, "-m", "nbllm.cli", "bench", "-p", "16", "-n", "4", "-r", "1", "-q"]
+    cases = {
+        ("-m", str(tiny_models["a"]), "-m", "nothere"): "Unknown model 'nothere'",
+        ("-m", str(tiny_models["a"]), "-o", str(tmp_path)): "is a folder: name a file",
+        ("-m", str(tiny_models["a"]), "-o", str(tmp_path / "no" / "r.json")): "does not exist",
+    }
+    for args, fragment in cases.items():
+        result = subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1, result.stderr
+        assert fragment in result.stderr
+        assert "Traceback" not in result.stderr
+        assert result.stdout == "", "no result was printed: nothing ran"
 
 
 def test_a_file_that_is_not_results_is_a_clear_error(tmp_path: Path) -> None:

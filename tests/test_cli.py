@@ -70,9 +70,12 @@ def test_a_repeated_run_comes_from_the_prompt_cache(tiny_models: dict[str, Path]
 def test_an_unknown_model_is_one_clear_line_and_exit_1() -> None:
     result = nbllm_cli("run", "hi", "--model", "gemma-3-207m")
     assert result.returncode == 1
-    assert result.stderr.strip() == (
-        "nbllm: error: Unknown model 'gemma-3-207m'. Did you mean 'gemma-3-270m'? See nbllm.models()."
+    line = result.stderr.strip()
+    assert "\n" not in line
+    assert line.startswith(
+        "nbllm: error: Unknown model 'gemma-3-207m'. Did you mean 'gemma-3-270m'? Known: gemma-3-270m"
     )
+    assert line.endswith("; or give the path of a .gguf file.")
     assert "Traceback" not in result.stderr
 
 
@@ -81,6 +84,8 @@ def test_an_unknown_model_is_one_clear_line_and_exit_1() -> None:
     [
         (("--temperature", "9"), "temperature = 9.0"),
         (("--max-tokens", "0"), "max_tokens = 0"),
+        (("--top-p", "nan"), "top_p = nan"),
+        (("--raw", "--system", "be brief"), "--system applies to a chat"),
     ],
 )
 def test_out_of_range_options_are_clear_errors(
@@ -174,3 +179,20 @@ def test_only_what_follows_the_lab_command_goes_to_jupyterlab(
     argv: list[str], own: list[str], passed_on: list[str]
 ) -> None:
     assert _split_lab_arguments(argv) == (own, passed_on)
+
+
+def test_a_reader_that_goes_away_ends_the_run_without_a_traceback(tiny_models: dict[str, Path]) -> None:
+    """``nbllm run ... | head -c 5``: the pipe closes while the answer streams."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "nbllm.cli", "run", "the", "--model", str(tiny_models["a"]), "-n", "400", "--raw"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    process.stdout.read(1)
+    process.stdout.close()  # as head does once it has its bytes
+    errors = process.stderr.read().decode()
+    assert process.wait(timeout=120) in (0, 141), errors  # 0 when the answer ended before the pipe closed
+    assert "Traceback" not in errors

@@ -268,3 +268,27 @@ def test_health_names_resident_models_and_their_settings(engine: Engine) -> None
     assert resident["threads"] >= 1
     assert resident["gpu_layers"] == 0
     assert health["model_cache"] == "1/2"
+
+
+def test_ctrl_c_while_llama_cpp_logs_during_a_load_stops_the_load(
+    engine: Engine, tiny: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C's handler may run inside llama.cpp's log callback, where ctypes would print and
+    drop the KeyboardInterrupt; the load must stop all the same, and leave nothing loaded."""
+    from nbllm.backends import llama_cpp as backend
+
+    calls = {"n": 0}
+
+    def interrupted(level: int) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 3:  # a few lines into the load, as a real Ctrl-C would land
+            raise KeyboardInterrupt
+        return False
+
+    monkeypatch.setattr(backend.llama_log, "isEnabledFor", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.registry.load(tiny)
+    assert calls["n"] > 3, "llama.cpp went on logging: the interrupt surfaced only once C returned"
+    assert engine.registry.resident() == []
+    monkeypatch.undo()
+    assert engine.generate("the", max_tokens=2, seed=1).stats.completion_tokens > 0

@@ -656,6 +656,7 @@ def test_python_m_nbllm_server_refuses_a_public_address_without_a_key() -> None:
 
 def test_the_serve_subcommand_parses_its_options_without_importing_the_server() -> None:
     argv = ["serve", "--host", "0.0.0.0", "-p", "9000", "--api-key", "k", "-w", "3", "--no-batching"]
+    argv += ["--max-body-bytes", "4096"]
     code = (
         "import argparse, json, sys\n"
         "from nbllm.cli_serve import add_serve_command, serve_arguments\n"
@@ -672,6 +673,7 @@ def test_the_serve_subcommand_parses_its_options_without_importing_the_server() 
         "api_key": "k",
         "workers": 3,
         "max_tokens_limit": None,
+        "max_body_bytes": 4096,
         "batched": False,
         "log_requests": True,
     }

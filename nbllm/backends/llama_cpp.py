@@ -14,6 +14,7 @@ import ctypes
 import io
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -71,6 +72,31 @@ def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> Non
 llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 
 
+@contextlib.contextmanager
+def _interrupts_inside_callbacks() -> Iterator[threading.Event]:
+    """Catch a Ctrl-C that lands inside llama.cpp's log callback during a load.
+
+    Python runs signal handlers at the next Python code, and during a load that is often the
+    log callback, called from C; ctypes cannot pass the KeyboardInterrupt on through C, so it
+    hands it to ``sys.unraisablehook``, which prints and drops it, and the load went on as if
+    nothing had happened. While the load runs, that hook records the interrupt instead (anything
+    else goes to the previous hook), and the caller raises it once C has returned."""
+    interrupted = threading.Event()
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            interrupted.set()
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield interrupted
+    finally:
+        sys.unraisablehook = previous
+
+
 class _DebugWriter(io.TextIOBase):
     """Swallows llama-cpp-python's verbose prints during a load, keeping them at DEBUG."""
 
@@ -97,7 +123,7 @@ class LlamaCppModel:
             # verbose=True avoids llama-cpp-python's stdout/stderr file-descriptor swap during the
             # load (it would swallow other threads' output in a kernel); its Python-level prints
             # are caught here instead, and llama.cpp's own log goes through _route_llama_log.
-            with contextlib.redirect_stderr(_DebugWriter()):
+            with contextlib.redirect_stderr(_DebugWriter()), _interrupts_inside_callbacks() as interrupted:
                 self._llm = llama_cpp.Llama(
                     model_path=str(path),
                     n_ctx=settings.context_size,
@@ -121,6 +147,9 @@ class LlamaCppModel:
                 "architecture may be newer than this llama.cpp build (upgrade llama-cpp-python), or "
                 "memory ran out (lower performance.context_size or performance.gpu_layers)."
             ) from error
+        if interrupted.is_set():  # Ctrl-C during the load: give the memory back, then stop
+            self._llm.close()
+            raise KeyboardInterrupt
         self._llm.verbose = False
         llm = self._llm
         # Llama.generate builds its sampler through this method: ours puts top-k first.
