@@ -221,7 +221,7 @@ def _cached_result(engine: Engine, index: int, request: Request, key: Mapping[st
     from nbllm.engine import cached_stats
 
     started = time.perf_counter()
-    stats = cached_stats(answer, key)
+    stats = cached_stats(answer, key, engine.registry.resolve(request.model).name)
     stats.total_seconds = stats.time_to_first_token = time.perf_counter() - started
     engine.stats.record_request(stats, time_saved=max(float(answer["total_seconds"]) - stats.total_seconds, 0.0))
     return ManyResult(index, "".join(answer["pieces"]), stats)

@@ -353,7 +353,7 @@ class Engine:
         if self.cache_wanted(request):
             answer = self.prompt_cache.get(cache_key)
             if answer is not None:
-                yield from self._replay(answer, cache_key, owner, started)
+                yield from self._replay(answer, cache_key, self.registry.resolve(request.model).name, owner, started)
                 return
             self.stats.record_cache_miss()
         params = request.params
@@ -420,10 +420,10 @@ class Engine:
             return resident, pieces
 
     def _replay(
-        self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], owner: Stream, started: float
+        self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], model: str, owner: Stream, started: float
     ) -> Generator[str, None, None]:
         """A cached answer, streamed like a fresh one so that front ends need no special case."""
-        stats = cached_stats(answer, cache_key)
+        stats = cached_stats(answer, cache_key, model)
         owner.usage.completion_tokens = stats.completion_tokens
         try:
             for index, piece in enumerate(answer["pieces"]):
@@ -588,10 +588,14 @@ def _backend_version() -> str:
         return "unknown"
 
 
-def cached_stats(answer: Mapping[str, Any], cache_key: Mapping[str, Any]) -> RequestStats:
-    """The stats of an answer served from the prompt cache (its timings are filled by the caller)."""
+def cached_stats(answer: Mapping[str, Any], cache_key: Mapping[str, Any], model: str) -> RequestStats:
+    """The stats of an answer served from the prompt cache (its timings are filled by the caller).
+
+    ``model`` is the name asked for now: the entry is keyed by the file's content, so the same
+    file under another name (a copy, a renamed download) is a hit, and its stats and provenance
+    must not name the file it was first generated with."""
     return RequestStats(
-        model=str(answer["model"]),
+        model=model,
         prompt_tokens=int(answer["prompt_tokens"]),
         completion_tokens=int(answer["completion_tokens"]),
         finish_reason=str(answer["finish_reason"]),

@@ -816,12 +816,14 @@ def _map_summary(results: Sequence[Any], target: str, stopped: bool) -> dict[str
     ok = [r for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     cached = sum(1 for r in ok if r.stats and r.stats.cached)
-    tokens = sum(r.stats.completion_tokens for r in ok if r.stats)
-    seconds = max((r.stats.total_seconds for r in ok if r.stats), default=0.0)
+    # Speed counts what was generated now: answers from the prompt cache took no decoding.
+    generated = [r.stats for r in ok if r.stats and not r.stats.cached]
+    tokens = sum(s.completion_tokens for s in generated)
+    seconds = max((s.total_seconds for s in generated), default=0.0)
+    speed = f"{tokens} tokens in {seconds:.2f}s ({tokens / seconds if seconds else 0:.1f} t/s together)"
     lines = [
         f"{'[stopped] ' if stopped else ''}Answered {len(ok)} of {len(results)} prompts into {target!r}: "
-        f"{tokens} tokens in {seconds:.2f}s ({tokens / seconds if seconds else 0:.1f} t/s together)"
-        + (f", {cached} from the prompt cache" if cached else "")
+        + ", ".join(([speed] if generated else []) + ([f"{cached} from the prompt cache"] if cached else []))
     ]
     for result in failed[:5]:
         lines.append(f"  #{result.index}: {result.error}")

@@ -47,16 +47,17 @@ class RequestStats:
         return evaluated / seconds if seconds > 0 else 0.0
 
     def summary(self) -> str:
-        """The guide's line: ``Generated 256 tokens in 12.5s (20.5 t/s)``."""
+        """The guide's line: ``Generated 256 tokens in 12.5s (20.5 t/s)``; for an answer from the
+        prompt cache, which was not generated now, where it came from and how fast."""
+        if self.cached:
+            return f"{self.completion_tokens} tokens from the prompt cache in {self.total_seconds * 1000:.1f} ms"
         return (
             f"Generated {self.completion_tokens} tokens in {self.total_seconds:.2f}s ({self.tokens_per_second:.1f} t/s)"
         )
 
     def details(self) -> str:
         parts = [self.summary(), f"model {self.model}"]
-        if self.cached:
-            parts.append("from prompt cache")
-        else:
+        if not self.cached:
             parts.append(f"first token {self.time_to_first_token:.2f}s")
             if self.reused_prompt_tokens:
                 parts.append(f"reused {self.reused_prompt_tokens}/{self.prompt_tokens} prompt tokens")

@@ -101,7 +101,7 @@ def test_a_bench_that_would_not_fit_in_ram_is_refused_before_llama_cpp_tries(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(benchmark.machine, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB free
-    with pytest.raises(InsufficientMemoryError, match="but only 1.0 MiB of RAM is available: lower context_size"):
+    with pytest.raises(InsufficientMemoryError, match=r"but only 1\.0 MiB of RAM is available: lower context_size"):
         benchmark.bench(engine, None, progress=False, pp=16, tg=4, context_size=4096)
 
 

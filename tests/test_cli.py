@@ -30,7 +30,7 @@ def nbllm_cli(
 
 
 def test_run_streams_an_answer_and_ends_with_the_stats_line(tiny_models: dict[str, Path]) -> None:
-    result = nbllm_cli("run", "the", "--model", str(tiny_models["a"]), "-n", "8", "--seed", "1", "--raw")
+    result = nbllm_cli("run", "the", "--model", str(tiny_models["a"]), "-n", "8", "--seed", "1", "--raw", "--no-cache")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     last = result.stderr.strip().splitlines()[-1]
@@ -41,7 +41,7 @@ def test_run_streams_an_answer_and_ends_with_the_stats_line(tiny_models: dict[st
 
 def test_run_takes_the_prompt_from_stdin(tiny_models: dict[str, Path]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli", "run", "--model", str(tiny_models["a"]), "-n", "4"],
+        [sys.executable, "-m", "nbllm.cli", "run", "--model", str(tiny_models["a"]), "-n", "4", "--no-cache"],
         input="hello there",
         capture_output=True,
         text=True,
@@ -55,7 +55,7 @@ def test_run_with_a_seed_is_reproducible(tiny_models: dict[str, Path]) -> None:
     args = ("run", "the", "--model", str(tiny_models["a"]), "-n", "10", "--seed", "4", "-t", "1.0", "--no-cache")
     first, second = nbllm_cli(*args), nbllm_cli(*args)
     assert first.stdout == second.stdout
-    assert "from prompt cache" not in second.stderr
+    assert "from the prompt cache" not in second.stderr
 
 
 def test_a_repeated_run_comes_from_the_prompt_cache(tiny_models: dict[str, Path], tmp_path: Path) -> None:
@@ -63,8 +63,8 @@ def test_a_repeated_run_comes_from_the_prompt_cache(tiny_models: dict[str, Path]
     args = ("run", "the", "--model", str(tiny_models["a"]), "-n", "10", "--seed", "5")
     first, second = nbllm_cli(*args, env=env), nbllm_cli(*args, env=env)
     assert first.stdout == second.stdout
-    assert "from prompt cache" not in first.stderr
-    assert "from prompt cache" in second.stderr
+    assert "from the prompt cache" not in first.stderr
+    assert "from the prompt cache" in second.stderr
 
 
 def test_an_unknown_model_is_one_clear_line_and_exit_1() -> None:

@@ -316,7 +316,7 @@ def test_a_repeated_cell_is_answered_from_the_prompt_cache_and_says_so(ip: Inter
     assert not provenance(first)["cached"]
     assert provenance(again)["cached"]
     assert answer_text(again) == answer_text(first)
-    assert "from prompt cache" in status_lines(again)[-1]
+    assert "from the prompt cache" in status_lines(again)[-1]
 
 
 def test_no_cache_neither_uses_nor_fills_the_prompt_cache(ip: InteractiveShell, global_engine: Engine) -> None:

@@ -104,6 +104,22 @@ def test_a_file_replaced_under_the_same_name_never_returns_old_answers(cached_en
     assert new.stats.model_hash != old.stats.model_hash
 
 
+def test_a_copy_under_another_name_hits_and_is_reported_under_its_own_name(
+    cached_engine: Engine, tmp_path: Path
+) -> None:
+    """Entries are keyed by content, so a copy hits; its stats (and provenance) name the copy."""
+    original = make_tiny_model(tmp_path / "original.gguf", seed=22)
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(original.read_bytes())
+    first = cached_engine.generate("the", model=str(original), **REQUEST)
+    again = cached_engine.generate("the", model=str(copy), **REQUEST)
+    assert again.stats.cached
+    assert (first.stats.model, again.stats.model) == ("original", "copy")
+    assert again.stats.summary() == f"{again.stats.completion_tokens} tokens from the prompt cache in " + (
+        f"{again.stats.total_seconds * 1000:.1f} ms"
+    )
+
+
 def test_least_recently_used_entries_are_dropped_first(cached_engine: Engine) -> None:
     cached_engine.configure(cache={"prompt_cache_size": 3})
     for prompt in ("a", "b", "c"):

@@ -511,8 +511,9 @@ def _live_status(stream: Stream, now: float) -> str:
 
 
 def _final_status(stats: RequestStats) -> str:
-    cost = "from the prompt cache" if stats.cached else f"first token {stats.time_to_first_token:.2f}s"
-    return " · ".join([stats.summary(), cost, stats.model])
+    if stats.cached:  # the summary says so
+        return " · ".join([stats.summary(), stats.model])
+    return " · ".join([stats.summary(), f"first token {stats.time_to_first_token:.2f}s", stats.model])
 
 
 def _strip_tags(markup: str) -> str:
