@@ -319,7 +319,7 @@ def stream_batched(engine: Engine, request: Request, owner: Any) -> Iterator[str
     if engine.cache_wanted(request):
         answer = engine.prompt_cache.get(key)
         if answer is not None:
-            yield from engine._replay(answer, key, owner, started)
+            yield from engine._replay(answer, key, engine.registry.resolve(request.model).name, owner, started)
             return
         engine.stats.record_cache_miss()
     events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()

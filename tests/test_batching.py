@@ -155,6 +155,24 @@ def test_concurrent_batched_streams_decode_together_and_stay_separate(batch_engi
     assert got == expected
 
 
+def test_a_batched_stream_is_answered_from_the_prompt_cache_under_the_name_asked_for(
+    settings: Settings, tiny_models: dict[str, Path]
+) -> None:
+    """The server's path (batched streams) consults the prompt cache like every other."""
+    engine = Engine(settings.merged({"performance": {"parallel": 2}, "cache": {"enabled": True}}))
+    try:
+        request = engine.make_request(prompt="the", params={"max_tokens": 6, "seed": 4})
+        first = engine.stream(request, batched=True)
+        text = "".join(first)
+        again = engine.stream(request, batched=True)
+        assert "".join(again) == text
+        assert again.stats is not None
+        assert again.stats.cached
+        assert again.stats.model == "tiny-a"
+    finally:
+        engine.close()
+
+
 def test_a_batched_stream_closed_early_is_cancelled(batch_engine: Engine) -> None:
     request = batch_engine.make_request(prompt="the", params={"max_tokens": 300, "ignore_eos": True, "seed": 1})
     stream = batch_engine.stream(request, batched=True)
