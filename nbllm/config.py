@@ -340,18 +340,26 @@ def find_config_file(explicit: str | os.PathLike[str] | None = None) -> Path | N
     if explicit is not None:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise ConfigError(f"Config file {path} does not exist. Check the path, or leave it out to use defaults.")
+            raise ConfigError(
+                f"Config file {path} {_not_a_file(path)}. Check the path, or leave it out to use defaults."
+            )
         return path
     from_env = os.environ.get("NBLLM_CONFIG")
     if from_env:
         path = Path(from_env).expanduser()
         if not path.is_file():
-            raise ConfigError(f"NBLLM_CONFIG points to {path}, which does not exist. Fix the variable or unset it.")
+            raise ConfigError(
+                f"NBLLM_CONFIG points to {path}, which {_not_a_file(path)}. Fix the variable or unset it."
+            )
         return path
     for candidate in (Path.cwd() / "nbllm.yaml", paths.user_config_file()):
         if candidate.is_file():
             return candidate
     return None
+
+
+def _not_a_file(path: Path) -> str:
+    return "is a folder, not a YAML file" if path.is_dir() else "does not exist"
 
 
 def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:

@@ -94,12 +94,18 @@ def is_remote(source: str) -> bool:
     return source.strip().lower().startswith(("https://", "http://", "hf://"))
 
 
+_HF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def resolve_url(source: str) -> str:
     """``hf://owner/repo/file`` -> ``{endpoint}/owner/repo/resolve/main/file``; http(s) URLs unchanged."""
     text = source.strip()
     if text.lower().startswith("hf://"):
         parts = text[5:].strip("/").split("/")
-        if len(parts) < 3 or not all(parts):
+        # Owner and repository names are letters, digits, "-", "_" and "."; no part of the path
+        # may be "." or "..", which would climb out of the repository.
+        names_ok = all(_HF_NAME.fullmatch(part) for part in parts[:2])
+        if len(parts) < 3 or not names_ok or not all(part and part not in (".", "..") for part in parts):
             raise DownloadError(
                 f"{source!r} is not hf://OWNER/REPO/FILE (e.g. hf://TheBloke/phi-2-GGUF/phi-2.Q4_K_M.gguf)."
             )

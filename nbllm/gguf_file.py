@@ -247,7 +247,7 @@ def _parse(path: Path, buffer: Any, size: int, mtime_ns: int) -> GGUFInfo:
             "It is an old GGML-format model; convert it to GGUF with llama.cpp's conversion scripts "
             "or download the .gguf version."
             if legacy
-            else "nbllm loads llama.cpp GGUF models: pick a file ending in .gguf."
+            else "Whatever its name, its content is not a GGUF model: download it again, or pick another file."
         )
         raise InvalidModelFileError(f"{path} is not a GGUF file (it starts with {magic!r}). {hint}")
     reader.pos = 4

@@ -81,7 +81,10 @@ def format_tps(value: float | None) -> str:
 
 
 def format_params(n: int) -> str:
-    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    """1.5B, 268M, 0.14M: never "0M" for the tiny models of tests and experiments."""
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B"
+    return f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2g}M"
 
 
 def format_size(entry: CatalogFile) -> str:

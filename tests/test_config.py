@@ -101,6 +101,11 @@ def test_a_missing_explicit_or_env_file_is_an_error(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("NBLLM_CONFIG", str(tmp_path / "nope.yaml"))
     with pytest.raises(ConfigError, match="NBLLM_CONFIG points to"):
         find_config_file()
+    monkeypatch.setenv("NBLLM_CONFIG", str(tmp_path))
+    with pytest.raises(ConfigError, match="which is a folder, not a YAML file"):
+        find_config_file()
+    with pytest.raises(ConfigError, match="is a folder, not a YAML file"):
+        find_config_file(tmp_path)
 
 
 def test_misspelled_key_names_the_key_and_suggests(tmp_path: Path) -> None:

@@ -413,7 +413,17 @@ def test_a_name_that_does_not_resolve_says_so() -> None:
     assert "the host name models.example.invalid could not be resolved: no network, or no DNS" in str(error)
 
 
-@pytest.mark.parametrize("source", ["ftp://example.org/model.gguf", "file:///etc/passwd", "model.gguf", "hf://only"])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "ftp://example.org/model.gguf",
+        "file:///etc/passwd",
+        "model.gguf",
+        "hf://only",
+        "hf://../../etc/passwd",  # would climb out of the endpoint's repository paths
+        "hf://Org/Repo/../../other/m.gguf",
+    ],
+)
 def test_sources_that_are_not_http_or_hf_are_refused(home: Path, source: str) -> None:
     with pytest.raises(DownloadError):
         fetch(source, show_progress=False)

@@ -207,6 +207,17 @@ def test_out_of_range_params_are_clear_errors_before_any_work(
     assert engine.registry.resident() == [], "nothing was loaded for an invalid request"
 
 
+def test_a_prompt_longer_than_the_models_training_context_says_so(engine: Engine, tmp_path: Path) -> None:
+    """Raising context_size cannot help past the length the model was trained for (nbllm caps it)."""
+    from nbllm.testing import make_tiny_model
+
+    short = make_tiny_model(tmp_path / "short.gguf", seed=5, context_length=256)
+    engine.configure(performance={"context_size": 4096})
+    with pytest.raises(ContextLengthError) as caught:
+        engine.generate(" ".join(["model"] * 400), model=str(short), max_tokens=4)
+    assert str(caught.value).endswith("short.gguf was trained for at most 256 tokens: shorten the prompt.")
+
+
 def test_a_prompt_longer_than_the_context_is_a_clear_error(engine: Engine) -> None:
     long_prompt = " ".join(["model"] * 2000)
     with pytest.raises(ContextLengthError) as caught:

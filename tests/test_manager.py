@@ -245,7 +245,9 @@ def test_info_reads_the_gguf_header_of_a_downloaded_model(phi2: bytes) -> None:
 
 
 def test_info_on_a_path_and_on_an_invalid_file(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    assert manager.model_info(str(tiny_models["a"])).chat_template is False
+    info = manager.model_info(str(tiny_models["a"]))
+    assert info.chat_template is False
+    assert f"{info.parameters / 1e6:.2g}M ({info.parameters:,})" in str(info), "not 0M for a tiny model"
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(b"GGUF" + b"\0" * 100)
     with pytest.raises(InvalidModelFileError):

@@ -239,11 +239,16 @@ class LlamaCppModel:
         tokens = self._tokenize(prompt)
         n_ctx = llm.n_ctx()
         if len(tokens) >= n_ctx:
-            raise ContextLengthError(
-                f"The prompt is {len(tokens):,} tokens but the context holds {n_ctx:,}. Shorten the prompt, "
-                f"or raise performance.context_size (e.g. nbllm.configure(performance={{'context_size': "
-                f"{_next_power_of_two(len(tokens) + params.max_tokens)}}}))."
-            )
+            trained = int(llm._model.n_ctx_train())
+            if n_ctx >= trained:  # nbllm caps the context at the model's training length
+                advice = f"{self.path.name} was trained for at most {trained:,} tokens: shorten the prompt."
+            else:
+                wanted = min(_next_power_of_two(len(tokens) + params.max_tokens), trained)
+                advice = (
+                    f"Shorten the prompt, or raise performance.context_size to {wanted:,} (config file, "
+                    f"or nbllm.configure(performance={{'context_size': {wanted}}}) in Python)."
+                )
+            raise ContextLengthError(f"The prompt is {len(tokens):,} tokens but the context holds {n_ctx:,}. {advice}")
         if not tokens:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         usage.prompt_tokens = len(tokens)
