@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from nbllm.errors import NbllmError
 from nbllm.metrics import RequestStats
 from nbllm.progress import progress_bar
+from nbllm.waiting import next_item
 
 if TYPE_CHECKING:
     from nbllm.backends.llama_cpp_batch import BatchEvent, BatchItem, BatchProgress
@@ -272,7 +273,7 @@ def run_many(
     try:
         remaining = len(items)
         while remaining:
-            event = events.get()
+            event = next_item(events)
             index = event.item.key
             if event.kind == "piece":
                 pieces[index].append(event.text)
@@ -332,7 +333,7 @@ def stream_batched(engine: Engine, request: Request, owner: Any) -> Iterator[str
     finished = False
     try:
         while True:
-            event = events.get()
+            event = next_item(events)
             if event.kind == "piece":
                 owner.pieces.append(event.text)
                 yield event.text

@@ -171,6 +171,8 @@ class Engine:
             raise ConfigError(f"configure() takes a YAML path or a dict of overrides, not {type(source).__name__}.")
         if sections:
             settings = settings.merged(sections)
+        if settings.default_model != self._settings.default_model:
+            self._check_default_model(settings)
         if self._cache_location(settings) != self._cache_location(self._settings):
             self.prompt_cache = self._make_prompt_cache(settings)
         self.prompt_cache.max_entries = settings.cache.prompt_cache_size
@@ -179,6 +181,16 @@ class Engine:
         # Lower limits apply now; changed load settings reload a model when it is next used.
         self.registry.enforce_limits()
         return settings
+
+    def _check_default_model(self, settings: Settings) -> None:
+        """A new default model must exist now: otherwise every later call would fail instead."""
+        previous, self._settings = self._settings, settings
+        try:
+            self.registry.resolve(None)
+        except ModelNotFoundError as error:
+            raise ConfigError(f"default_model = {settings.default_model!r}: {error}") from None
+        finally:
+            self._settings = previous
 
     @staticmethod
     def _cache_location(settings: Settings) -> Path:

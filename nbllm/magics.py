@@ -81,6 +81,16 @@ class _Unresolved(Exception):
     pass
 
 
+class AnswerInterrupted(KeyboardInterrupt):
+    """Raised at the end of a ``%%llm`` cell that was interrupted, once its partial output is
+    shown: the cell must still count as interrupted, so that a notebook's Run All stops there
+    (a cell that returns normally lets the queued cells run). IPython shows the one line from
+    ``_render_traceback_`` instead of a traceback."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [str(self)]
+
+
 def interpolate(text: str, namespace: Mapping[str, Any]) -> str:
     """Fill ``{name}``, ``{obj.attr}`` and ``{d[key]}`` from ``namespace``; leave other braces alone.
 
@@ -466,7 +476,8 @@ class NbllmMagics(Magics, Configurable):
             written, so JSON and code survive; {{name}} is a literal {name};
             --no-interpolate sends everything as written.
           Interrupting the kernel stops the answer within a token: what was produced
-            stays visible, marked [stopped], and nothing is cached.
+            stays visible, marked [stopped], and nothing is cached; the cell still ends
+            as interrupted, so a Run All stops there.
           The output's metadata ("nbllm") records the model, its file's SHA-256,
             the parameters with the seed used, and the stats.
 
@@ -510,6 +521,10 @@ class NbllmMagics(Magics, Configurable):
             return None
         except NbllmError as error:
             raise UsageError(str(error)) from None
+        except AnswerInterrupted:
+            raise
+        except KeyboardInterrupt:  # before an answer started (loading a model, importing plotly...)
+            raise AnswerInterrupted("Interrupted before any answer was shown; nothing was cached.") from None
 
     # ------------------------------------------------------------- %%llm
 
@@ -539,8 +554,10 @@ class NbllmMagics(Magics, Configurable):
         bundle, note = render_answer(text, fmt)
         metadata = {"nbllm": provenance(stream, fmt, stopped)}
         live.finish(stream, bundle, metadata, stats_line(stream.stats, stopped, note))
-        if fmt == "code" and text.strip():
+        if fmt == "code" and text.strip() and not stopped:
             self.ipython.set_next_input(extract_code(text), replace=False)
+        if stopped:
+            raise AnswerInterrupted("Interrupted: the answer so far stays above; nothing was cached.")
 
     def _parse_options(self, line: str) -> Namespace | None:
         try:
@@ -612,6 +629,8 @@ class NbllmMagics(Magics, Configurable):
         target = args.out or (args.map if _is_dataframe(data) else "answers")
         namespace[target] = answers_into(data, results, args.column)
         _display(_map_summary(results, target, stopped), raw=True)
+        if stopped:
+            raise AnswerInterrupted(f"Interrupted: the answers that finished are in {target!r}; the others are None.")
 
     def _messages(self, args: Namespace, prompt: str) -> list[dict[str, str]]:
         system = args.system

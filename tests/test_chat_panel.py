@@ -15,6 +15,7 @@ import pytest
 
 import nbllm
 from nbllm.engine import Engine
+from nbllm.errors import ModelNotFoundError
 from nbllm.plots import STOPPED_COLOR
 from nbllm.testing import make_tiny_model
 from nbllm.widgets import ChatPanel
@@ -369,6 +370,23 @@ def test_a_broken_model_file_fails_in_the_worker_and_shows_in_the_status(engine:
     assert not panel.busy
     assert not panel.send_button.disabled
     assert panel.history == [{"role": "user", "content": "hello"}]
+
+
+def test_an_unknown_model_is_refused_when_the_panel_is_made(engine: Engine) -> None:
+    with pytest.raises(ModelNotFoundError, match="Did you mean 'tiny-a'"):
+        ChatPanel(engine, model="tiny-aa")
+
+
+def test_send_says_whether_a_reply_started(panel: ChatPanel, engine: Engine, tmp_path: Path) -> None:
+    doomed = make_tiny_model(tmp_path / "gone.gguf", seed=9)
+    engine.configure(models={**engine.settings.models, "gone": str(doomed)})
+    panel.model.options = [*panel.model.options, "gone"]
+    panel.model.value = "gone"
+    doomed.unlink()
+    assert panel.send("hello") is False, "the reply could not start"
+    assert panel.status_kind == "error"
+    with pytest.raises(TypeError, match="as a string, not int"):
+        panel.send(123)  # type: ignore[arg-type]
 
 
 def test_an_out_of_range_setting_is_reported_not_raised(panel: ChatPanel) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,31 @@ def test_a_follow_up_question_reuses_the_shared_prefix(default_engine: Engine) -
     default_engine.chat([*history, {"role": "user", "content": "What is Docker?"}], max_tokens=4, seed=1)
     second = default_engine.chat([*history, {"role": "user", "content": "What is Git?"}], max_tokens=4, seed=1)
     assert second.stats.reused_prompt_tokens > 100
+
+
+def test_ctrl_c_while_a_long_prompt_is_read_stops_within_a_step(default_engine: Engine) -> None:
+    """A real SIGINT (what Ctrl-C and Jupyter's interrupt send) during the prompt: llama.cpp's
+    abort callback ends the decode in progress instead of reading the whole prompt first, and
+    the model answers the same prompt exactly as before afterwards."""
+    prompt = "Green frogs sing loudly near the quiet pond at night. " * 130 + "Summarize."
+
+    def read_from_scratch(interrupt_after: float | None = None) -> tuple[float, str | None]:
+        default_engine.generate("An unrelated prompt.", max_tokens=1, cache=False)  # replaces the KV...
+        default_engine.clear_cache()  # ...and this drops the snapshot taken of the long prompt
+        if interrupt_after is not None:
+            threading.Timer(interrupt_after, os.kill, (os.getpid(), signal.SIGINT)).start()
+        started = time.perf_counter()
+        try:
+            text = default_engine.generate(prompt, max_tokens=6, temperature=0, cache=False).text
+        except KeyboardInterrupt:
+            return time.perf_counter() - started, None
+        return time.perf_counter() - started, text
+
+    full_seconds, reference = read_from_scratch()
+    interrupted_seconds, nothing = read_from_scratch(interrupt_after=full_seconds * 0.1)
+    assert nothing is None, "the interrupt arrived after the answer: make the prompt longer"
+    assert interrupted_seconds < full_seconds * 0.5, (interrupted_seconds, full_seconds)
+    assert read_from_scratch()[1] == reference, "the KV cache and llama-cpp-python agree after the abort"
 
 
 def test_the_readme_main_job_runs_in_a_terminal(default_model_path: Path) -> None:

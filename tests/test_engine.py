@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from nbllm.engine import Completion, Engine, Stream
-from nbllm.errors import ContextLengthError, ModelNotFoundError, ParameterError
+from nbllm.errors import ConfigError, ContextLengthError, ModelNotFoundError, ParameterError
 
 
 def test_generate_returns_text_and_stats(engine: Engine) -> None:
@@ -303,3 +303,10 @@ def test_ctrl_c_while_llama_cpp_logs_during_a_load_stops_the_load(
     assert engine.registry.resident() == []
     monkeypatch.undo()
     assert engine.generate("the", max_tokens=2, seed=1).stats.completion_tokens > 0
+
+
+def test_a_default_model_that_does_not_exist_is_refused_and_the_old_one_kept(engine: Engine) -> None:
+    with pytest.raises(ConfigError, match=r"default_model = 'tiny-aa': Unknown model 'tiny-aa'\. Did you mean"):
+        engine.configure(default_model="tiny-aa")
+    assert engine.settings.default_model == "tiny-a"
+    assert engine.configure(default_model="tiny-b").default_model == "tiny-b"

@@ -449,8 +449,11 @@ def test_interrupting_the_kernel_keeps_the_partial_answer_and_caches_nothing(
             interrupter.join()
         except KeyboardInterrupt:
             pytest.fail("the interrupt arrived after the answer had ended: make the test's answer longer")
-    result.raise_error()
     assert sent.is_set()
+    # The cell still ends as interrupted (so that Run All stops there), with one line, no traceback.
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert "Interrupted: the answer so far stays above; nothing was cached." in captured.stdout
+    assert "Traceback" not in captured.stdout + captured.stderr
 
     record = provenance(captured)
     partial = answer_text(captured)
@@ -825,6 +828,42 @@ def test_map_refuses_a_placeholder_that_names_nothing_in_the_elements(
     ip.user_ns["words"] = ["a"]
     with pytest.warns(UserWarning, match="names no element"), capture_output():
         run(ip, "%%llm --map words -n 2 --seed 1\nSay hello.")
+
+
+def test_an_interrupted_map_keeps_what_finished_and_stops_the_cell(ip: InteractiveShell, global_engine: Engine) -> None:
+    ip.user_ns["many"] = [f"the model {i}" for i in range(24)]
+
+    def interrupt_soon() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # once the batch has produced something
+            progress = global_engine.batches.progress(None)
+            if progress is not None and progress.tokens > 0:
+                break
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_soon, daemon=True).start()
+    with capture_output() as captured:
+        result = ip.run_cell("%%llm --map many --raw -n 200 --seed 1 --out some\n{item}")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt), "Run All stops at this cell"
+    assert "Interrupted: the answers that finished are in 'some'; the others are None." in captured.stdout
+    assert "Traceback" not in captured.stdout + captured.stderr
+    answers = ip.user_ns["some"]
+    assert len(answers) == 24
+    assert None in answers, "the interrupt landed while the batch ran"
+
+
+def test_an_interrupt_before_the_answer_starts_is_one_line(
+    ip: InteractiveShell, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # as if Ctrl-C landed while the model loaded
+
+    monkeypatch.setattr(NbllmMagics, "_start", interrupted)
+    with capture_output() as captured:
+        result = ip.run_cell(f"%%llm -n 4\n{QUESTION}")
+    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    assert captured.stdout.strip() == "Interrupted before any answer was shown; nothing was cached."
 
 
 def test_map_mistakes_are_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:

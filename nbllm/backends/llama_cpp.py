@@ -35,6 +35,7 @@ from nbllm.errors import ContextLengthError, GenerationError, GpuOutOfMemoryErro
 from nbllm.params import GenerationParams
 from nbllm.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
 from nbllm.stop import TextAssembler
+from nbllm.waiting import next_item
 
 log = logging.getLogger("nbllm")
 llama_log = logging.getLogger("nbllm.llama_cpp")
@@ -45,6 +46,11 @@ _LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNIN
 _last_level = logging.DEBUG
 # Restoring a snapshot costs a memory copy; below this many extra shared tokens it is not worth it.
 _MIN_RESTORE_GAIN = 16
+# A prompt with more new tokens than this is read with llama.cpp's abort callback set, so that a
+# stop lands within one step of the graph instead of after the whole prompt (seconds to minutes
+# on a CPU). The callback runs Python once per graph node: worth it for long prompts only, and
+# never while generating, where each decode is short.
+_ABORTABLE_PROMPT_TOKENS = 64
 
 
 # Recent warnings and errors from llama.cpp, whatever the logging level: a failed load or decode
@@ -162,6 +168,7 @@ class LlamaCppModel:
         self._prefixes = PrefixCache(settings.prefix_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nbllm-{path.stem}")
         self._batcher: BatchDecoder | None = None
+        self._abort_callback: Any = None  # see _set_abort
 
     @property
     def context_size(self) -> int:
@@ -284,7 +291,7 @@ class LlamaCppModel:
         finished = False
         try:
             while True:
-                item = pieces.get()
+                item = next_item(pieces)
                 if item is _DONE:
                     finished = True
                     return
@@ -313,11 +320,17 @@ class LlamaCppModel:
         vocab, is_eog, piece_of = self._vocab, llama_cpp.llama_vocab_is_eog, self._piece
         text = TextAssembler((*params.stop, *prompt.stop), prompt.trim_whitespace)
         finish, produced, at_stop_sequence = "length", 0, False
+        abortable = len(tokens) - usage.reused_prompt_tokens > _ABORTABLE_PROMPT_TOKENS
+        if abortable:
+            self._set_abort(cancel)
         steps = llm.generate(tokens, **sampling_options(params))
         try:
             for token in steps:
                 if produced == 0:
                     usage.first_token_at = time.perf_counter()
+                    if abortable:
+                        self._set_abort(None)
+                        abortable = False
                 if is_eog(vocab, token) and not params.ignore_eos:
                     finish = "stop"
                     break
@@ -342,6 +355,9 @@ class LlamaCppModel:
             finish = "cancelled"
             raise
         except RuntimeError as error:  # llama_decode failures surface as RuntimeError
+            if cancel.is_set():  # llama.cpp stopped reading the prompt because we asked it to
+                finish = "cancelled"
+                return
             finish = "error"
             if self.settings.gpu_layers > 0 and _out_of_memory_reported():
                 raise GpuOutOfMemoryError(
@@ -349,6 +365,8 @@ class LlamaCppModel:
                 ) from error
             raise GenerationError(f"llama.cpp failed while generating: {error}.") from error
         finally:
+            if abortable:
+                self._set_abort(None)
             steps.close()
             # An interrupt can land after llama_decode returned but before llama-cpp-python
             # counted the token: the logits then belong to a token it does not know about, and
@@ -356,6 +374,18 @@ class LlamaCppModel:
             llm._requires_eval = True
             usage.completion_tokens = produced
             usage.finish_reason = finish
+
+    def _set_abort(self, cancel: threading.Event | None) -> None:
+        """Let llama.cpp's decode stop as soon as ``cancel`` is set (None: never).
+
+        After an abort llama.cpp removes the unfinished step's positions from the KV cache, and
+        llama-cpp-python counts only the steps that finished, so the two stay in agreement."""
+        if cancel is None:
+            callback = llama_cpp.ggml_abort_callback()  # a null pointer: no callback
+        else:
+            callback = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
+        llama_cpp.llama_set_abort_callback(self._llm._ctx.ctx, callback, None)
+        self._abort_callback = callback  # C holds only the pointer: keep the object alive
 
     # ------------------------------------------------------------ raw speed, as llama-bench measures it
 

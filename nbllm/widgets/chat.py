@@ -131,7 +131,12 @@ class ChatPanel:
         return html.unescape(_strip_tags(self.status.value))
 
     def send(self, text: str | None = None) -> bool:
-        """Send ``text`` (default: what is in the input box); False if nothing was sent."""
+        """Send ``text`` (default: what is in the input box); True if a reply started.
+
+        If the reply cannot start (a model file gone, say), the status line says why and the
+        message stays in the history: Regenerate answers it once the cause is fixed."""
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"send() takes the message as a string, not {type(text).__name__}.")
         text = (self.input.value if text is None else text).strip()
         if not text:
             return False
@@ -140,8 +145,7 @@ class ChatPanel:
             return False
         self._set_input("")
         self._append("user", text)
-        self._answer()
-        return True
+        return self._answer()
 
     def stop(self) -> None:
         """End the reply being generated; what it said so far stays in the history."""
@@ -160,8 +164,7 @@ class ChatPanel:
             if not self.messages or self.messages[-1].role != "user":
                 self._set_status("Nothing to regenerate: send a message first.", "ready")
                 return False
-        self._answer(seed=secrets.randbits(32))
-        return True
+        return self._answer(seed=secrets.randbits(32))
 
     def clear(self) -> None:
         """Empty the conversation (stopping a reply being generated first).
@@ -187,14 +190,15 @@ class ChatPanel:
 
     # ----------------------------------------------------------------- generating
 
-    def _answer(self, seed: int | None = None) -> None:
+    def _answer(self, seed: int | None = None) -> bool:
+        """Start the reply on a thread; False (with the reason in the status line) if it cannot."""
         model = str(self.model.value)
         try:
             request = self.engine.make_request(messages=self._conversation(), model=model, params=self._params(seed))
             stream = self.engine.stream(request)  # an unknown or missing model fails here, at once
         except NbllmError as error:
             self._set_status(str(error), "error")
-            return
+            return False
         self.last_stream = stream
         job = _Job(stream, self._append("assistant", "", model=model, streaming=True))
         job.thread = threading.Thread(target=self._run, args=(job,), name="nbllm-chat-reply", daemon=True)
@@ -202,6 +206,7 @@ class ChatPanel:
         self._show_busy(True)
         self._set_status(f"Waiting for {model}…", "busy")
         job.thread.start()
+        return True
 
     def _conversation(self) -> list[dict[str, str]]:
         system = self.system_prompt.value.strip()
@@ -281,6 +286,8 @@ class ChatPanel:
 
     def _build(self, model: str | None, system_prompt: str) -> None:
         generation = self.engine.settings.generation
+        if model is not None:
+            self.engine.registry.resolve(model)  # an unknown name fails here, with a suggestion
         default = model or self.engine.settings.default_model
         names = self.engine.registry.known_names()
         self.model = widgets.Dropdown(
