@@ -27,7 +27,7 @@ from nbllm.errors import InsufficientMemoryError, NbllmError, ParameterError
 from nbllm.fit import estimate_memory
 from nbllm.gguf_file import read_gguf
 from nbllm.progress import progress_bar
-from nbllm.table import Table
+from nbllm.table import ReadableReport, Table
 from nbllm.units import format_bytes
 
 FORMAT = "nbllm-bench/1"
@@ -50,7 +50,7 @@ def _as_list(value: Any) -> list[Any]:
 
 
 @dataclasses.dataclass
-class BenchResults:
+class BenchResults(ReadableReport):
     """Records with a table view; ``save(path)`` writes the JSON file."""
 
     records: list[dict[str, Any]]

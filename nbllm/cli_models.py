@@ -189,7 +189,8 @@ class _MagicParser(argparse.ArgumentParser):
     def error(self, message: str) -> Any:
         from nbllm.errors import ParameterError
 
-        raise ParameterError(f"{message}. Usage: {self.format_usage().strip()}")
+        usage = self.format_usage().strip().removeprefix("usage:").strip()  # argparse's own "usage: " prefix
+        raise ParameterError(f"{message}. Usage: {usage}")
 
     def exit(self, status: int = 0, message: str | None = None) -> Any:
         if message:

@@ -59,9 +59,7 @@ class Generation:
     repeat_penalty: float = _spec(1.1, "penalty for repeated tokens; 1 = off", min=0.0, max=10.0, exclusive_min=True)
     presence_penalty: float = _spec(0.0, "penalty for tokens already present", min=-2.0, max=2.0)
     frequency_penalty: float = _spec(0.0, "penalty growing with token frequency", min=-2.0, max=2.0)
-    seed: int | None = _spec(
-        None, "random seed; null = a new one per request (recorded in stats)", min=0, max=2**32 - 1
-    )
+    seed: int | None = _spec(None, "random seed; null = a new one per request, recorded in stats", min=0, max=2**32 - 1)
 
 
 @dataclass(frozen=True)
@@ -189,7 +187,7 @@ def _describe(name: str, hint: Any, meta: Mapping[str, Any]) -> str:
     else:
         allowed = "a string"
     if nullable:
-        allowed += " (or null)"
+        allowed += ", or null"
     return allowed
 
 

@@ -11,6 +11,7 @@ from nbllm.errors import NbllmError
 from nbllm.fit import GpuFit, estimate_memory
 from nbllm.gguf_file import read_gguf
 from nbllm.machine import HardwareReport, hardware_report
+from nbllm.table import ReadableReport
 from nbllm.units import format_bytes
 
 # The guide's troubleshooting list, kept as advice next to the findings.
@@ -38,7 +39,7 @@ class Finding:
 
 
 @dataclass
-class DoctorReport:
+class DoctorReport(ReadableReport):
     hardware: HardwareReport
     findings: list[Finding] = field(default_factory=list)
     model: str | None = None

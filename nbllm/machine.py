@@ -16,7 +16,7 @@ import psutil
 
 from nbllm.build_flags import read_cpu_flags
 from nbllm.gpu import GpuInfo, gpu_status
-from nbllm.table import key_value_html, key_value_text
+from nbllm.table import ReadableReport, key_value_html, key_value_text
 from nbllm.units import format_bytes
 
 # The instruction sets that matter to llama.cpp, in the order people know them.
@@ -94,7 +94,7 @@ def parse_system_info(text: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class HardwareReport:
+class HardwareReport(ReadableReport):
     cpu_model: str
     physical_cores: int
     logical_cpus: int

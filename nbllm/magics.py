@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import html
 import json
+import keyword
 import re
 import shlex
 import sys
@@ -411,7 +412,8 @@ class NbllmMagics(Magics, Configurable):
     @classmethod
     def usage(cls) -> str:
         """The full usage: what ``%llm?``, ``%llm help`` and ``%%llm --help`` show."""
-        return str(cls.__dict__["llm"].__doc__)
+        # magic_arguments writes the usage as reStructuredText: a "::" literal-block marker first.
+        return str(cls.__dict__["llm"].__doc__).removeprefix("::").lstrip("\n")
 
     @classmethod
     def option_parser(cls) -> Any:
@@ -581,7 +583,7 @@ class NbllmMagics(Magics, Configurable):
             raise UsageError("--raw continues text and --chat continues a conversation: use one or the other.")
         if args.raw and args.system:
             raise UsageError("--system applies to a chat; with --raw, write the instructions into the text itself.")
-        if args.out is not None and not args.out.isidentifier():
+        if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
             raise UsageError(f"--out {args.out!r} is not a valid variable name.")
 
     def _start(self, args: Namespace, prompt: str) -> Stream:
@@ -612,6 +614,8 @@ class NbllmMagics(Magics, Configurable):
         engine = nbllm.get_engine()
         model = args.model or self.default_model
         params = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}
+        engine.registry.resolve(model)  # mistakes are one line, before the chart appears
+        engine.make_request(prompt="x", model=model, params=params)
         chart = _AggregateChart(engine, model) if prompts else None
         try:
             if args.raw:
@@ -713,7 +717,7 @@ class NbllmMagics(Magics, Configurable):
 
         check_bench_args(args)  # a mistake is one line, before a chart or a progress bar appears
         live, on_run = live_bench_chart()
-        _display(live)
+        _display_widget(live, "live benchmark chart")
         results = bench_with_args(args, on_run=on_run)
         _show_figure(bench_figure(results.records))
         if len({r["settings"]["threads"] for r in results.records}) > 1:
@@ -810,7 +814,7 @@ class _AggregateChart:
         self._engine, self._model = engine, model
         self.figure, self._update = live_throughput_figure("tokens/s, all prompts together")
         self._done = threading.Event()
-        _display(self.figure)
+        _display_widget(self.figure, "live tokens/s chart")
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
@@ -850,6 +854,14 @@ def _map_summary(results: Sequence[Any], target: str, stopped: bool) -> dict[str
         lines.append(f"  ... and {len(failed) - 5} more failed")
     text = "\n".join(lines)
     return {"text/plain": text, "text/html": f"<pre style='color:#6b7280'>{html.escape(text)}</pre>"}
+
+
+def _display_widget(widget: Any, label: str) -> None:
+    """A widget, with a one-line text form: a terminal IPython shows ``<label>`` instead of the
+    widget's repr (a plotly FigureWidget's runs to dozens of lines of figure data)."""
+    bundle = dict(widget._repr_mimebundle_())
+    bundle["text/plain"] = f"<{label}>"
+    _display(bundle, raw=True)
 
 
 def _show_figure(figure: Any) -> None:

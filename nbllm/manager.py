@@ -31,7 +31,7 @@ from nbllm.errors import DownloadError, InvalidModelFileError, ModelNotFoundErro
 from nbllm.gguf_file import read_gguf
 from nbllm.model_catalog import DEFAULT_QUANT, CatalogFile, CatalogModel, load_catalog
 from nbllm.recommendation import format_params, format_size
-from nbllm.table import Table, key_value_html, key_value_text
+from nbllm.table import ReadableReport, Table, key_value_html, key_value_text
 from nbllm.units import format_bytes
 
 if TYPE_CHECKING:
@@ -382,7 +382,7 @@ def _sha256_of(path: Path, progress: bool) -> str:
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(ReadableReport):
     name: str
     path: Path
     size: int

@@ -13,6 +13,21 @@ from typing import Any
 Formatter = Callable[[Any], str]
 
 
+class ReadableReport:
+    """Mixin: IPython's text form (what a terminal shell prints for a result) is ``str(self)``,
+    the readable report, while ``repr`` stays the dataclass's, for debugging."""
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(str(self))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # IPython's printer walks the class hierarchy and stops at the first class whose own
+        # __dict__ has _repr_pretty_ or __repr__: a dataclass's generated __repr__ would win over
+        # a method inherited from here, so each subclass gets it in its own __dict__.
+        cls._repr_pretty_ = ReadableReport._repr_pretty_  # type: ignore[method-assign]
+
+
 class Table(list[dict[str, Any]]):
     def __init__(
         self,

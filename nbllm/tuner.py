@@ -32,6 +32,7 @@ from nbllm import identity, machine, paths
 from nbllm.backends.base import LoadSettings
 from nbllm.errors import GpuOutOfMemoryError, NbllmError
 from nbllm.progress import progress_bar
+from nbllm.table import ReadableReport
 
 log = logging.getLogger("nbllm")
 
@@ -65,7 +66,7 @@ class Trial:
 
 
 @dataclass
-class TuneResult:
+class TuneResult(ReadableReport):
     model: str
     model_sha256: str
     machine: str

@@ -730,6 +730,9 @@ def test_doctor_reports_the_hardware_and_findings(ip: InteractiveShell) -> None:
     report = ip.run_line_magic("llm", "doctor")
     assert "instruction sets" in str(report)
     assert "Troubleshooting" in str(report)
+    # What a terminal IPython prints for the result: the report, not the dataclass's repr.
+    assert ip.display_formatter.format(report)[0]["text/plain"] == str(report)
+    assert repr(report).startswith("DoctorReport(")
 
 
 def test_tune_measures_keeps_and_plots(ip: InteractiveShell, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -864,6 +867,23 @@ def test_an_interrupt_before_the_answer_starts_is_one_line(
         result = ip.run_cell(f"%%llm -n 4\n{QUESTION}")
     assert isinstance(result.error_in_exec, KeyboardInterrupt)
     assert captured.stdout.strip() == "Interrupted before any answer was shown; nothing was cached."
+
+
+def test_map_option_mistakes_are_found_before_the_chart_is_drawn(ip: InteractiveShell) -> None:
+    ip.user_ns["things"] = ["a", "b"]
+    for line in ("--map things -n -4", "--map things -m nomodel"):
+        with capture_output() as captured:
+            result = ip.run_cell(f"%%llm {line}\n{{item}}")
+        assert isinstance(result.error_in_exec, UsageError)
+        assert captured.outputs == [], "no empty chart is left behind"
+
+
+def test_live_charts_have_a_one_line_text_form_for_terminals(ip: InteractiveShell) -> None:
+    ip.user_ns["things"] = ["a"]
+    with capture_output() as captured:
+        run(ip, "%%llm --map things --raw -n 2 --seed 1\n{item}")
+    chart = next(o for o in captured.outputs if "application/vnd.jupyter.widget-view+json" in o.data)
+    assert chart.data["text/plain"] == "<live tokens/s chart>"
 
 
 def test_map_mistakes_are_one_line(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:
