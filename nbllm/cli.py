@@ -82,12 +82,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
+            _AnswerLine.open = True
     except KeyboardInterrupt:
         interrupted = True
     finally:
         stream.close()
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    if _AnswerLine.open or not sys.stdout.isatty():
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    _AnswerLine.open = False
     stats = stream.stats
     if stats is not None:
         _stderr_line(("[stopped] " if interrupted else "") + stats.details())
@@ -270,8 +273,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _AnswerLine:
+    """Whether an answer is being written to the terminal without its final newline yet."""
+
+    open = False
+
+
+class _OwnLineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines (``-v``) start on a line of their own, also in the middle of a streamed answer
+    (stdout and stderr share the terminal; the answer's newline only comes at its end)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _AnswerLine.open and sys.stdout.isatty() and sys.stderr.isatty():
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            _AnswerLine.open = False
+        super().emit(record)
+
+
 def _setup_logging(verbosity: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _OwnLineHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("nbllm")
     logger.addHandler(handler)

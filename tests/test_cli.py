@@ -196,3 +196,30 @@ def test_a_reader_that_goes_away_ends_the_run_without_a_traceback(tiny_models: d
     errors = process.stderr.read().decode()
     assert process.wait(timeout=120) in (0, 141), errors  # 0 when the answer ended before the pipe closed
     assert "Traceback" not in errors
+
+
+def test_verbose_log_lines_start_on_their_own_line_in_a_terminal(tiny_models: dict[str, Path]) -> None:
+    """With -v the log says "Generated ..." when the answer ends, before the answer's newline."""
+    import pty
+
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-m", "nbllm.cli", "-v", "run", "the", "--model", str(tiny_models["a"])]
+    process = subprocess.Popen(
+        [*command, "-n", "6", "--seed", "1", "--raw", "--no-cache"], stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process has ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert process.wait(timeout=120) == 0
+    lines = output.decode(errors="replace").replace("\r\n", "\n").split("\n")
+    logged = [i for i, line in enumerate(lines) if line.startswith("Generated ") and line.endswith("t/s)")]
+    assert logged, f"the log line is on a line of its own: {lines}"
+    assert "model tiny-a" in lines[logged[0] + 1], f"the stats line follows it, with no blank line: {lines}"
