@@ -99,6 +99,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if interrupted else EXIT_OK
 
 
+def _warn_if_default_model_unknown(settings: Any) -> None:
+    """Valid YAML may still name a model that is not here (yet): every run would fail on it."""
+    from nbllm.engine import Engine
+    from nbllm.errors import ModelNotFoundError
+
+    try:
+        Engine(settings).registry.resolve(None)
+    except ModelNotFoundError as error:
+        _stderr_line(f"warning: default_model: {error}")
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     import nbllm
     from nbllm.config import describe_settings, load_file
@@ -108,6 +119,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
         settings = load_file(Path(args.check))
         print(f"{args.check}: valid")
+        _warn_if_default_model_unknown(settings)
     else:
         settings = nbllm.settings()
     print(f"# source: {settings.source}")
@@ -336,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import nbllm
 
-        if args.config:
+        if args.config is not None:  # -c "" is a mistake, not "no config file"
             nbllm.configure(args.config)
         if args.verbose > 1:
             nbllm.configure(logging={"llama_cpp": "INFO"})

@@ -368,6 +368,26 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     return load_file(path)
 
 
+def _unique_keys_loader() -> Any:
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML
+    would silently keep the last one, and the first is then a setting that seems to apply."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"{key!r} is given twice (also at line {seen[key].line + 1})", key_node.start_mark
+                    )
+                seen[key] = key_node.start_mark
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
 def load_file(path: Path) -> Settings:
     import yaml  # deferred: keeps ``import nbllm`` fast for the common no-config case
 
@@ -376,17 +396,19 @@ def load_file(path: Path) -> Settings:
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"Cannot read config file {path}: {error}.") from error
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader subclass
     except yaml.YAMLError as error:
         where = ""
         mark = getattr(error, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(error, "problem", None) or str(error)
-        raise ConfigError(
-            f"Cannot parse config file {path}{where}: {problem}. Fix the YAML syntax "
-            "(indent with spaces, 'key: value' pairs)."
-        ) from error
+        advice = (
+            "Keep one of them."
+            if "given twice" in problem
+            else "Fix the YAML syntax (indent with spaces, 'key: value' pairs)."
+        )
+        raise ConfigError(f"Cannot parse config file {path}{where}: {problem}. {advice}") from error
     return validate(data, source=str(path))
 
 

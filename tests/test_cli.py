@@ -223,3 +223,11 @@ def test_verbose_log_lines_start_on_their_own_line_in_a_terminal(tiny_models: di
     logged = [i for i, line in enumerate(lines) if line.startswith("Generated ") and line.endswith("t/s)")]
     assert logged, f"the log line is on a line of its own: {lines}"
     assert "model tiny-a" in lines[logged[0] + 1], f"the stats line follows it, with no blank line: {lines}"
+
+
+def test_config_check_warns_about_a_default_model_that_is_not_here(tmp_path: Path) -> None:
+    config = tmp_path / "nbllm.yaml"
+    config.write_text("default_model: gemma-3-207m\n")
+    result = nbllm_cli("config", "--check", str(config))
+    assert result.returncode == 0, "the file itself is valid"
+    assert "warning: default_model: Unknown model 'gemma-3-207m'. Did you mean 'gemma-3-270m'?" in result.stderr

@@ -162,6 +162,13 @@ def test_bad_yaml_syntax_says_where(tmp_path: Path) -> None:
     assert "Fix the YAML syntax" in str(caught.value)
 
 
+def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path: Path) -> None:
+    path = write(tmp_path / "twice.yaml", "generation:\n  seed: 1\n  top_k: 20\n  seed: 2\n")
+    with pytest.raises(ConfigError) as caught:
+        load_file(path)
+    assert str(caught.value).endswith("line 4, column 3: 'seed' is given twice (also at line 2). Keep one of them.")
+
+
 def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must hold a mapping of sections"):
         load_file(write(tmp_path / "list.yaml", "- a\n- b\n"))
