@@ -61,9 +61,11 @@ def read_bandwidth(refresh: bool = False) -> float:
             cache = loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError):
             pass
-        if not refresh and isinstance(cache.get(key), (int, float)):
-            return float(cache[key])
-        value = max(measure_read_bandwidth(), float(cache.get(key) or 0.0))
+        known = cache.get(key)
+        known = float(known) if isinstance(known, (int, float)) and not isinstance(known, bool) else None
+        if not refresh and known is not None:
+            return known
+        value = max(measure_read_bandwidth(), known or 0.0)  # a damaged entry is measured again
         cache[key] = value
         target = _cache_file()
         try:

@@ -168,15 +168,18 @@ def bench(
     sweep = {"threads": threads, "batch_size": batch_size, "context_size": context_size, "gpu_layers": gpu_layers}
     check_plan(engine, names, sweep)
     grid = list(itertools.product(names, *(_as_list(values) for values in sweep.values())))
+    # Every local run's settings and memory, checked before the first run: a run that cannot
+    # fit must not fail after the others have taken minutes (and take their results with it).
+    planned = {point: _planned_settings(engine, point, tests) for point in grid}
     machine_info = machine_record()
     records: list[dict[str, Any]] = []
     bar = progress_bar(progress, len(grid) * len(tests) * (repetitions + 1), "Benchmark", "run")
     try:
-        for name, n_threads, n_batch, n_ctx, n_gpu in grid:
-            spec = engine.registry.resolve(name)
+        for point in grid:
+            spec = engine.registry.resolve(point[0])
             if spec.remote is not None:
                 # A remote model is measured through its API, with the server's own settings.
-                resident = engine.registry.load(name)
+                resident = engine.registry.load(point[0])
                 for kind, n in tests:
                     record = _record(kind, n, _remote_record(engine, spec), resident.settings, machine_info, build)
                     record["build"] = {"backend": "remote", "url": spec.remote.url}
@@ -185,15 +188,8 @@ def bench(
                     if on_result is not None:
                         on_result(record)
                 continue
-            info = read_gguf(spec.path)
-            settings = _settings(engine, spec, info, n_threads, n_batch, n_ctx, n_gpu, tests)
+            info, settings = planned[point]
             model_info = _model_record(spec, info)
-            needed = estimate_memory(info, settings.context_size, settings.batch_size)
-            if needed.total > machine.available_memory():
-                raise InsufficientMemoryError(
-                    f"{spec.name} with context_size {settings.context_size} needs about {needed.describe()}, but "
-                    f"only {format_bytes(machine.available_memory())} of RAM is available: lower context_size."
-                )
             model = engine.registry.backend.load(spec.path, settings)
             try:
                 for kind, n in tests:
@@ -208,6 +204,25 @@ def bench(
     finally:
         bar.close()
     return BenchResults(records)
+
+
+def _planned_settings(engine: Any, point: tuple[Any, ...], tests: list[tuple[str, int]]) -> tuple[Any, Any]:
+    """The GGUF header and load settings of one local run, refused if its memory does not fit
+    (the same estimate as the registry's, which counts everything in RAM). Remote: (None, None)."""
+    name, n_threads, n_batch, n_ctx, n_gpu = point
+    spec = engine.registry.resolve(name)
+    if spec.remote is not None:
+        return None, None
+    info = read_gguf(spec.path)
+    settings = _settings(engine, spec, info, n_threads, n_batch, n_ctx, n_gpu, tests)
+    needed = estimate_memory(info, settings.context_size, settings.batch_size)
+    available = machine.available_memory()
+    if needed.total > available:
+        raise InsufficientMemoryError(
+            f"{spec.name} with context_size {settings.context_size} needs about {needed.describe()}, but "
+            f"only {format_bytes(available)} of RAM is available: lower context_size."
+        )
+    return info, settings
 
 
 def check_plan(engine: Any, models: str | Sequence[str] | None, sweep: dict[str, Any]) -> None:

@@ -375,12 +375,19 @@ def _unique_keys_loader() -> Any:
 
     class UniqueKeyLoader(yaml.SafeLoader):
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-            seen: dict[Any, Any] = {}
+            # The mapping's own plain keys, compared as written (before "<<" merges, whose keys
+            # the mapping may override on purpose; and without constructing unhashable keys).
+            seen: dict[tuple[str, str], Any] = {}
             for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=deep)
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = (key_node.tag, key_node.value)
                 if key in seen:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"{key!r} is given twice (also at line {seen[key].line + 1})", key_node.start_mark
+                        None,
+                        None,
+                        f"{key_node.value!r} is given twice (also at line {seen[key].line + 1})",
+                        key_node.start_mark,
                     )
                 seen[key] = key_node.start_mark
             return super().construct_mapping(node, deep=deep)

@@ -26,6 +26,7 @@ from nbllm import identity, machine, paths, tuner
 from nbllm.backends.base import Backend, LoadSettings, Usage
 from nbllm.batching import BatchScheduler, ManyResult, run_many
 from nbllm.cache import CACHE_FORMAT, PromptCache
+from nbllm.cancel import Cancel
 from nbllm.chat_format import FormattedPrompt, normalize_messages
 from nbllm.config import Settings, load_file, load_settings
 from nbllm.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError, ParameterError
@@ -75,7 +76,7 @@ class Stream:
 
     def __init__(self, engine: Engine, request: Request, *, batched: bool = False) -> None:
         self.request = request
-        self.cancel = threading.Event()
+        self.cancel = Cancel()  # also readable by llama.cpp's abort callback without the GIL
         self.pieces: list[str] = []
         self.stats: RequestStats | None = None
         self.usage = Usage()  # live token count while generating
@@ -184,13 +185,10 @@ class Engine:
 
     def _check_default_model(self, settings: Settings) -> None:
         """A new default model must exist now: otherwise every later call would fail instead."""
-        previous, self._settings = self._settings, settings
         try:
-            self.registry.resolve(None)
+            self.registry.resolve(None, settings)
         except ModelNotFoundError as error:
             raise ConfigError(f"default_model = {settings.default_model!r}: {error}") from None
-        finally:
-            self._settings = previous
 
     @staticmethod
     def _cache_location(settings: Settings) -> Path:

@@ -525,7 +525,9 @@ class NbllmMagics(Magics, Configurable):
             raise UsageError(str(error)) from None
         except AnswerInterrupted:
             raise
-        except KeyboardInterrupt:  # before an answer started (loading a model, importing plotly...)
+        except KeyboardInterrupt:  # before an answer started (loading a model...), or a subcommand
+            if cell is None:
+                raise AnswerInterrupted(f"Interrupted: %llm {line.strip()}") from None
             raise AnswerInterrupted("Interrupted before any answer was shown; nothing was cached.") from None
 
     # ------------------------------------------------------------- %%llm
@@ -844,9 +846,10 @@ def _map_summary(results: Sequence[Any], target: str, stopped: bool) -> dict[str
     tokens = sum(s.completion_tokens for s in generated)
     seconds = max((s.total_seconds for s in generated), default=0.0)
     speed = f"{tokens} tokens in {seconds:.2f}s ({tokens / seconds if seconds else 0:.1f} t/s together)"
+    how = ", ".join(([speed] if generated else []) + ([f"{cached} from the prompt cache"] if cached else []))
     lines = [
-        f"{'[stopped] ' if stopped else ''}Answered {len(ok)} of {len(results)} prompts into {target!r}: "
-        + ", ".join(([speed] if generated else []) + ([f"{cached} from the prompt cache"] if cached else []))
+        f"{'[stopped] ' if stopped else ''}Answered {len(ok)} of {len(results)} prompts into {target!r}"
+        + (f": {how}" if how else "")
     ]
     for result in failed[:5]:
         lines.append(f"  #{result.index}: {result.error}")

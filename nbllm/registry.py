@@ -126,8 +126,9 @@ class Registry:
 
     # ----------------------------------------------------------------- names -> files
 
-    def known_names(self) -> list[str]:
-        names = [default_model.NAME, *self._settings().models, *self._settings().remote_models]
+    def known_names(self, settings: Settings | None = None) -> list[str]:
+        settings = settings or self._settings()
+        names = [default_model.NAME, *settings.models, *settings.remote_models]
         folder = paths.models_dir()
         if folder.is_dir():
             names += sorted(p.stem for p in folder.glob("*.gguf") if p.name != default_model.FILE_NAME)
@@ -135,8 +136,10 @@ class Registry:
             names += [r.name for r in self._resident.values()]
         return list(dict.fromkeys(names))
 
-    def resolve(self, name: str | None) -> ModelSpec:
-        settings = self._settings()
+    def resolve(self, name: str | None, settings: Settings | None = None) -> ModelSpec:
+        """The model ``name`` stands for (None: the default model), by the engine's settings or
+        by ``settings`` (to check new settings before they apply)."""
+        settings = settings or self._settings()
         name = (name or settings.default_model).strip()
         if name == default_model.NAME:
             return ModelSpec(name, default_model.default_model_path(), "default")
@@ -165,7 +168,7 @@ class Registry:
             if not candidate.exists():
                 raise ModelNotFoundError(f"Model file {candidate} does not exist. Check the path.")
             return ModelSpec(candidate.stem, candidate, "path")
-        known = self.known_names()
+        known = self.known_names(settings)
         listed = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
         raise ModelNotFoundError(
             f"Unknown model {name!r}.{did_you_mean(name, known)} Known: {listed}; or give the path of a .gguf file."

@@ -97,12 +97,21 @@ def test_bad_benchmark_options_are_clear_errors(engine: Engine, options: dict[st
     assert runs == [], "nothing ran before the mistake was found"
 
 
-def test_a_bench_that_would_not_fit_in_ram_is_refused_before_llama_cpp_tries(
-    engine: Engine, monkeypatch: pytest.MonkeyPatch
+def test_a_run_that_would_not_fit_in_ram_is_refused_before_any_run(
+    engine: Engine, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(benchmark.machine, "available_memory", lambda: 1 << 20)  # a machine with 1 MiB free
-    with pytest.raises(InsufficientMemoryError, match=r"but only 1\.0 MiB of RAM is available: lower context_size"):
-        benchmark.bench(engine, None, progress=False, pp=16, tg=4, context_size=4096)
+    from nbllm.fit import estimate_memory
+    from nbllm.gguf_file import read_gguf
+
+    info = read_gguf(tiny_models["a"])
+    small, large = (estimate_memory(info, ctx, 64).total for ctx in (512, 1 << 20))
+    monkeypatch.setattr(benchmark.machine, "available_memory", lambda: (small + large) // 2)
+    runs: list[float] = []
+    with pytest.raises(InsufficientMemoryError, match=r"with context_size 1048576 needs about .*: lower context_size"):
+        benchmark.bench(
+            engine, None, progress=False, pp=16, tg=4, context_size=[512, 1 << 20], on_run=lambda _r, s: runs.append(s)
+        )
+    assert runs == [], "the run that fits did not go first only to be thrown away"
 
 
 def test_unknown_models_and_unwritable_outputs_are_found_before_the_first_run(

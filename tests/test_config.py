@@ -169,6 +169,21 @@ def test_a_key_given_twice_is_refused_not_silently_overridden(tmp_path: Path) ->
     assert str(caught.value).endswith("line 4, column 3: 'seed' is given twice (also at line 2). Keep one of them.")
 
 
+def test_yaml_merge_keys_still_work_and_may_be_overridden(tmp_path: Path) -> None:
+    text = (
+        "remote_models:\n"
+        "  big: &gpu-box\n    url: http://gpu-box:8080/v1\n    api_key: secret\n    context_size: 8192\n"
+        "  small:\n    <<: *gpu-box\n    model: qwen-small\n    context_size: 4096\n"
+    )
+    small = load_file(write(tmp_path / "merge.yaml", text)).remote_models["small"]
+    assert (small.url, small.api_key, small.model, small.context_size) == (
+        "http://gpu-box:8080/v1",
+        "secret",
+        "qwen-small",
+        4096,
+    )
+
+
 def test_a_yaml_file_that_is_not_a_mapping_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must hold a mapping of sections"):
         load_file(write(tmp_path / "list.yaml", "- a\n- b\n"))

@@ -73,7 +73,9 @@ def test_ctrl_c_while_a_long_prompt_is_read_stops_within_a_step(default_engine: 
     interrupted_seconds, nothing = read_from_scratch(interrupt_after=full_seconds * 0.1)
     assert nothing is None, "the interrupt arrived after the answer: make the prompt longer"
     assert interrupted_seconds < full_seconds * 0.5, (interrupted_seconds, full_seconds)
-    assert read_from_scratch()[1] == reference, "the KV cache and llama-cpp-python agree after the abort"
+    # Straight after the abort, with whatever it left in the KV cache: the same answer.
+    after = default_engine.generate(prompt, max_tokens=6, temperature=0, cache=False).text
+    assert after == reference, "the KV cache and llama-cpp-python agree after the abort"
 
 
 def test_the_readme_main_job_runs_in_a_terminal(default_model_path: Path) -> None:

@@ -310,3 +310,53 @@ def test_a_default_model_that_does_not_exist_is_refused_and_the_old_one_kept(eng
         engine.configure(default_model="tiny-aa")
     assert engine.settings.default_model == "tiny-a"
     assert engine.configure(default_model="tiny-b").default_model == "tiny-b"
+
+
+def test_overlapping_loads_share_one_interrupt_hook_and_put_the_old_one_back() -> None:
+    """A bench or the tuner may load beside the registry: the hook must not be left behind,
+    and an interrupt marks only the load on the thread where it landed."""
+    import sys
+    from types import SimpleNamespace
+
+    from nbllm.backends.llama_cpp import _interrupts_inside_callbacks
+
+    original = sys.unraisablehook
+    entered, leave = threading.Event(), threading.Event()
+    other: dict[str, threading.Event] = {}
+
+    def load_elsewhere() -> None:
+        with _interrupts_inside_callbacks() as interrupted:
+            other["flag"] = interrupted
+            entered.set()
+            leave.wait(10)
+
+    with _interrupts_inside_callbacks() as mine:
+        thread = threading.Thread(target=load_elsewhere)
+        thread.start()
+        assert entered.wait(10)
+        sys.unraisablehook(SimpleNamespace(exc_value=KeyboardInterrupt()))  # as ctypes reports it here
+    leave.set()
+    thread.join(10)
+    assert mine.is_set()
+    assert not other["flag"].is_set()
+    assert sys.unraisablehook is original
+
+
+@pytest.mark.parametrize("kind", ["Cancel (read in C)", "threading.Event (asked from Python)"])
+def test_a_cancel_set_while_a_long_prompt_is_read_aborts_the_decode(engine: Engine, kind: str) -> None:
+    """Without llama.cpp's abort callback the whole prompt would be read and one token sampled
+    before the cancel was seen; with it, the decode stops and no token comes."""
+    from nbllm.backends.base import Usage
+    from nbllm.cancel import Cancel
+    from nbllm.chat_format import FormattedPrompt
+    from nbllm.params import resolve_params
+
+    model = engine.registry.load(None).model
+    cancel = Cancel() if kind.startswith("Cancel") else threading.Event()
+    cancel.set()
+    usage = Usage()
+    params = resolve_params(engine.settings.generation, {"max_tokens": 4})
+    pieces = list(model.generate(FormattedPrompt(" ".join(["model"] * 60)), params, 1, usage, cancel))
+    assert (pieces, usage.completion_tokens, usage.finish_reason) == ([], 0, "cancelled")
+    after = engine.generate(" ".join(["model"] * 60), max_tokens=3, seed=1)
+    assert after.stats.completion_tokens == 3, "the model reads the same prompt afterwards"

@@ -834,7 +834,7 @@ def test_map_refuses_a_placeholder_that_names_nothing_in_the_elements(
 
 
 def test_an_interrupted_map_keeps_what_finished_and_stops_the_cell(ip: InteractiveShell, global_engine: Engine) -> None:
-    ip.user_ns["many"] = [f"the model {i}" for i in range(24)]
+    ip.user_ns["many"] = [f"the model {i}" for i in range(64)]  # far more work than the interrupt needs
 
     def interrupt_soon() -> None:
         deadline = time.monotonic() + 60
@@ -845,14 +845,19 @@ def test_an_interrupted_map_keeps_what_finished_and_stops_the_cell(ip: Interacti
             time.sleep(0.01)
         _thread.interrupt_main()
 
-    threading.Thread(target=interrupt_soon, daemon=True).start()
+    interrupter = threading.Thread(target=interrupt_soon, daemon=True)
+    interrupter.start()
     with capture_output() as captured:
-        result = ip.run_cell("%%llm --map many --raw -n 200 --seed 1 --out some\n{item}")
+        try:
+            result = ip.run_cell("%%llm --map many --raw -n 400 --seed 1 --out some\n{item}")
+            interrupter.join()
+        except KeyboardInterrupt:
+            pytest.fail("the interrupt arrived after the batch had ended: give it more work")
     assert isinstance(result.error_in_exec, KeyboardInterrupt), "Run All stops at this cell"
     assert "Interrupted: the answers that finished are in 'some'; the others are None." in captured.stdout
     assert "Traceback" not in captured.stdout + captured.stderr
     answers = ip.user_ns["some"]
-    assert len(answers) == 24
+    assert len(answers) == 64
     assert None in answers, "the interrupt landed while the batch ran"
 
 

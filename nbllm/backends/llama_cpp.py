@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import functools
 import io
 import logging
 import queue
@@ -30,6 +31,7 @@ from llama_cpp import llama_chat_format
 from nbllm import build_flags
 from nbllm.backends.base import LoadSettings, Usage
 from nbllm.backends.llama_cpp_batch import BatchDecoder, BatchItem, BatchProgress
+from nbllm.cancel import Cancel
 from nbllm.chat_format import FormattedPrompt
 from nbllm.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
 from nbllm.params import GenerationParams
@@ -47,10 +49,26 @@ _last_level = logging.DEBUG
 # Restoring a snapshot costs a memory copy; below this many extra shared tokens it is not worth it.
 _MIN_RESTORE_GAIN = 16
 # A prompt with more new tokens than this is read with llama.cpp's abort callback set, so that a
-# stop lands within one step of the graph instead of after the whole prompt (seconds to minutes
-# on a CPU). The callback runs Python once per graph node: worth it for long prompts only, and
-# never while generating, where each decode is short.
+# stop lands within one node of the compute graph instead of after the whole prompt (seconds to
+# minutes on a CPU). A shorter prompt, or a generation step, is over in moments anyway.
 _ABORTABLE_PROMPT_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _native_flag_reader() -> Any:
+    """libc's ``strlen`` as llama.cpp's abort callback, or None where libc cannot be found.
+
+    llama.cpp calls the callback once per graph node. Given a ``Cancel``'s two-byte flag,
+    ``strlen`` returns 0 until the flag is set and 1 after: exactly "abort now?" (the bool is
+    read from the low byte of the return register, as the x86-64 and AArch64 calling conventions
+    have it). No Python runs, so no GIL is needed, however busy other Python threads are; a
+    Python callback there waited for the GIL and slowed prompts down by a third beside a busy
+    thread."""
+    try:
+        strlen = ctypes.CDLL(None).strlen
+    except (OSError, AttributeError):
+        return None
+    return llama_cpp.ggml_abort_callback(ctypes.cast(strlen, ctypes.c_void_p).value)
 
 
 # Recent warnings and errors from llama.cpp, whatever the logging level: a failed load or decode
@@ -78,6 +96,23 @@ def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> Non
 llama_cpp.llama_log_set(_route_llama_log, ctypes.c_void_p(0))
 
 
+# Loads in progress (thread id -> the flag its interrupt sets) and the hook that was installed
+# before the first of them; see _interrupts_inside_callbacks.
+_loading: dict[int, threading.Event] = {}
+_loading_lock = threading.Lock()
+_hook_before: Callable[[Any], object] | None = None
+
+
+def _record_interrupt(unraisable: Any) -> None:
+    """``sys.unraisablehook`` while models load: a KeyboardInterrupt that ctypes could not pass on
+    through C marks the load on this thread (the hook runs on the thread that raised it)."""
+    interrupted = _loading.get(threading.get_ident())
+    if interrupted is not None and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        interrupted.set()
+    else:
+        (_hook_before or sys.__unraisablehook__)(unraisable)
+
+
 @contextlib.contextmanager
 def _interrupts_inside_callbacks() -> Iterator[threading.Event]:
     """Catch a Ctrl-C that lands inside llama.cpp's log callback during a load.
@@ -85,22 +120,25 @@ def _interrupts_inside_callbacks() -> Iterator[threading.Event]:
     Python runs signal handlers at the next Python code, and during a load that is often the
     log callback, called from C; ctypes cannot pass the KeyboardInterrupt on through C, so it
     hands it to ``sys.unraisablehook``, which prints and drops it, and the load went on as if
-    nothing had happened. While the load runs, that hook records the interrupt instead (anything
-    else goes to the previous hook), and the caller raises it once C has returned."""
+    nothing had happened. While loads run (a bench or the tuner may load beside the registry),
+    one hook records the interrupt for the load on its thread; anything else goes to the hook
+    that was there before, which is put back when the last load ends. The caller raises the
+    interrupt once C has returned."""
+    global _hook_before
     interrupted = threading.Event()
-    previous = sys.unraisablehook
-
-    def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_value, KeyboardInterrupt):
-            interrupted.set()
-        else:
-            previous(unraisable)
-
-    sys.unraisablehook = hook
+    with _loading_lock:
+        if not _loading:
+            _hook_before = sys.unraisablehook
+            sys.unraisablehook = _record_interrupt
+        _loading[threading.get_ident()] = interrupted
     try:
         yield interrupted
     finally:
-        sys.unraisablehook = previous
+        with _loading_lock:
+            del _loading[threading.get_ident()]
+            if not _loading:
+                sys.unraisablehook = _hook_before or sys.__unraisablehook__
+                _hook_before = None
 
 
 class _DebugWriter(io.TextIOBase):
@@ -260,11 +298,8 @@ class LlamaCppModel:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         usage.prompt_tokens = len(tokens)
         _recent_problems.clear()
-        self._prepare_kv(tokens)
-        usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
         max_tokens = min(params.max_tokens, n_ctx - len(tokens))
-        llm.set_seed(seed)
-        return self._on_worker(lambda: self._stream(tokens, params, max_tokens, prompt, usage, cancel), cancel)
+        return self._on_worker(lambda: self._stream(tokens, params, seed, max_tokens, prompt, usage, cancel), cancel)
 
     # ------------------------------------------------------------ the model's own thread
 
@@ -311,12 +346,18 @@ class LlamaCppModel:
         self,
         tokens: list[int],
         params: GenerationParams,
+        seed: int,
         max_tokens: int,
         prompt: FormattedPrompt,
         usage: Usage,
         cancel: threading.Event,
     ) -> Iterator[str]:
         llm = self._llm
+        # Here, on the model's thread, no signal lands: a Ctrl-C between restoring a KV snapshot
+        # and updating llama-cpp-python's record of the KV content would leave them disagreeing.
+        self._prepare_kv(tokens)
+        usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
+        llm.set_seed(seed)
         vocab, is_eog, piece_of = self._vocab, llama_cpp.llama_vocab_is_eog, self._piece
         text = TextAssembler((*params.stop, *prompt.stop), prompt.trim_whitespace)
         finish, produced, at_stop_sequence = "length", 0, False
@@ -380,12 +421,16 @@ class LlamaCppModel:
 
         After an abort llama.cpp removes the unfinished step's positions from the KV cache, and
         llama-cpp-python counts only the steps that finished, so the two stay in agreement."""
+        data = None
         if cancel is None:
             callback = llama_cpp.ggml_abort_callback()  # a null pointer: no callback
-        else:
+        elif isinstance(cancel, Cancel) and _native_flag_reader() is not None:
+            callback, data = _native_flag_reader(), ctypes.c_void_p(cancel.flag_address)
+        else:  # a plain Event: ask it from Python
             callback = llama_cpp.ggml_abort_callback(lambda _data: cancel.is_set())
-        llama_cpp.llama_set_abort_callback(self._llm._ctx.ctx, callback, None)
-        self._abort_callback = callback  # C holds only the pointer: keep the object alive
+        llama_cpp.llama_set_abort_callback(self._llm._ctx.ctx, callback, data)
+        # C holds only pointers: keep the callback and the flag's memory alive while installed.
+        self._abort_callback = (callback, cancel)
 
     # ------------------------------------------------------------ raw speed, as llama-bench measures it
 
