@@ -9,7 +9,6 @@ cores, the way llama.cpp's threads read the weights.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -67,12 +66,8 @@ def read_bandwidth(refresh: bool = False) -> float:
             return known
         value = max(measure_read_bandwidth(), known or 0.0)  # a damaged entry is measured again
         cache[key] = value
-        target = _cache_file()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(cache), encoding="utf-8")
-            os.replace(tmp, target)
+            paths.write_text_atomically(_cache_file(), json.dumps(cache))
         except OSError:
             pass  # measured again next time
         return value

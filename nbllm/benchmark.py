@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nbllm import __version__, bandwidth, identity, machine
+from nbllm import __version__, bandwidth, identity, machine, paths
 from nbllm.errors import InsufficientMemoryError, NbllmError, ParameterError
 from nbllm.fit import estimate_memory
 from nbllm.gguf_file import read_gguf
@@ -81,12 +81,9 @@ class BenchResults(ReadableReport):
     def save(self, path: str | Path) -> Path:
         """Write the records as JSON, whole or not at all (a temporary file moved into place)."""
         path = check_output_path(path)
-        partial = path.with_name(f".{path.name}.partial")
         try:
-            partial.write_text(json.dumps({"format": FORMAT, "records": self.records}, indent=1), encoding="utf-8")
-            partial.replace(path)
+            paths.write_text_atomically(path, json.dumps({"format": FORMAT, "records": self.records}, indent=1))
         except OSError as error:
-            partial.unlink(missing_ok=True)
             raise NbllmError(f"Cannot write the results to {path}: {error.strerror or error}.") from None
         return path
 

@@ -187,12 +187,9 @@ def load_checksums(folder: Path | None = None) -> dict[str, dict[str, Any]]:
 
 def _save_checksums(folder: Path, data: dict[str, dict[str, Any]]) -> None:
     target = _checksums_path(folder)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
     try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, target)
+        paths.write_text_atomically(target, json.dumps(data, indent=1, sort_keys=True))
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         log.warning("Could not record checksums in %s: %s", target, error)
 
 

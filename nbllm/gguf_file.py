@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbllm import paths
 from nbllm.errors import InvalidModelFileError
 
 GGUF_MAGIC = b"GGUF"
@@ -321,8 +322,6 @@ _HEADER_FORMAT = 1
 
 
 def _header_cache_file(key: tuple[str, int, int]) -> Path:
-    from nbllm import paths
-
     digest = hashlib.sha256(repr(key).encode()).hexdigest()[:32]
     return paths.cache_dir() / "gguf-headers" / f"{digest}.json"
 
@@ -347,12 +346,8 @@ def _save_header(key: tuple[str, int, int], info: GGUFInfo) -> None:
         "data_offset": info.data_offset,
         "alignment": info.alignment,
     }
-    target = _header_cache_file(key)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, target)
+        paths.write_text_atomically(_header_cache_file(key), json.dumps(data))
     except OSError:
         pass  # an unwritable cache only costs a re-read next time
 

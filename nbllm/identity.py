@@ -35,12 +35,8 @@ def _load_index() -> dict[str, list[object]]:
 def _save(key: tuple[str, int, int], digest: str) -> None:
     index = _load_index()
     index[key[0]] = [key[1], key[2], digest]
-    target = _index_file()
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps(index), encoding="utf-8")
-        os.replace(tmp, target)  # atomic: readers never see half an index
+        paths.write_text_atomically(_index_file(), json.dumps(index))  # readers never see half an index
     except OSError:
         pass  # a read-only cache folder only costs a re-hash next time
 

@@ -8,7 +8,23 @@ followed, as Linux users expect.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+
+
+def write_text_atomically(target: Path, text: str) -> None:
+    """Write ``target`` whole or not at all: a temporary file beside it (named per process and
+    thread, so concurrent writers never share one), then an atomic rename. Readers never see
+    half a file. A failed write (OSError, typically) removes the temporary file and raises;
+    callers decide what it means for them."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _xdg(variable: str, fallback: str) -> Path:

@@ -19,7 +19,6 @@ import dataclasses
 import html
 import json
 import logging
-import os
 import statistics
 import threading
 import time
@@ -131,10 +130,7 @@ def save_result(result: TuneResult) -> None:
         }
         target = _store_file()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}")
-            tmp.write_text(json.dumps(store, indent=1), encoding="utf-8")
-            os.replace(tmp, target)
+            paths.write_text_atomically(target, json.dumps(store, indent=1))
         except OSError as error:
             log.warning("Could not save tuning results to %s: %s", target, error)
 
