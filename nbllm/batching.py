@@ -213,11 +213,8 @@ def _item_stats(item: BatchItem, model: str, submitted: float, model_hash: str |
 
 
 def _cached_result(engine: Engine, index: int, request: Request, key: Mapping[str, Any]) -> ManyResult | None:
-    if not engine.cache_wanted(request):
-        return None
-    answer = engine.prompt_cache.get(key)
+    answer = engine.cached_answer(request, key)
     if answer is None:
-        engine.stats.record_cache_miss()
         return None
     from nbllm.engine import cached_stats
 
@@ -287,8 +284,7 @@ def run_many(
                 continue
             engine.stats.record_request(stats)
             text = "".join(pieces[index])
-            if stats.finish_reason in ("stop", "length") and engine.cache_wanted(requests[index]):
-                engine.prompt_cache.put(keys[index], {**stats.as_dict(), "pieces": pieces[index]})
+            engine.keep_answer(requests[index], keys[index], stats, pieces[index])
             deliver(ManyResult(index, text, stats))
     except KeyboardInterrupt:
         for item in items.values():
@@ -317,12 +313,10 @@ def stream_batched(engine: Engine, request: Request, owner: Any) -> Iterator[str
 
     started = owner.started = time.perf_counter()
     key = engine.cache_key(request)
-    if engine.cache_wanted(request):
-        answer = engine.prompt_cache.get(key)
-        if answer is not None:
-            yield from engine._replay(answer, key, engine.registry.resolve(request.model).name, owner, started)
-            return
-        engine.stats.record_cache_miss()
+    answer = engine.cached_answer(request, key)
+    if answer is not None:
+        yield from engine._replay(answer, key, request, owner, started)
+        return
     events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
     prompt: Any = (
         FormattedPrompt(request.prompt) if request.prompt is not None else [dict(m) for m in request.messages or ()]
@@ -353,5 +347,4 @@ def stream_batched(engine: Engine, request: Request, owner: Any) -> Iterator[str
         owner.stats = stats
         engine.stats.record_request(stats)
         log.info("%s", stats.summary())
-    if stats.finish_reason in ("stop", "length") and engine.cache_wanted(request):
-        engine.prompt_cache.put(key, {**stats.as_dict(), "pieces": list(owner.pieces)})
+    engine.keep_answer(request, key, stats, owner.pieces)

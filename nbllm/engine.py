@@ -360,12 +360,10 @@ class Engine:
         started = owner.started = time.perf_counter()
         owner.thread_id = threading.get_ident()
         cache_key = self.cache_key(request)
-        if self.cache_wanted(request):
-            answer = self.prompt_cache.get(cache_key)
-            if answer is not None:
-                yield from self._replay(answer, cache_key, self.registry.resolve(request.model).name, owner, started)
-                return
-            self.stats.record_cache_miss()
+        answer = self.cached_answer(request, cache_key)
+        if answer is not None:
+            yield from self._replay(answer, cache_key, request, owner, started)
+            return
         params = request.params
         seed = params.seed if params.seed is not None else secrets.randbits(32)
         usage = owner.usage
@@ -393,9 +391,7 @@ class Engine:
             if stats.reused_prompt_tokens:
                 log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
             log.info("%s", stats.summary())
-        # Only answers that ended normally are worth keeping (never cancelled or failed ones).
-        if self.cache_wanted(request) and usage.finish_reason in ("stop", "length"):
-            self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(owner.pieces)})
+        self.keep_answer(request, cache_key, stats, owner.pieces)
 
     def _start(self, request: Request, owner: Stream, seed: int) -> tuple[ResidentModel, Iterator[str]]:
         """Check the model out and produce the first piece; on GPU out-of-memory, retry with
@@ -429,11 +425,29 @@ class Engine:
             pieces = steps if first is None else itertools.chain((first,), steps)
             return resident, pieces
 
+    def cached_answer(self, request: Request, cache_key: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The prompt cache's answer to ``request`` (under its ``cache_key``), or None; a miss is
+        counted. Every path that generates asks this first."""
+        if not self.cache_wanted(request):
+            return None
+        answer = self.prompt_cache.get(cache_key)
+        if answer is None:
+            self.stats.record_cache_miss()
+        return answer
+
+    def keep_answer(
+        self, request: Request, cache_key: Mapping[str, Any], stats: RequestStats, pieces: Sequence[str]
+    ) -> None:
+        """Store a finished answer in the prompt cache; only one that ended normally is worth
+        keeping, never a cancelled or failed one."""
+        if stats.finish_reason in ("stop", "length") and self.cache_wanted(request):
+            self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(pieces)})
+
     def _replay(
-        self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], model: str, owner: Stream, started: float
+        self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], request: Request, owner: Stream, started: float
     ) -> Generator[str, None, None]:
         """A cached answer, streamed like a fresh one so that front ends need no special case."""
-        stats = cached_stats(answer, cache_key, model)
+        stats = cached_stats(answer, cache_key, self.registry.resolve(request.model).name)
         owner.usage.completion_tokens = stats.completion_tokens
         try:
             for index, piece in enumerate(answer["pieces"]):

@@ -40,6 +40,7 @@ from nbllm.config import describe_settings, parse_assignment
 from nbllm.engine import Stream
 from nbllm.errors import NbllmError, did_you_mean
 from nbllm.metrics import RequestStats
+from nbllm.params import resolve_params
 from nbllm.table import Table
 from nbllm.units import format_bytes
 
@@ -617,7 +618,7 @@ class NbllmMagics(Magics, Configurable):
         model = args.model or self.default_model
         params = {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}
         engine.registry.resolve(model)  # mistakes are one line, before the chart appears
-        engine.make_request(prompt="x", model=model, params=params)
+        resolve_params(engine.settings.generation, params)
         chart = _AggregateChart(engine, model) if prompts else None
         try:
             if args.raw:
