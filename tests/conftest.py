@@ -24,6 +24,14 @@ from nbllm.engine import Engine  # noqa: E402
 from nbllm.testing import GEMMA_LIKE_TEMPLATE, make_tiny_model  # noqa: E402
 
 
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own NBLLM_HOME: models folder, checksums, catalog, caches."""
+    folder = tmp_path / "home"
+    monkeypatch.setenv("NBLLM_HOME", str(folder))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Several different tiny models (different seeds and sizes), plus one with a chat template."""

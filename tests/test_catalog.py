@@ -13,12 +13,7 @@ from nbllm.errors import ConfigError, ModelNotFoundError
 from nbllm.manager import catalog as catalog_table
 from nbllm.model_catalog import DEFAULT_QUANT, GUIDE_QUANTS, load_catalog, user_catalog_file
 
-
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "home"
-    monkeypatch.setenv("NBLLM_HOME", str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("home")  # every test: its own NBLLM_HOME
 
 
 def write_user_catalog(text: str) -> Path:

@@ -144,14 +144,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """This test's own NBLLM_HOME: models folder, checksums, caches."""
-    folder = tmp_path / "home"
-    monkeypatch.setenv("NBLLM_HOME", str(folder))
-    return folder
-
-
-@pytest.fixture
 def server() -> Iterator[ModelServer]:
     httpd = ModelServer()
     yield httpd

@@ -26,11 +26,7 @@ from tests.test_download import ModelServer
 GiB = 2**30
 
 
-@pytest.fixture(autouse=True)
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    folder = tmp_path / "home"
-    monkeypatch.setenv("NBLLM_HOME", str(folder))
-    return folder
+pytestmark = pytest.mark.usefixtures("home")  # every test: its own NBLLM_HOME
 
 
 @pytest.fixture
