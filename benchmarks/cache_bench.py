@@ -21,9 +21,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from nbllm.config import Settings
-from nbllm.default_model import default_model_path
-from nbllm.engine import Engine
+from nbllm.core.config import Settings
+from nbllm.hub.default_model import default_model_path
+from nbllm.engine.engine import Engine
 
 TOPICS = (
     "Docker packages an application with its libraries into an image that runs the same everywhere. "
@@ -93,7 +93,7 @@ def ttft_raw(llm: llama_cpp.Llama, context: str) -> list[float]:
 
 def prefix_reuse(engine: Engine) -> None:
     resident = engine.registry.load(None)
-    from nbllm.chat_format import FormattedPrompt
+    from nbllm.core.chat_format import FormattedPrompt
 
     context = long_context(1500, lambda text: resident.model.count_tokens(FormattedPrompt(text)))
     n = resident.model.count_tokens(FormattedPrompt(context))

@@ -37,9 +37,9 @@ from typing import Any
 import comm
 from comm.base_comm import BaseComm
 
-from nbllm.config import Settings
-from nbllm.default_model import default_model_path
-from nbllm.engine import Engine, Stream
+from nbllm.core.config import Settings
+from nbllm.hub.default_model import default_model_path
+from nbllm.engine.engine import Engine, Stream
 
 PROMPT = "Question: Explain in detail how a computer boots, step by step.\nAnswer:"
 QUESTION = "Explain in detail how a computer boots, step by step."
@@ -69,7 +69,7 @@ def bare(engine: Engine, tokens: int) -> float:
 
 
 def with_chart(engine: Engine, tokens: int) -> float:
-    from nbllm.plots import ThroughputChart
+    from nbllm.notebook.plots import ThroughputChart
 
     chart = ThroughputChart()
     stream: Stream = engine.generate(PROMPT, stream=True, max_tokens=tokens, seed=SEED)
@@ -80,7 +80,7 @@ def with_chart(engine: Engine, tokens: int) -> float:
 
 def panel_request(engine: Engine, tokens: int) -> Stream:
     """The stream of the request the panel sends (same messages, sampling settings and seed)."""
-    from nbllm.widgets import ChatPanel
+    from nbllm.notebook.widgets import ChatPanel
 
     params = {**ChatPanel(engine)._params(SEED), "max_tokens": tokens}
     stream: Stream = engine.chat([{"role": "user", "content": QUESTION}], stream=True, **params)
@@ -104,7 +104,7 @@ def bare_chat_main(engine: Engine, tokens: int) -> float:
 
 
 def with_panel(engine: Engine, tokens: int) -> float:
-    from nbllm.widgets import ChatPanel
+    from nbllm.notebook.widgets import ChatPanel
 
     engine.configure(generation={"seed": SEED})  # the panel sends no seed: this one
     try:

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import nbllm
-from nbllm.config import Settings
-from nbllm.engine import Engine
-from nbllm.gguf_file import read_gguf
-from nbllm.gpu import list_gpus
+from nbllm.core.config import Settings
+from nbllm.engine.engine import Engine
+from nbllm.core.gguf_file import read_gguf
+from nbllm.host.gpu import list_gpus
 from nbllm.testing import make_tiny_model
-from nbllm.units import format_bytes
+from nbllm.core.units import format_bytes
 
 GiB = 2**30
 
@@ -94,7 +94,7 @@ def main() -> None:
         f"estimate: {fit.layers} of {info.n_layers + 1} layers, {format_bytes(fit.gpu_bytes)} of "
         f"{format_bytes(fit.free_bytes)} free; guide's rule of thumb: {fit.rule_of_thumb_layers} ({fit.rule_of_thumb})"
     )
-    from nbllm.diagnosis import diagnose
+    from nbllm.measure.doctor import diagnose
 
     print(diagnose(engine))
 

@@ -17,11 +17,11 @@ import dataclasses
 import statistics
 import time
 
-from nbllm import machine
-from nbllm.config import Settings
-from nbllm.engine import Engine
-from nbllm.gguf_file import read_gguf
-from nbllm.tuner import PP_TOKENS, TG_TOKENS, _Measure
+from nbllm.host import machine
+from nbllm.core.config import Settings
+from nbllm.engine.engine import Engine
+from nbllm.core.gguf_file import read_gguf
+from nbllm.measure.tuner import PP_TOKENS, TG_TOKENS, _Measure
 
 BATCHES = (64, 128, 256, 512, 1024, 2048)
 

@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from nbllm.config import Settings
-from nbllm.errors import (
+from nbllm.core.config import Settings
+from nbllm.core.errors import (
     CacheError,
     ConfigError,
     ContextLengthError,
@@ -31,22 +31,22 @@ from nbllm.errors import (
     NbllmError,
     ParameterError,
 )
-from nbllm.table import Table
-from nbllm.units import format_age, format_bytes
+from nbllm.core.table import Table
+from nbllm.core.units import format_age, format_bytes
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from nbllm.batching import ManyResult
-    from nbllm.benchmark import BenchResults
-    from nbllm.diagnosis import DoctorReport
-    from nbllm.downloader import Download, Progress
-    from nbllm.engine import Completion, Engine, Stream
-    from nbllm.machine import HardwareReport
-    from nbllm.manager import ModelInfo, VerifyReport
-    from nbllm.recommendation import Recommendation
-    from nbllm.server import ServerHandle
-    from nbllm.tuner import TuneResult
+    from nbllm.engine.batching import ManyResult
+    from nbllm.measure.bench import BenchResults
+    from nbllm.measure.doctor import DoctorReport
+    from nbllm.hub.downloads import Download, Progress
+    from nbllm.engine.engine import Completion, Engine, Stream
+    from nbllm.host.machine import HardwareReport
+    from nbllm.hub.manager import ModelInfo, VerifyReport
+    from nbllm.hub.recommendation import Recommendation
+    from nbllm.server.app import ServerHandle
+    from nbllm.measure.tuner import TuneResult
 
 __version__ = "0.1.0"
 
@@ -95,8 +95,8 @@ __all__ = [
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
-    from nbllm.widgets import ChatPanel
-    from nbllm.widgets.models import ModelsPanel
+    from nbllm.notebook.widgets import ChatPanel
+    from nbllm.notebook.widgets.models import ModelsPanel
 
 # ``%reload_ext nbllm`` re-runs this module in place (importlib.reload): keep the engine, with its
 # loaded models, caches, stats and settings, instead of orphaning it and the memory it holds.
@@ -110,7 +110,7 @@ def get_engine() -> Engine:
     if _engine is None:
         with _engine_lock:
             if _engine is None:
-                from nbllm.engine import Engine
+                from nbllm.engine.engine import Engine
 
                 _engine = Engine()
     return _engine
@@ -240,14 +240,14 @@ def health() -> dict[str, Any]:
 
 def hardware() -> HardwareReport:
     """CPU, cores, instruction sets, RAM, NVIDIA GPUs, and what the llama.cpp build can do."""
-    from nbllm.machine import hardware_report
+    from nbllm.host.machine import hardware_report
 
     return hardware_report(get_engine().registry.backend.build_info())
 
 
 def doctor(model: str | None = None) -> DoctorReport:
     """The hardware report plus what is wrong with this set-up and what to do (``nbllm doctor``)."""
-    from nbllm.diagnosis import diagnose
+    from nbllm.measure.doctor import diagnose
 
     return diagnose(get_engine(), model)
 
@@ -276,7 +276,7 @@ def bench(
     tokens, ``repetitions`` times after a warm-up, for every combination of the given models and
     settings (each may be a list). Returns records (mean ± std t/s, the guide's rating, the share
     of the memory-bandwidth limit) that ``.save("results.json")`` writes and ``.figure()`` plots."""
-    from nbllm.benchmark import bench as run_bench
+    from nbllm.measure.bench import bench as run_bench
 
     return run_bench(
         get_engine(),
@@ -295,7 +295,7 @@ def bench(
 
 def catalog() -> Table:
     """Known models: family, parameters, license, quantizations, size and memory needed, source."""
-    from nbllm.manager import catalog as catalog_table
+    from nbllm.hub.manager import catalog as catalog_table
 
     return catalog_table()
 
@@ -304,14 +304,14 @@ def list_models() -> Table:
     """The catalog and the models folder side by side: downloaded or not, size, loaded or not.
 
     (``models()`` lists what can be loaded by name right now, with load times and last use.)"""
-    from nbllm.manager import list_models as listing
+    from nbllm.hub.manager import list_models as listing
 
     return listing()
 
 
 def recommend(**machine: Any) -> Recommendation:
     """Which catalog models fit this machine (or ram=/vram=/cores=/bandwidth=), how fast, what to download."""
-    from nbllm.recommendation import recommend as advise
+    from nbllm.hub.recommendation import recommend as advise
 
     return advise(**machine)
 
@@ -321,28 +321,28 @@ def download(
 ) -> Download:
     """Download a catalog model, an https URL or hf://owner/repo/file: resumable, checksum-verified,
     GGUF-checked, and moved into the models folder only when complete."""
-    from nbllm.manager import download as fetch_model
+    from nbllm.hub.manager import download as fetch_model
 
     return fetch_model(name, quant, sha256=sha256, progress=progress, **options)
 
 
 def verify(name: str | None = None, quant: str | None = None) -> VerifyReport:
     """The GGUF check and the SHA-256 of one downloaded model, or of all of them."""
-    from nbllm.manager import verify as check
+    from nbllm.hub.manager import verify as check
 
     return check(name, quant)
 
 
 def model_info(name: str, quant: str | None = None) -> ModelInfo:
     """Architecture, parameters, context length, quantization, chat template, size, path."""
-    from nbllm.manager import model_info as info
+    from nbllm.hub.manager import model_info as info
 
     return info(name, quant)
 
 
 def remove_model(name: str, quant: str | None = None) -> Path:
     """Delete a downloaded model from the models folder (unloading it first)."""
-    from nbllm.manager import remove_model as remove
+    from nbllm.hub.manager import remove_model as remove
 
     return remove(name, quant)
 
@@ -362,7 +362,7 @@ def serve(
     ``handle.url``, ``handle.base_url`` (for OpenAI clients), ``handle.stop()``; ``port=0`` picks a
     free port. Concurrent requests for one model decode together unless ``batched=False``.
     Needs ``pip install 'nbllm[server]'``."""
-    from nbllm.server import serve_in_background
+    from nbllm.server.app import serve_in_background
 
     return serve_in_background(
         host,
@@ -394,8 +394,8 @@ def configure(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, 
             if _engine is None:
                 from pathlib import Path
 
-                from nbllm.config import load_file
-                from nbllm.engine import Engine
+                from nbllm.core.config import load_file
+                from nbllm.engine.engine import Engine
 
                 _engine = Engine(load_file(Path(source).expanduser()))
                 return _engine.configure(**sections)
@@ -404,13 +404,13 @@ def configure(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, 
 
 def load_ipython_extension(ipython: InteractiveShell) -> None:
     """``%load_ext nbllm``: registers ``%%llm`` and ``%llm``. IPython is imported only here."""
-    from nbllm.magics import load_ipython_extension as load
+    from nbllm.notebook.magics import load_ipython_extension as load
 
     load(ipython)
 
 
 def unload_ipython_extension(ipython: InteractiveShell) -> None:
-    from nbllm.magics import unload_ipython_extension as unload
+    from nbllm.notebook.magics import unload_ipython_extension as unload
 
     unload(ipython)
 
@@ -418,15 +418,15 @@ def unload_ipython_extension(ipython: InteractiveShell) -> None:
 def __getattr__(name: str) -> Any:
     # Front-end classes load lazily, so ``import nbllm`` never imports ipywidgets or plotly.
     if name == "ChatPanel":
-        from nbllm.widgets import ChatPanel
+        from nbllm.notebook.widgets import ChatPanel
 
         return ChatPanel
-    if name == "plots":  # ``nbllm.plots.ThroughputChart`` without importing plotly at ``import nbllm``
+    if name == "plots":  # ``nbllm.notebook.plots.ThroughputChart`` without importing plotly at ``import nbllm``
         import importlib
 
-        return importlib.import_module("nbllm.plots")
+        return importlib.import_module("nbllm.notebook.plots")
     if name == "ModelsPanel":
-        from nbllm.widgets.models import ModelsPanel
+        from nbllm.notebook.widgets.models import ModelsPanel
 
         return ModelsPanel
     raise AttributeError(f"module 'nbllm' has no attribute {name!r}")

@@ -8,7 +8,7 @@ run with nothing changed takes about a second.
 
 Steps:
 1. create the virtual environment (standard ``venv``);
-2. decide the llama.cpp build flags from this CPU (``nbllm/build_flags.py``), build the
+2. decide the llama.cpp build flags from this CPU (``nbllm/host/build_flags.py``), build the
    llama-cpp-python wheel with them once, and keep it in a wheelhouse keyed by those flags
    (pip's own wheel cache ignores ``CMAKE_ARGS`` and would happily reuse a build that
    crashes this CPU);
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load_build_flags():  # type: ignore[no-untyped-def]
     # Loaded by path: importing the package would pull in dependencies not installed yet.
-    spec = importlib.util.spec_from_file_location("nbllm_build_flags", ROOT / "nbllm" / "build_flags.py")
+    spec = importlib.util.spec_from_file_location("nbllm_build_flags", ROOT / "nbllm" / "host" / "build_flags.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -130,7 +130,7 @@ def ensure_chromium() -> None:
 
 def prepare_default_model(python: Path) -> None:
     """Assemble the default model now, so the first notebook cell answers at once."""
-    run([str(python), "-c", "from nbllm.default_model import default_model_path as p; print(p())"])
+    run([str(python), "-c", "from nbllm.hub.default_model import default_model_path as p; print(p())"])
 
 
 def stamp_for(wheel: Path, extras: str) -> str:

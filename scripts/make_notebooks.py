@@ -187,13 +187,13 @@ assert "Stopped" in panel.status_text
     md("""
 ## The throughput chart on its own
 
-`nbllm.plots.ThroughputChart` draws any stream: tokens/s while it is generated (left) and per reply
+`nbllm.notebook.plots.ThroughputChart` draws any stream: tokens/s while it is generated (left) and per reply
 (right). It redraws at most ten times a second, so it costs generation almost nothing.
 """),
     code("""
 from IPython.display import display
 
-chart = nbllm.plots.ThroughputChart()
+chart = nbllm.notebook.plots.ThroughputChart()
 display(chart)
 for piece in chart.watch(nbllm.chat("What is a GPU?", stream=True, max_tokens=60, seed=1)):
     print(piece, end="", flush=True)
@@ -226,10 +226,10 @@ Small test sizes keep this notebook quick; `nbllm bench` in a terminal defaults 
 from IPython.display import display
 
 import nbllm
-from nbllm.benchmark import compare, load_results
+from nbllm.measure.bench import compare, load_results
 
 %load_ext nbllm
-from nbllm.plots import bench_figure, compare_figure, live_bench_chart, threads_figure
+from nbllm.notebook.plots import bench_figure, compare_figure, live_bench_chart, threads_figure
 """),
     md("Every timed run appears on the live chart as it finishes:"),
     code("""

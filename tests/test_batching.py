@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.batching import BatchInterrupted, ManyResult
-from nbllm.config import Settings
-from nbllm.engine import Engine
-from nbllm.errors import ContextLengthError, InsufficientMemoryError, ParameterError
+from nbllm.engine.batching import BatchInterrupted, ManyResult
+from nbllm.core.config import Settings
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import ContextLengthError, InsufficientMemoryError, ParameterError
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nbllm import build_flags
+from nbllm.host import build_flags
 
 AVX512_MACHINE = "fma avx f16c bmi2 avx2 avx512f avx512vbmi avx512_vnni avx512_bf16 avx_vnni amx_tile amx_int8 sse4_2"
 AVX2_ONLY = "sse4_2 fma avx f16c bmi2 avx2"
@@ -82,8 +82,8 @@ def test_the_backend_refuses_a_build_the_cpu_cannot_run(monkeypatch: pytest.Monk
     import llama_cpp
 
     from nbllm.backends.llama_cpp import LlamaCppBackend
-    from nbllm.errors import ModelLoadError
-    from nbllm.machine import parse_system_info
+    from nbllm.core.errors import ModelLoadError
+    from nbllm.host.machine import parse_system_info
 
     # This machine's real build, on a CPU that lacks one instruction set the build uses.
     used = [

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nbllm import default_model
-from nbllm.errors import ConfigError, ModelNotFoundError
-from nbllm.manager import catalog as catalog_table
-from nbllm.model_catalog import DEFAULT_QUANT, GUIDE_QUANTS, load_catalog, user_catalog_file
+from nbllm.hub import default_model
+from nbllm.core.errors import ConfigError, ModelNotFoundError
+from nbllm.hub.manager import catalog as catalog_table
+from nbllm.hub.catalog import DEFAULT_QUANT, GUIDE_QUANTS, load_catalog, user_catalog_file
 
 pytestmark = pytest.mark.usefixtures("home")  # every test: its own NBLLM_HOME
 
@@ -27,7 +27,7 @@ def write_user_catalog(text: str) -> Path:
 
 
 def test_the_catalog_ships_as_package_data() -> None:
-    assert resources.files("nbllm").joinpath("catalog.yaml").is_file()
+    assert resources.files("nbllm.hub").joinpath("catalog.yaml").is_file()
 
 
 @pytest.mark.parametrize(

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.engine import Engine
-from nbllm.errors import ModelNotFoundError
-from nbllm.plots import STOPPED_COLOR
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import ModelNotFoundError
+from nbllm.notebook.plots import STOPPED_COLOR
 from nbllm.testing import make_tiny_model
-from nbllm.widgets import ChatPanel
-from nbllm.widgets.chat import _without_typed_newline
+from nbllm.notebook.widgets import ChatPanel
+from nbllm.notebook.widgets.chat import _without_typed_newline
 
 LONG_REPLY = 200  # tokens; with a short question this fits the fixtures' 512-token context
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm import paths
-from nbllm.config import (
+from nbllm.core import paths
+from nbllm.core.config import (
     Settings,
     find_config_file,
     load_file,
@@ -17,8 +17,8 @@ from nbllm.config import (
     parse_bytes,
     validate,
 )
-from nbllm.engine import Engine
-from nbllm.errors import ConfigError
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import ConfigError
 
 
 def write(path: Path, text: str) -> Path:

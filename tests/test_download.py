@@ -27,10 +27,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from nbllm import downloader, identity
-from nbllm.downloader import fetch, load_checksums, resolve_url
-from nbllm.errors import DownloadError
-from nbllm.gguf_file import read_gguf
+from nbllm.core import identity
+from nbllm.hub import downloads as downloader
+from nbllm.hub.downloads import fetch, load_checksums, resolve_url
+from nbllm.core.errors import DownloadError
+from nbllm.core.gguf_file import read_gguf
 from nbllm.testing import make_tiny_model
 
 # ---------------------------------------------------------------------------- the test server

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.engine import Completion, Engine, Stream
-from nbllm.errors import ConfigError, ContextLengthError, ModelNotFoundError, ParameterError
+from nbllm.engine.engine import Completion, Engine, Stream
+from nbllm.core.errors import ConfigError, ContextLengthError, ModelNotFoundError, ParameterError
 
 
 def test_generate_returns_text_and_stats(engine: Engine) -> None:
@@ -229,7 +229,7 @@ def test_a_prompt_longer_than_the_context_is_a_clear_error(engine: Engine) -> No
 
 
 def test_answer_near_the_context_end_is_cut_at_the_context(engine: Engine) -> None:
-    from nbllm.chat_format import FormattedPrompt
+    from nbllm.core.chat_format import FormattedPrompt
 
     model = engine.registry.load(None).model
     words = 10
@@ -347,9 +347,9 @@ def test_a_cancel_set_while_a_long_prompt_is_read_aborts_the_decode(engine: Engi
     """Without llama.cpp's abort callback the whole prompt would be read and one token sampled
     before the cancel was seen; with it, the decode stops and no token comes."""
     from nbllm.backends.base import Usage
-    from nbllm.cancel import Cancel
-    from nbllm.chat_format import FormattedPrompt
-    from nbllm.params import resolve_params
+    from nbllm.core.cancel import Cancel
+    from nbllm.core.chat_format import FormattedPrompt
+    from nbllm.core.params import resolve_params
 
     model = engine.registry.load(None).model
     cancel = Cancel() if kind.startswith("Cancel") else threading.Event()

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 import nbllm
-from nbllm.engine import Completion, Engine, Stream
+from nbllm.engine.engine import Completion, Engine, Stream
 
 
 def test_import_is_light_and_pulls_no_front_end_or_llama_cpp() -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.engine import Engine
-from nbllm.errors import InvalidModelFileError, NbllmError
-from nbllm.gguf_file import read_gguf
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import InvalidModelFileError, NbllmError
+from nbllm.core.gguf_file import read_gguf
 
 
 def write_cut(source: Path, target: Path, length: int) -> Path:
@@ -152,7 +152,7 @@ def test_bad_files_fail_cleanly_through_the_engine_and_it_lives_on(
 def test_slow_headers_are_remembered_on_disk_for_the_next_process(
     default_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nbllm import gguf_file
+    from nbllm.core import gguf_file
 
     first = read_gguf(default_model_path)
     gguf_file._cache.clear()  # as in a new process
@@ -164,7 +164,7 @@ def test_slow_headers_are_remembered_on_disk_for_the_next_process(
 
 
 def test_a_damaged_header_cache_is_ignored(default_model_path: Path) -> None:
-    from nbllm import gguf_file
+    from nbllm.core import gguf_file
 
     first = read_gguf(default_model_path)
     stat = default_model_path.stat()

@@ -17,14 +17,14 @@ from typing import Any
 import pynvml
 import pytest
 
-from nbllm import build_flags, machine
+from nbllm.host import build_flags, machine
 from nbllm.backends.base import LoadSettings
 from nbllm.backends.llama_cpp import LlamaCppBackend
-from nbllm.config import Settings
-from nbllm.diagnosis import diagnose
-from nbllm.engine import Engine
-from nbllm.errors import GpuOutOfMemoryError
-from nbllm.fit import (
+from nbllm.core.config import Settings
+from nbllm.measure.doctor import diagnose
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import GpuOutOfMemoryError
+from nbllm.core.fit import (
     GPU_MARGIN,
     GPU_RESERVE_BYTES,
     fit_gpu_layers,
@@ -34,8 +34,8 @@ from nbllm.fit import (
     output_weight_bytes,
     rule_of_thumb,
 )
-from nbllm.gguf_file import read_gguf
-from nbllm.gpu import gpu_status
+from nbllm.core.gguf_file import read_gguf
+from nbllm.host.gpu import gpu_status
 
 GiB = 2**30
 

@@ -24,8 +24,8 @@ from IPython.utils.capture import CapturedIO, RichOutput, capture_output
 from traitlets.config import Config
 
 import nbllm
-from nbllm.engine import Engine
-from nbllm.magics import NbllmMagics, extract_code, interpolate, render_answer
+from nbllm.engine.engine import Engine
+from nbllm.notebook.magics import NbllmMagics, extract_code, interpolate, render_answer
 
 QUESTION = "Question: What is a GPU?\nAnswer:"
 
@@ -679,7 +679,7 @@ def test_ipython_config_applies_when_the_extension_loads(ip: InteractiveShell) -
 
 # ----------------------------------------------------------------- the chat panel
 
-if importlib.util.find_spec("nbllm.widgets") is not None:
+if importlib.util.find_spec("nbllm.notebook.widgets") is not None:
 
     def test_chat_subcommand_displays_a_chat_panel_on_the_default_model(ip: InteractiveShell) -> None:
         run(ip, "%llm use tiny-b")

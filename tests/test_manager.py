@@ -12,15 +12,17 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm import machine, manager, tuner
-from nbllm.cli_models import add_models_commands, models_command
-from nbllm.downloader import Download, load_checksums
-from nbllm.engine import Engine
-from nbllm.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, ParameterError
-from nbllm.gpu import list_gpus
-from nbllm.model_catalog import load_catalog
-from nbllm.recommendation import rating, recommend
-from nbllm.units import format_bytes
+from nbllm.host import machine
+from nbllm.hub import manager
+from nbllm.measure import tuner
+from nbllm.cli.models import add_models_commands, models_command
+from nbllm.hub.downloads import Download, load_checksums
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, ParameterError
+from nbllm.host.gpu import list_gpus
+from nbllm.hub.catalog import load_catalog
+from nbllm.hub.recommendation import rating, recommend
+from nbllm.core.units import format_bytes
 from tests.test_download import ModelServer
 
 GiB = 2**30
@@ -53,7 +55,7 @@ def phi2(hub: ModelServer, tiny_models: dict[str, Path]) -> bytes:
 
 
 def models_folder() -> Path:
-    from nbllm import paths
+    from nbllm.core import paths
 
     return paths.models_dir()
 
@@ -96,7 +98,7 @@ def test_an_unknown_quantization_lists_the_available_ones(hub: ModelServer) -> N
 
 
 def test_a_catalog_checksum_is_enforced(hub: ModelServer, tiny_models: dict[str, Path]) -> None:
-    from nbllm import paths
+    from nbllm.core import paths
 
     user = paths.config_dir() / "catalog.yaml"
     user.parent.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from nbllm import paths
-from nbllm.engine import Engine
-from nbllm.widgets.models import ModelsPanel
+from nbllm.core import paths
+from nbllm.engine.engine import Engine
+from nbllm.notebook.widgets.models import ModelsPanel
 from tests.test_download import ModelServer
 
 FILE_URL = "/test/tiny-chat-GGUF/resolve/main/tiny-chat.Q4_K_M.gguf"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.paths import write_text_atomically
+from nbllm.core.paths import write_text_atomically
 
 
 def test_a_file_is_replaced_whole_and_a_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:

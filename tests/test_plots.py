@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-import nbllm.plots
-from nbllm.engine import Engine, Stream
-from nbllm.plots import CACHED_COLOR, CURRENT_COLOR, STOPPED_COLOR, ThroughputChart
+import nbllm.notebook.plots
+from nbllm.engine.engine import Engine, Stream
+from nbllm.notebook.plots import CACHED_COLOR, CURRENT_COLOR, STOPPED_COLOR, ThroughputChart
 
 LONGEST = 200  # tokens: the longest stream these tests ask for
 _long_seeds: dict[str, int] = {}
@@ -38,7 +38,7 @@ def finished(engine: Engine, **params: object) -> Stream:
 
 
 def test_the_chart_is_a_plotly_figure_widget_with_a_live_curve_and_per_reply_bars() -> None:
-    chart = nbllm.plots.ThroughputChart()
+    chart = nbllm.notebook.plots.ThroughputChart()
     assert type(chart.figure).__name__ == "FigureWidget"
     assert [trace.type for trace in chart.figure.data] == ["scatter", "scatter", "bar"]
     assert "application/vnd.jupyter.widget-view+json" in chart._repr_mimebundle_()
@@ -234,13 +234,13 @@ def test_a_reply_too_short_for_a_live_rate_still_gets_one_point(engine: Engine) 
 
 
 def _records(engine: Engine) -> list[dict[str, Any]]:
-    from nbllm.benchmark import bench
+    from nbllm.measure.bench import bench
 
     return bench(engine, None, pp=16, tg=4, repetitions=2, threads=[1, 2], progress=False).records
 
 
 def test_bench_figure_shows_each_setting_with_error_bars(engine: Engine) -> None:
-    from nbllm.plots import bench_figure
+    from nbllm.notebook.plots import bench_figure
 
     records = _records(engine)
     figure = bench_figure(records)
@@ -251,7 +251,7 @@ def test_bench_figure_shows_each_setting_with_error_bars(engine: Engine) -> None
 
 
 def test_threads_figure_draws_speed_against_threads(engine: Engine) -> None:
-    from nbllm.plots import threads_figure
+    from nbllm.notebook.plots import threads_figure
 
     figure = threads_figure(_records(engine))
     assert {trace.name for trace in figure.data} == {"tiny-a pp16", "tiny-a tg4"}
@@ -259,7 +259,7 @@ def test_threads_figure_draws_speed_against_threads(engine: Engine) -> None:
 
 
 def test_compare_figure_puts_two_files_side_by_side(engine: Engine) -> None:
-    from nbllm.plots import compare_figure
+    from nbllm.notebook.plots import compare_figure
 
     records = _records(engine)
     figure = compare_figure(records, records, labels=("laptop", "server"))
@@ -268,8 +268,8 @@ def test_compare_figure_puts_two_files_side_by_side(engine: Engine) -> None:
 
 
 def test_the_live_benchmark_chart_grows_with_every_run(engine: Engine) -> None:
-    from nbllm.benchmark import bench
-    from nbllm.plots import live_bench_chart
+    from nbllm.measure.bench import bench
+    from nbllm.notebook.plots import live_bench_chart
 
     figure, on_run = live_bench_chart()
     bench(engine, None, pp=8, tg=2, repetitions=3, progress=False, on_run=on_run)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.engine import Engine
+from nbllm.engine.engine import Engine
 from nbllm.testing import make_tiny_model
 
 REQUEST = {"max_tokens": 12, "seed": 3}
@@ -224,8 +224,8 @@ def test_the_log_says_prompt_cache_hit(cached_engine: Engine, caplog: pytest.Log
 WRITER = textwrap.dedent(
     """
     import sys
-    from nbllm.config import Settings
-    from nbllm.engine import Engine
+    from nbllm.core.config import Settings
+    from nbllm.engine.engine import Engine
 
     model, folder, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
     engine = Engine(Settings().merged({
@@ -256,7 +256,7 @@ def test_two_processes_writing_one_cache_leave_it_consistent(tiny_models: dict[s
         out, err = writer.communicate(timeout=300)
         assert writer.returncode == 0, err
         assert out.strip() == "done"
-    from nbllm.config import Settings
+    from nbllm.core.config import Settings
 
     engine = Engine(
         Settings().merged({"performance": {"context_size": 256, "batch_size": 64}, "cache": {"directory": str(folder)}})

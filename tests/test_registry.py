@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from nbllm import machine, paths
-from nbllm.config import Settings
-from nbllm.engine import Engine
-from nbllm.errors import InsufficientMemoryError, ModelNotFoundError
-from nbllm.fit import estimate_memory
-from nbllm.gguf_file import read_gguf
+from nbllm.core import paths
+from nbllm.host import machine
+from nbllm.core.config import Settings
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import InsufficientMemoryError, ModelNotFoundError
+from nbllm.core.fit import estimate_memory
+from nbllm.core.gguf_file import read_gguf
 from nbllm.testing import make_tiny_model
 
 

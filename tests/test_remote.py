@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.config import Settings
-from nbllm.engine import Engine
-from nbllm.errors import ModelLoadError, ModelNotFoundError, NbllmError
+from nbllm.core.config import Settings
+from nbllm.engine.engine import Engine
+from nbllm.core.errors import ModelLoadError, ModelNotFoundError, NbllmError
 from tests.servers import free_port
 
 
@@ -109,7 +109,7 @@ def test_generate_many_and_bench_work_on_a_remote_model(remote_engine: Engine) -
         ["a", "b", "c"], model="far", max_tokens=4, seed=1, progress=False, cache=False
     )
     assert all(r.ok for r in results)
-    from nbllm.benchmark import bench
+    from nbllm.measure.bench import bench
 
     records = bench(remote_engine, "far", pp=16, tg=4, repetitions=1, progress=False).records
     assert [r["test"] for r in records] == ["pp16", "tg4"]
@@ -135,14 +135,14 @@ def test_tuning_a_remote_model_says_where_to_tune(remote_engine: Engine) -> None
 
 
 def test_remote_models_are_validated_in_the_config() -> None:
-    from nbllm.config import ConfigError, validate
+    from nbllm.core.config import ConfigError, validate
 
     with pytest.raises(ConfigError, match=r"remote_models.x.url = 'localhost:8080'.*must be an http\(s\) URL"):
         validate({"remote_models": {"x": {"url": "localhost:8080"}}})
     with pytest.raises(ConfigError, match="Did you mean 'api_key'"):
         validate({"remote_models": {"x": {"url": "http://h/v1", "apikey": "k"}}})
     settings = validate({"remote_models": {"x": {"url": "http://h/v1", "api_key": "secret"}}})
-    from nbllm.config import describe_settings
+    from nbllm.core.config import describe_settings
 
     shown = {key: value for key, value, _ in describe_settings(settings)}
     assert "secret" not in shown["remote_models.x"]

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from nbllm.stop import StopMatcher
+from nbllm.core.stop import StopMatcher
 
 
 def run(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
@@ -55,7 +55,7 @@ def test_any_split_of_the_text_gives_the_same_result(seed: int) -> None:
 
 
 def test_text_held_back_as_a_possible_stop_is_shown_when_the_stream_ends() -> None:
-    from nbllm.stop import TextAssembler
+    from nbllm.core.stop import TextAssembler
 
     text = TextAssembler(["\nQuestion:"], trim=False)
     assert text.feed(b"Paris.\nQue") == ("Paris.", False)
@@ -63,7 +63,7 @@ def test_text_held_back_as_a_possible_stop_is_shown_when_the_stream_ends() -> No
 
 
 def test_chat_text_is_trimmed_at_both_ends_and_utf8_is_joined_across_tokens() -> None:
-    from nbllm.stop import TextAssembler
+    from nbllm.core.stop import TextAssembler
 
     text = TextAssembler([], trim=True)
     shown = [text.feed(piece)[0] for piece in (b"  ", b"caf", b"\xc3", b"\xa9", b" ", b"ok", b"\n\n")]

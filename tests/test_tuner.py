@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from nbllm import identity, machine, paths, tuner
-from nbllm.config import Settings
-from nbllm.engine import Engine
+from nbllm.core import identity, paths
+from nbllm.host import machine
+from nbllm.measure import tuner
+from nbllm.core.config import Settings
+from nbllm.engine.engine import Engine
 from tests.test_hardware import RTX3060, FakeGpuBackend, fake_nvml
 
 
@@ -124,7 +126,7 @@ def test_gpu_trials_that_run_out_of_memory_are_recorded_not_fatal(
 def test_nbllm_tune_and_doctor_in_a_terminal(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "NBLLM_HOME": str(tmp_path)}
     tune = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli", "tune", "--model", str(tiny_models["a"]), "--quiet"],
+        [sys.executable, "-m", "nbllm.cli.main", "tune", "--model", str(tiny_models["a"]), "--quiet"],
         capture_output=True,
         text=True,
         env=env,
@@ -134,7 +136,7 @@ def test_nbllm_tune_and_doctor_in_a_terminal(tiny_models: dict[str, Path], tmp_p
     assert "Tuned tiny-a" in tune.stdout
     assert "Saved" in tune.stdout
     doctor = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli", "doctor", "--model", str(tiny_models["a"])],
+        [sys.executable, "-m", "nbllm.cli.main", "doctor", "--model", str(tiny_models["a"])],
         capture_output=True,
         text=True,
         env=env,

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from nbllm.chat_format import FormattedPrompt
-from nbllm.params import GenerationParams
+from nbllm.core.chat_format import FormattedPrompt
+from nbllm.core.params import GenerationParams
 
 
 @dataclass(frozen=True)

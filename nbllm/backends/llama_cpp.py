@@ -28,16 +28,16 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
-from nbllm import build_flags
+from nbllm.host import build_flags
 from nbllm.backends.base import LoadSettings, Usage
 from nbllm.backends.llama_cpp_batch import BatchDecoder, BatchItem, BatchProgress
-from nbllm.cancel import Cancel
-from nbllm.chat_format import FormattedPrompt
-from nbllm.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
-from nbllm.params import GenerationParams
-from nbllm.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
-from nbllm.stop import TextAssembler
-from nbllm.waiting import next_item
+from nbllm.core.cancel import Cancel
+from nbllm.core.chat_format import FormattedPrompt
+from nbllm.core.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
+from nbllm.core.params import GenerationParams
+from nbllm.core.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
+from nbllm.core.stop import TextAssembler
+from nbllm.core.waiting import next_item
 
 log = logging.getLogger("nbllm")
 llama_log = logging.getLogger("nbllm.llama_cpp")
@@ -231,7 +231,7 @@ class LlamaCppModel:
         return self._template is not None
 
     def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
-        from nbllm.chat_format import transcript
+        from nbllm.core.chat_format import transcript
 
         if self._template is None:
             return transcript(messages)
@@ -684,7 +684,7 @@ class LlamaCppBackend:
         A wheel built elsewhere (another machine, a Binder image, a copied environment) may use
         instruction sets this CPU lacks; llama.cpp would die on the first matrix product.
         """
-        from nbllm.machine import parse_system_info
+        from nbllm.host.machine import parse_system_info
 
         missing = build_flags.missing_cpu_features(
             parse_system_info(str(self._build_info["system_info"])), build_flags.read_cpu_flags()

@@ -32,10 +32,10 @@ import llama_cpp
 from llama_cpp import _internals as internals
 
 from nbllm.backends.base import Usage
-from nbllm.chat_format import FormattedPrompt
-from nbllm.errors import ContextLengthError, GenerationError, NbllmError
-from nbllm.params import GenerationParams
-from nbllm.stop import TextAssembler
+from nbllm.core.chat_format import FormattedPrompt
+from nbllm.core.errors import ContextLengthError, GenerationError, NbllmError
+from nbllm.core.params import GenerationParams
+from nbllm.core.stop import TextAssembler
 
 
 @dataclass(eq=False)

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from nbllm.backends.base import LoadSettings, Usage
-from nbllm.chat_format import FormattedPrompt
-from nbllm.config import RemoteModel as RemoteConfig
-from nbllm.errors import GenerationError, ModelLoadError, NbllmError
-from nbllm.params import GenerationParams
-from nbllm.stop import StopMatcher
+from nbllm.core.chat_format import FormattedPrompt
+from nbllm.core.config import RemoteModel as RemoteConfig
+from nbllm.core.errors import GenerationError, ModelLoadError, NbllmError
+from nbllm.core.params import GenerationParams
+from nbllm.core.stop import StopMatcher
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ class RemoteBackend:
         except (TimeoutError, ValueError) as error:
             raise ModelLoadError(f"The server at {model.url} did not answer /models properly: {error}.") from error
         if listed and model.model not in listed:
-            from nbllm.errors import ModelNotFoundError, did_you_mean
+            from nbllm.core.errors import ModelNotFoundError, did_you_mean
 
             raise ModelNotFoundError(
                 f"The server at {model.url} has no model {model.model!r}.{did_you_mean(model.model, listed)} "

@@ -1,0 +1,85 @@
+"""Per-call generation parameters: defaults from config, validated before llama.cpp sees them."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from nbllm.core.config import Generation, check_value
+from nbllm.core.errors import ParameterError, did_you_mean
+
+# Per-call name -> the config field that gives its default, range and help text.
+_CONFIG_FIELD = {
+    "temperature": "default_temperature",
+    "max_tokens": "default_max_tokens",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repeat_penalty": "repeat_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "seed": "seed",
+}
+PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos")
+MAX_STOPS = 16
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    temperature: float
+    max_tokens: int
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    stop: tuple[str, ...] = ()
+    # Keep generating past end-of-sequence tokens, up to max_tokens: for throughput benchmarks
+    # (llama.cpp's own tools decode fixed token counts), not for answers.
+    ignore_eos: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["stop"] = list(self.stop)
+        return data
+
+
+def _check_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(s, str) for s in items):
+        raise ParameterError(f"stop = {value!r}: must be a string or a list of strings.")
+    stops = tuple(s for s in items if s)
+    if len(stops) > MAX_STOPS:
+        raise ParameterError(f"stop has {len(stops)} sequences: at most {MAX_STOPS} are allowed.")
+    return stops
+
+
+def resolve_params(defaults: Generation, overrides: Mapping[str, Any]) -> GenerationParams:
+    """Validated parameters: each override checked against its config declaration."""
+    hints = typing.get_type_hints(Generation)
+    fields = {f.name: f for f in dataclasses.fields(Generation)}
+    values: dict[str, Any] = {}
+    for name, config_name in _CONFIG_FIELD.items():
+        if name in overrides and overrides[name] is not None:
+            meta = fields[config_name].metadata
+            values[name] = check_value(name, overrides[name], hints[config_name], meta, error=ParameterError)
+        else:
+            values[name] = getattr(defaults, config_name)
+    unknown = [name for name in overrides if name not in PARAM_NAMES]
+    if unknown:
+        name = unknown[0]
+        raise ParameterError(
+            f"Unknown generation parameter {name!r}.{did_you_mean(name, PARAM_NAMES)} "
+            f"Known parameters: {', '.join(PARAM_NAMES)}."
+        )
+    ignore_eos = overrides.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ParameterError(f"ignore_eos = {ignore_eos!r}: must be true or false.")
+    return GenerationParams(stop=_check_stop(overrides.get("stop")), ignore_eos=ignore_eos, **values)

