@@ -21,11 +21,11 @@ import time
 
 from llama_tools import ensure_tools
 
-from nbllm.host import machine
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.config import Settings
-from nbllm.hub.default_model import default_model_path
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
+from nbllm.host import machine
+from nbllm.host.default_model import default_model_path
 
 TOPICS = ("containers", "databases", "compilers", "networks", "GPUs", "caches", "kernels", "notebooks")
 

@@ -20,7 +20,7 @@ from llama_tools import ensure_tools
 
 import nbllm
 from nbllm.host import machine
-from nbllm.hub.default_model import default_model_path
+from nbllm.host.default_model import default_model_path
 
 
 def llama_bench(binary: str, model: str, threads: int, repetitions: int) -> dict[str, float]:

@@ -22,8 +22,8 @@ from pathlib import Path
 import llama_cpp
 
 from nbllm.core.config import Settings
-from nbllm.hub.default_model import default_model_path
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
+from nbllm.host.default_model import default_model_path
 
 TOPICS = (
     "Docker packages an application with its libraries into an image that runs the same everywhere. "

@@ -38,8 +38,8 @@ import comm
 from comm.base_comm import BaseComm
 
 from nbllm.core.config import Settings
-from nbllm.hub.default_model import default_model_path
-from nbllm.engine.engine import Engine, Stream
+from nbllm.engine import Engine, Stream
+from nbllm.host.default_model import default_model_path
 
 PROMPT = "Question: Explain in detail how a computer boots, step by step.\nAnswer:"
 QUESTION = "Explain in detail how a computer boots, step by step."

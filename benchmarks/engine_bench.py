@@ -24,8 +24,8 @@ import llama_cpp
 
 from nbllm.core import gguf_file
 from nbllm.core.config import Settings
-from nbllm.hub.default_model import default_model_path
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
+from nbllm.host.default_model import default_model_path
 
 PROMPT = "Question: Explain in detail how a computer boots, step by step.\nAnswer:"
 SAMPLING = {"temperature": 0.7, "top_p": 0.95, "top_k": 40, "min_p": 0.05, "repeat_penalty": 1.1}

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import nbllm
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from nbllm.core.gguf_file import read_gguf
+from nbllm.core.units import format_bytes
+from nbllm.engine import Engine
 from nbllm.host.gpu import list_gpus
 from nbllm.testing import make_tiny_model
-from nbllm.core.units import format_bytes
 
 GiB = 2**30
 

@@ -39,7 +39,7 @@ import openai
 from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
 
 import nbllm
-from nbllm.server.app import ServerHandle, serve_in_background
+from nbllm.server.running import ServerHandle, serve_in_background
 from nbllm.testing import make_tiny_model
 
 PROMPTS = (

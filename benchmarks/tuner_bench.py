@@ -17,10 +17,10 @@ import dataclasses
 import statistics
 import time
 
-from nbllm.host import machine
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from nbllm.core.gguf_file import read_gguf
+from nbllm.engine import Engine
+from nbllm.host import machine
 from nbllm.measure.tuner import PP_TOKENS, TG_TOKENS, _Measure
 
 BATCHES = (64, 128, 256, 512, 1024, 2048)
@@ -31,7 +31,7 @@ def main() -> None:
     spec = engine.registry.resolve(None)
     info = read_gguf(spec.path)
     base = engine.base_load_settings(spec, info)
-    measure = _Measure(engine.registry.backend, spec.path)
+    measure = _Measure(engine.registry.backend, spec)
     threads_options = list(range(1, machine.usable_cpus() + 1))
 
     print(f"1. Exhaustive sweep on {spec.name}: threads {threads_options} x batch {list(BATCHES)}")

@@ -17,6 +17,9 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from nbllm._version import __version__ as __version__
+from nbllm.core import figures as _figures
+from nbllm.core import progress as _progress
 from nbllm.core.config import Settings
 from nbllm.core.errors import (
     CacheError,
@@ -37,18 +40,16 @@ from nbllm.core.units import format_age, format_bytes
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from nbllm.engine.batching import ManyResult
-    from nbllm.measure.bench import BenchResults
-    from nbllm.measure.doctor import DoctorReport
-    from nbllm.hub.downloads import Download, Progress
-    from nbllm.engine.engine import Completion, Engine, Stream
+    from nbllm.engine import Completion, Engine, ManyResult, Stream
     from nbllm.host.machine import HardwareReport
+    from nbllm.hub.downloads import Download, Progress
     from nbllm.hub.manager import ModelInfo, VerifyReport
     from nbllm.hub.recommendation import Recommendation
-    from nbllm.server.app import ServerHandle
+    from nbllm.measure.bench import BenchResults
+    from nbllm.measure.doctor import DoctorReport
     from nbllm.measure.tuner import TuneResult
+    from nbllm.server.running import ServerHandle
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CacheError",
@@ -92,6 +93,33 @@ __all__ = [
     "verify",
 ]
 
+
+def _tqdm_bar(
+    total: int | None, description: str, unit: str, *, initial: int, in_bytes: bool, leave: bool
+) -> _progress.ProgressBar:
+    from nbllm.notebook.progress import tqdm_bar
+
+    return tqdm_bar(total, description, unit, initial=initial, in_bytes=in_bytes, leave=leave)
+
+
+def _bench_figure(records: Any) -> Any:
+    from nbllm.notebook.plots import bench_figure
+
+    return bench_figure(records)
+
+
+def _tuning_figure(result: Any) -> Any:
+    from nbllm.notebook.plots import tuning_figure
+
+    return tuning_figure(result)
+
+
+# The facade is where front ends meet the layers below: those draw nothing themselves and call
+# these hooks (core/progress.py, core/figures.py). Installed at import; nothing heavy loads here.
+_progress.use_bars(_tqdm_bar)
+_figures.use_figure("bench", _bench_figure)
+_figures.use_figure("tuning", _tuning_figure)
+
 if TYPE_CHECKING:
     from IPython.core.interactiveshell import InteractiveShell
 
@@ -110,7 +138,7 @@ def get_engine() -> Engine:
     if _engine is None:
         with _engine_lock:
             if _engine is None:
-                from nbllm.engine.engine import Engine
+                from nbllm.engine import Engine
 
                 _engine = Engine()
     return _engine
@@ -256,7 +284,9 @@ def tune(model: str | None = None, *, save: bool = True, progress: bool = True) 
     """Measure the fastest threads, batch size (and on a GPU, layers and flash attention) for
     ``model`` on this machine. Saved per model file and machine; used whenever the config leaves
     them on auto (``threads: null`` ...). Takes well under a minute for the default model."""
-    return get_engine().tune(model, save=save, progress=progress)
+    from nbllm.measure import tuner
+
+    return tuner.tune(get_engine(), model, save=save, progress=progress)
 
 
 def bench(
@@ -306,7 +336,7 @@ def list_models() -> Table:
     (``models()`` lists what can be loaded by name right now, with load times and last use.)"""
     from nbllm.hub.manager import list_models as listing
 
-    return listing()
+    return listing(get_engine())
 
 
 def recommend(**machine: Any) -> Recommendation:
@@ -337,14 +367,14 @@ def model_info(name: str, quant: str | None = None) -> ModelInfo:
     """Architecture, parameters, context length, quantization, chat template, size, path."""
     from nbllm.hub.manager import model_info as info
 
-    return info(name, quant)
+    return info(name, quant, get_engine())
 
 
 def remove_model(name: str, quant: str | None = None) -> Path:
     """Delete a downloaded model from the models folder (unloading it first)."""
     from nbllm.hub.manager import remove_model as remove
 
-    return remove(name, quant)
+    return remove(name, quant, get_engine())
 
 
 def serve(
@@ -362,7 +392,7 @@ def serve(
     ``handle.url``, ``handle.base_url`` (for OpenAI clients), ``handle.stop()``; ``port=0`` picks a
     free port. Concurrent requests for one model decode together unless ``batched=False``.
     Needs ``pip install 'nbllm[server]'``."""
-    from nbllm.server.app import serve_in_background
+    from nbllm.server.running import serve_in_background
 
     return serve_in_background(
         host,
@@ -395,7 +425,7 @@ def configure(source: str | os.PathLike[str] | Mapping[str, Any] | None = None, 
                 from pathlib import Path
 
                 from nbllm.core.config import load_file
-                from nbllm.engine.engine import Engine
+                from nbllm.engine import Engine
 
                 _engine = Engine(load_file(Path(source).expanduser()))
                 return _engine.configure(**sections)

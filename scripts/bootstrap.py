@@ -130,7 +130,7 @@ def ensure_chromium() -> None:
 
 def prepare_default_model(python: Path) -> None:
     """Assemble the default model now, so the first notebook cell answers at once."""
-    run([str(python), "-c", "from nbllm.hub.default_model import default_model_path as p; print(p())"])
+    run([str(python), "-c", "from nbllm.host.default_model import default_model_path as p; print(p())"])
 
 
 def stamp_for(wheel: Path, extras: str) -> str:

@@ -20,7 +20,7 @@ os.environ.pop("NBLLM_CONFIG", None)
 
 import nbllm  # noqa: E402
 from nbllm.core.config import Settings  # noqa: E402
-from nbllm.engine.engine import Engine  # noqa: E402
+from nbllm.engine import Engine  # noqa: E402
 from nbllm.testing import GEMMA_LIKE_TEMPLATE, make_tiny_model  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def global_engine(settings: Settings) -> Iterator[Engine]:
 
 @pytest.fixture(scope="session")
 def default_model_path() -> Path:
-    from nbllm.hub.default_model import default_model_path
+    from nbllm.host.default_model import default_model_path
 
     return default_model_path()
 

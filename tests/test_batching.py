@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.engine.batching import BatchInterrupted, ManyResult
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import ContextLengthError, InsufficientMemoryError, ParameterError
+from nbllm.engine import BatchInterrupted, Engine, ManyResult
 
 
 @pytest.fixture

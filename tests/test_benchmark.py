@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.measure import bench as benchmark
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import InsufficientMemoryError, NbllmError, ParameterError
+from nbllm.engine import Engine
+from nbllm.measure import bench as benchmark
 
 
 @pytest.mark.parametrize(
@@ -117,7 +117,7 @@ def test_a_run_that_would_not_fit_in_ram_is_refused_before_any_run(
 def test_unknown_models_and_unwritable_outputs_are_found_before_the_first_run(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    base = [sys.executable, "-m", "nbllm.cli.main", "bench", "-p", "16", "-n", "4", "-r", "1", "-q"]
+    base = [sys.executable, "-m", "nbllm.cli", "bench", "-p", "16", "-n", "4", "-r", "1", "-q"]
     cases = {
         ("-m", str(tiny_models["a"]), "-m", "nothere"): "Unknown model 'nothere'",
         ("-m", str(tiny_models["a"]), "-o", str(tmp_path)): "is a folder: name a file",
@@ -143,7 +143,7 @@ def test_a_file_that_is_not_results_is_a_clear_error(tmp_path: Path) -> None:
 def test_nbllm_bench_writes_the_guides_results_json(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     result = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "bench", "-m", str(tiny_models["a"]), "-p", "16", "-n", "4", "-r", "1",
+        [sys.executable, "-m", "nbllm.cli", "bench", "-m", str(tiny_models["a"]), "-p", "16", "-n", "4", "-r", "1",
          "-t", "1,2", "-q", "-o", str(out)],
         capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )  # fmt: skip
@@ -152,13 +152,13 @@ def test_nbllm_bench_writes_the_guides_results_json(tiny_models: dict[str, Path]
     records = json.loads(out.read_text())["records"]
     assert {r["settings"]["threads"] for r in records} == {1, 2}
     compared = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "bench", "--compare", str(out), str(out)],
+        [sys.executable, "-m", "nbllm.cli", "bench", "--compare", str(out), str(out)],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert compared.returncode == 0, compared.stderr
     assert "1.0" in compared.stdout
     bad = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "bench", "-t", "one,two"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "nbllm.cli", "bench", "-t", "one,two"], capture_output=True, text=True, timeout=60
     )
     assert bad.returncode == 2
     assert "comma-separated list" in bad.stderr

@@ -27,7 +27,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 from playwright.sync_api import sync_playwright
 
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
 from nbllm.testing import make_tiny_model
 from tests.servers import free_port, stop_server, wait_for_server
 

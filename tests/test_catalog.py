@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.hub import default_model
 from nbllm.core.errors import ConfigError, ModelNotFoundError
-from nbllm.hub.manager import catalog as catalog_table
+from nbllm.host import default_model
 from nbllm.hub.catalog import DEFAULT_QUANT, GUIDE_QUANTS, load_catalog, user_catalog_file
+from nbllm.hub.manager import catalog as catalog_table
 
 pytestmark = pytest.mark.usefixtures("home")  # every test: its own NBLLM_HOME
 

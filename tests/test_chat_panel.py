@@ -7,6 +7,7 @@ worker thread awaited with ``panel.wait()``.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import ModelNotFoundError
+from nbllm.engine import Engine
 from nbllm.notebook.plots import STOPPED_COLOR
-from nbllm.testing import make_tiny_model
 from nbllm.notebook.widgets import ChatPanel
-from nbllm.notebook.widgets.chat import _without_typed_newline
+from nbllm.notebook.widgets.chat import Message, _bubble, _without_typed_newline
+from nbllm.notebook.widgets.markdown import to_html
+from nbllm.testing import make_tiny_model
 
 LONG_REPLY = 200  # tokens; with a short question this fits the fixtures' 512-token context
 
@@ -182,6 +184,85 @@ def test_messages_are_markdown_and_user_text_cannot_inject_markup(panel: ChatPan
     assert ">code</code>" in shown
     assert "nbllm-user" in panel.messages[0].view._dom_classes
     assert "nbllm-assistant" in panel.messages[1].view._dom_classes
+
+
+# --------------------------------------------------------------------- Markdown rendering (no model needed)
+
+BREAK = r"<br ?/?>\s*"
+
+
+def test_single_newlines_keep_lines_and_list_items_apart() -> None:
+    shown = to_html("Pets:\n1. cat\n2. dog")
+    assert re.findall(r"<li>(.*?)</li>", shown) == ["cat", "dog"]
+    assert "<ol" in shown
+    assert re.findall(r"<li>(.*?)</li>", to_html("- cat\n- dog")) == ["cat", "dog"]
+    # Neither a CommonMark list ("2." cannot interrupt a paragraph) nor a poem may merge its lines.
+    assert re.search(rf"We skip one:{BREAK}2\. dog{BREAK}3\. cow", to_html("We skip one:\n2. dog\n3. cow"))
+    assert re.search(rf"roses are red{BREAK}violets are blue", to_html("roses are red\nviolets are blue"))
+    assert re.search(rf"windows{BREAK}line", to_html("windows\r\nline"))
+
+
+def test_a_fenced_code_block_is_pre_code_with_its_content_escaped() -> None:
+    shown = to_html("Try:\n```python\nif a < b and c > d:\n    print('<b>&')\n```\nDone.")
+    assert re.search(r"<pre[^>]*><code>if a &lt; b and c &gt; d:\n    print\('&lt;b&gt;&amp;'\)\n</code></pre>", shown)
+    assert "<b>" not in shown
+    in_code = to_html("```\n**not bold** _nor this_\n```")
+    assert "**not bold** _nor this_" in in_code, "no Markdown inside code"
+    assert "<strong>" not in in_code
+    half = to_html("Here:\n```python\nx = 1 < 2")  # a fence still streaming runs to the end
+    assert re.search(r"<pre[^>]*><code>x = 1 &lt; 2\n?</code></pre>", half)
+
+
+def test_html_in_a_message_is_shown_as_text() -> None:
+    text = "<script>alert(1)</script>\n<img src=x onerror=alert(2)>\n\n<div onclick=alert(3)>\nhi\n</div>\n\n`<b>`"
+    shown = to_html(text)
+    for tag in ("<script", "<img", "<div", "<b>"):
+        assert tag not in shown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in shown
+    assert "&lt;img src=x onerror=alert(2)&gt;" in shown
+    assert "&lt;div onclick=alert(3)&gt;" in shown
+    assert ">&lt;b&gt;</code>" in shown
+    assert "\x07" not in to_html("bell\x07"), "control characters are dropped"
+
+
+def test_only_web_and_mail_links_are_clickable() -> None:
+    for text in (
+        "[x](javascript:alert(1))",
+        "[x](JavaScript:alert(1))",
+        "[x](&#106;avascript:alert(1))",
+        "<javascript:alert(1)>",
+        "[x](vbscript:msgbox(1))",
+        "[x](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+        "[x](data:image/png;base64,iVBORw0KGgo=)",
+        "[x](file:///etc/passwd)",
+        "[x](/api/kernels)",
+    ):
+        shown = to_html(text)
+        assert "<a" not in shown, text
+        assert "href" not in shown, text
+    link = to_html("see [the docs](https://example.com/a_b_c) or <mailto:me@example.com>")
+    assert '<a href="https://example.com/a_b_c" target="_blank" rel="noopener noreferrer">the docs</a>' in link
+    assert '<a href="mailto:me@example.com"' in link
+    sneaky = to_html('[x](https://example.com/"onmouseover="alert(1)) [y](https://example.com "t" onclick="z")')
+    assert 'onmouseover="' not in sneaky
+    assert 'onclick="' not in sneaky
+    assert "<img" not in to_html("![pixel](https://example.com/leak?q=secret)"), "images are not fetched"
+
+
+def test_a_half_streamed_answer_renders_at_every_length() -> None:
+    message = Message(role="assistant", content="Here is **bold", view=None, streaming=True)
+    shown = _bubble(message)
+    assert "Here is **bold" in shown
+    assert "▍" in shown
+    assert "<strong>" not in shown
+    answer = "# Plan\n1. **Sort** the `list`\n2. See [docs](https://example.com)\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+    answer += "```py\nprint('<done>')\n```\n> _end_"
+    for end in range(len(answer) + 1):
+        assert isinstance(to_html(answer[:end]), str)
+    final = to_html(answer)
+    assert "<strong>Sort</strong>" in final
+    assert "<table" in final
+    assert "<em>end</em>" in final
 
 
 def test_the_conversation_goes_to_the_model_as_chat_messages_with_the_system_prompt_first(

@@ -20,7 +20,7 @@ def nbllm_cli(
     *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", *args],
+        [sys.executable, "-m", "nbllm.cli", *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -41,7 +41,7 @@ def test_run_streams_an_answer_and_ends_with_the_stats_line(tiny_models: dict[st
 
 def test_run_takes_the_prompt_from_stdin(tiny_models: dict[str, Path]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "run", "--model", str(tiny_models["a"]), "-n", "4", "--no-cache"],
+        [sys.executable, "-m", "nbllm.cli", "run", "--model", str(tiny_models["a"]), "-n", "4", "--no-cache"],
         input="hello there",
         capture_output=True,
         text=True,
@@ -147,7 +147,7 @@ def test_lab_opens_the_quickstart_and_passes_jupyterlab_options_through(tmp_path
         "JUPYTER_DATA_DIR": str(tmp_path / "data"),
     }
     command = [
-        sys.executable, "-m", "nbllm.cli.main", "lab", "--no-browser", "--port", str(port), "--ServerApp.port_retries=0",
+        sys.executable, "-m", "nbllm.cli", "lab", "--no-browser", "--port", str(port), "--ServerApp.port_retries=0",
         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={token}",
         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
         "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
@@ -184,7 +184,7 @@ def test_only_what_follows_the_lab_command_goes_to_jupyterlab(
 def test_a_reader_that_goes_away_ends_the_run_without_a_traceback(tiny_models: dict[str, Path]) -> None:
     """``nbllm run ... | head -c 5``: the pipe closes while the answer streams."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "nbllm.cli.main", "run", "the", "--model", str(tiny_models["a"]), "-n", "400", "--raw"],
+        [sys.executable, "-m", "nbllm.cli", "run", "the", "--model", str(tiny_models["a"]), "-n", "400", "--raw"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -202,7 +202,7 @@ def test_verbose_log_lines_start_on_their_own_line_in_a_terminal(tiny_models: di
     import pty
 
     leader, follower = pty.openpty()
-    command = [sys.executable, "-m", "nbllm.cli.main", "-v", "run", "the", "--model", str(tiny_models["a"])]
+    command = [sys.executable, "-m", "nbllm.cli", "-v", "run", "the", "--model", str(tiny_models["a"])]
     process = subprocess.Popen(
         [*command, "-n", "6", "--seed", "1", "--raw", "--no-cache"], stdout=follower, stderr=follower
     )

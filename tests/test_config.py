@@ -17,8 +17,8 @@ from nbllm.core.config import (
     parse_bytes,
     validate,
 )
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import ConfigError
+from nbllm.engine import Engine
 
 
 def write(path: Path, text: str) -> Path:
@@ -228,3 +228,25 @@ def test_configure_rejects_bad_overrides_and_keeps_the_old_settings(global_engin
     with pytest.raises(ConfigError, match="Did you mean 'model_cache_size'"):
         nbllm.configure(cache={"model_cache_sise": 3})
     assert nbllm.settings() == before
+
+
+def test_an_integer_beyond_any_float_is_a_config_error_not_an_overflow() -> None:
+    with pytest.raises(ConfigError, match=r"generation\.top_p = 1000.*must be a number from 0\.0 to 1\.0"):
+        validate({"generation": {"top_p": 10**400}})
+
+
+def test_the_first_problem_reported_is_the_first_one_written() -> None:
+    with pytest.raises(ConfigError, match=r"Unknown key performance\.threadz"):
+        validate({"performance": {"threadz": 1, "threads": True}})
+    with pytest.raises(ConfigError, match=r"performance\.threads = True"):
+        validate({"performance": {"threads": True, "threadz": 1}})
+
+
+def test_numbers_must_be_ints_or_floats_not_other_numeric_types() -> None:
+    from decimal import Decimal
+    from fractions import Fraction
+
+    for value in (Decimal("0.5"), Fraction(1, 2), True):
+        with pytest.raises(ConfigError, match=r"generation\.top_p = "):
+            validate({"generation": {"top_p": value}})
+    assert validate({"generation": {"top_p": 1}}).generation.top_p == 1.0

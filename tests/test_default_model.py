@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
 
 pytestmark = pytest.mark.default_model
 

@@ -28,10 +28,10 @@ from urllib.parse import urlsplit
 import pytest
 
 from nbllm.core import identity
-from nbllm.hub import downloads as downloader
-from nbllm.hub.downloads import fetch, load_checksums, resolve_url
 from nbllm.core.errors import DownloadError
 from nbllm.core.gguf_file import read_gguf
+from nbllm.hub import downloads as downloader
+from nbllm.hub.downloads import fetch, load_checksums, resolve_url
 from nbllm.testing import make_tiny_model
 
 # ---------------------------------------------------------------------------- the test server

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.engine.engine import Completion, Engine, Stream
 from nbllm.core.errors import ConfigError, ContextLengthError, ModelNotFoundError, ParameterError
+from nbllm.engine import Completion, Engine, Stream
 
 
 def test_generate_returns_text_and_stats(engine: Engine) -> None:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import InvalidModelFileError, NbllmError
 from nbllm.core.gguf_file import read_gguf
+from nbllm.engine import Engine
 
 
 def write_cut(source: Path, target: Path, length: int) -> Path:

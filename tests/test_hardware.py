@@ -17,12 +17,9 @@ from typing import Any
 import pynvml
 import pytest
 
-from nbllm.host import build_flags, machine
-from nbllm.backends.base import LoadSettings
+from nbllm.backends.base import LoadSettings, ModelSpec
 from nbllm.backends.llama_cpp import LlamaCppBackend
 from nbllm.core.config import Settings
-from nbllm.measure.doctor import diagnose
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import GpuOutOfMemoryError
 from nbllm.core.fit import (
     GPU_MARGIN,
@@ -35,7 +32,10 @@ from nbllm.core.fit import (
     rule_of_thumb,
 )
 from nbllm.core.gguf_file import read_gguf
+from nbllm.engine import Engine
+from nbllm.host import build_flags, machine
 from nbllm.host.gpu import gpu_status
+from nbllm.measure.doctor import diagnose
 
 GiB = 2**30
 
@@ -232,11 +232,11 @@ class FakeGpuBackend(LlamaCppBackend):
         self.generation_max_layers = generation_max_layers
         self.loads: list[int] = []
 
-    def load(self, path: Path, settings: LoadSettings) -> Any:
+    def load(self, spec: ModelSpec, settings: LoadSettings) -> Any:
         self.loads.append(settings.gpu_layers)
         if settings.gpu_layers > self.max_layers:
             raise GpuOutOfMemoryError(f"cudaMalloc failed: out of memory ({settings.gpu_layers} layers)")
-        model = super().load(path, replace(settings, gpu_layers=0))
+        model = super().load(spec, replace(settings, gpu_layers=0))
         model.settings = settings  # what was asked for: the layers "on the GPU"
         limit = self.generation_max_layers
         if limit is not None and settings.gpu_layers > limit:

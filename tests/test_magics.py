@@ -24,8 +24,11 @@ from IPython.utils.capture import CapturedIO, RichOutput, capture_output
 from traitlets.config import Config
 
 import nbllm
-from nbllm.engine.engine import Engine
-from nbllm.notebook.magics import NbllmMagics, extract_code, interpolate, render_answer
+from nbllm.engine import Engine
+from nbllm.notebook.interpolation import interpolate
+from nbllm.notebook.live_output import extract_code, render_answer
+from nbllm.notebook.magics import NbllmMagics
+from nbllm.notebook.parsers import MagicParser, parse_terminal_args
 
 QUESTION = "Question: What is a GPU?\nAnswer:"
 
@@ -404,6 +407,49 @@ def test_bad_options_are_one_line_usage_errors_that_say_what_is_wrong(
     ip: InteractiveShell, capsys: pytest.CaptureFixture[str], line: str, expected: str
 ) -> None:
     assert expected in usage_error_of(ip, f"%%llm {line}\n{QUESTION}", capsys)
+
+
+def test_a_bad_option_is_a_usage_error_raised_by_the_parser_itself_not_a_system_exit(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = NbllmMagics.option_parser()
+    assert isinstance(parser, MagicParser), "argparse's error() is overridden: it raises, it never exits"
+    # pytest.raises(UsageError) lets a SystemExit through, which would fail the test.
+    with pytest.raises(UsageError) as raised:
+        parser.parse_line("-n lots", None)
+    assert str(raised.value) == "argument --max-tokens/-n: invalid int value: 'lots'"
+    with pytest.raises(UsageError) as raised:
+        parser.parse_line("--temprature 0.2", None)
+    assert str(raised.value) == (
+        "unrecognized arguments: --temprature 0.2. Did you mean '--temperature'? %llm? lists the options."
+    )
+    # What the user sees in the cell is the parser's message, word for word.
+    assert usage_error_of(ip, f"%%llm -n lots\n{QUESTION}", capsys) == (
+        "argument --max-tokens/-n: invalid int value: 'lots'"
+    )
+    assert usage_error_of(ip, f"%%llm --top_k=3\n{QUESTION}", capsys) == (
+        "unrecognized arguments: --top_k=3. Did you mean '--top-k'? %llm? lists the options."
+    )
+
+
+def test_the_terminals_parser_raises_usage_errors_in_a_magic_and_still_exits_in_a_terminal(
+    ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from nbllm.cli.main import build_parser
+
+    parser = build_parser()
+    with pytest.raises(UsageError) as raised:
+        parse_terminal_args(parser, ["bench", "-t", "many"])
+    assert str(raised.value) == (
+        "nbllm bench: error: argument --threads/-t: expected a number or a comma-separated list such as 1,2,4, "
+        "got 'many'"
+    )
+    with pytest.raises(SystemExit):  # the parser is the terminal's again afterwards
+        parser.parse_args(["bench", "-t", "many"])
+    assert usage_error_of(ip, "%llm bench --bogus", capsys) == "nbllm: error: unrecognized arguments: --bogus"
+    assert usage_error_of(ip, "%llm bench -r", capsys) == (
+        "nbllm bench: error: argument --repetitions/-r: expected one argument"
+    )
 
 
 def test_an_empty_cell_is_a_usage_error(ip: InteractiveShell, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,17 +12,17 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.host import machine
-from nbllm.hub import manager
-from nbllm.measure import tuner
 from nbllm.cli.models import add_models_commands, models_command
-from nbllm.hub.downloads import Download, load_checksums
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, ParameterError
-from nbllm.host.gpu import list_gpus
-from nbllm.hub.catalog import load_catalog
-from nbllm.hub.recommendation import rating, recommend
 from nbllm.core.units import format_bytes
+from nbllm.engine import Engine
+from nbllm.host import machine
+from nbllm.host.gpu import list_gpus
+from nbllm.hub import manager
+from nbllm.hub.catalog import load_catalog
+from nbllm.hub.downloads import Download, load_checksums
+from nbllm.hub.recommendation import rating, recommend
+from nbllm.measure import tuner
 from tests.test_download import ModelServer
 
 GiB = 2**30
@@ -140,7 +140,7 @@ def test_list_shows_catalog_and_local_models_side_by_side(
     (models_folder() / "my-own.gguf").write_bytes(tiny_models["b"].read_bytes())
     nbllm.load("my-own")
 
-    table = manager.list_models()
+    table = manager.list_models(global_engine)
     rows = {row["name"]: row for row in table}
 
     assert rows["phi-2"]["downloaded"] is True
@@ -163,7 +163,7 @@ def test_list_includes_the_configs_models_and_models_loaded_from_a_path(
     elsewhere.write_bytes(tiny_models["c"].read_bytes())
     nbllm.load(str(elsewhere))
 
-    rows = {row["name"]: row for row in manager.list_models()}
+    rows = {row["name"]: row for row in manager.list_models(global_engine)}
 
     assert rows["tiny-a"]["loaded"] is True
     assert rows["tiny-a"]["source"] == "config"
@@ -268,7 +268,7 @@ def test_rm_unloads_a_loaded_model_then_deletes_it(phi2: bytes, global_engine: E
     nbllm.load("phi-2.Q4_K_M")
     assert any(r.spec.path == path for r in global_engine.registry.resident())
 
-    assert manager.remove_model("phi-2") == path
+    assert manager.remove_model("phi-2", engine=global_engine) == path
 
     assert not path.exists()
     assert global_engine.registry.resident() == []

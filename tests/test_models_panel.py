@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nbllm.core import paths
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
 from nbllm.notebook.widgets.models import ModelsPanel
 from tests.test_download import ModelServer
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 import nbllm.notebook.plots
-from nbllm.engine.engine import Engine, Stream
+from nbllm.engine import Engine, Stream
+from nbllm.measure import tuner
 from nbllm.notebook.plots import CACHED_COLOR, CURRENT_COLOR, STOPPED_COLOR, ThroughputChart
 
 LONGEST = 200  # tokens: the longest stream these tests ask for
@@ -278,7 +279,7 @@ def test_the_live_benchmark_chart_grows_with_every_run(engine: Engine) -> None:
 
 def test_tuning_figure_marks_the_chosen_trial(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NBLLM_HOME", str(tmp_path))
-    result = engine.tune(progress=False)
+    result = tuner.tune(engine, progress=False)
     figure = result.figure()
     bars = figure.data[0]
     assert len(bars.x) == len(result.trials)

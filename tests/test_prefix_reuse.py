@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from nbllm.core.prefix_cache import PrefixCache, Snapshot, common_prefix
+from nbllm.engine import Engine
 
 CONTEXT = " ".join(f"the model {i} and the cache" for i in range(60))  # a few hundred tokens
 

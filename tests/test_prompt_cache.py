@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import nbllm
-from nbllm.engine.engine import Engine
+from nbllm.engine import Engine
 from nbllm.testing import make_tiny_model
 
 REQUEST = {"max_tokens": 12, "seed": 3}
@@ -225,7 +225,7 @@ WRITER = textwrap.dedent(
     """
     import sys
     from nbllm.core.config import Settings
-    from nbllm.engine.engine import Engine
+    from nbllm.engine import Engine
 
     model, folder, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
     engine = Engine(Settings().merged({

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from nbllm.core import paths
-from nbllm.host import machine
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import InsufficientMemoryError, ModelNotFoundError
 from nbllm.core.fit import estimate_memory
 from nbllm.core.gguf_file import read_gguf
+from nbllm.engine import Engine
+from nbllm.host import machine
 from nbllm.testing import make_tiny_model
 
 

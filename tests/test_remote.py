@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
-from nbllm.core.errors import ModelLoadError, ModelNotFoundError, NbllmError
+from nbllm.core.errors import GenerationError, ModelLoadError, ModelNotFoundError, NbllmError
+from nbllm.engine import Engine
+from nbllm.measure import tuner
 from tests.servers import free_port
 
 
@@ -131,7 +137,7 @@ def test_a_server_that_is_down_is_a_clear_error(settings: Settings) -> None:
 
 def test_tuning_a_remote_model_says_where_to_tune(remote_engine: Engine) -> None:
     with pytest.raises(NbllmError, match="Tune on that server"):
-        remote_engine.tune("far", progress=False)
+        tuner.tune(remote_engine, "far", progress=False)
 
 
 def test_remote_models_are_validated_in_the_config() -> None:
@@ -173,3 +179,238 @@ def test_the_magics_and_the_chat_panel_work_on_a_remote_model(remote_engine: Eng
         assert "Error" not in panel.status_text
     finally:
         nbllm._engine = previous
+
+
+# ------------------------------------------------------------------ the HTTP plumbing, on a tiny server
+
+
+class TinyServer(ThreadingHTTPServer):
+    """An OpenAI-compatible server in a thread on 127.0.0.1 that counts the connections it
+    accepts and the completions asked for, and answers as ``mode`` says: ``ok`` (two pieces),
+    ``json`` (no stream), ``drop`` (cuts the connection mid-stream), ``hangup`` (closes it without
+    an answer), ``slow`` (a piece every 20 ms until the client goes), ``stall`` (one piece, then
+    nothing), ``auth`` (401 unless the right key comes)."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), TinyHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
+        self.mode = "ok"
+        self.connections = 0
+        self.completions = 0
+        self.client_gone = threading.Event()  # a streaming client closed its connection
+
+
+class TinyHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, chunked bodies
+    server: TinyServer
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # one handler per accepted connection
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _json(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _event(self, data: object) -> None:
+        line = f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+        self.wfile.flush()
+
+    def _piece(self, text: str) -> None:
+        self._event({"choices": [{"text": text, "finish_reason": None}]})
+
+    def _gone(self, wait: float) -> bool:
+        """Whether the client closed the connection (it reads as at its end), waiting ``wait`` s."""
+        readable, _, _ = select.select([self.connection], [], [], wait)
+        return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+
+    def do_GET(self) -> None:
+        if self.server.mode == "auth" and self.headers.get("Authorization") != "Bearer right":
+            self._json(401, {"error": {"message": "Invalid API key", "type": "auth"}})
+            return
+        self._json(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.completions += 1
+        mode = self.server.mode
+        if mode == "hangup":
+            self.close_connection = True
+            return
+        if mode == "json":
+            self._json(200, {"choices": [{"text": "Hello there", "finish_reason": "stop"}], "usage": None})
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self._piece("Hello")
+        if mode == "drop":
+            self._piece(" there")
+            self.close_connection = True  # no final chunk: the body breaks off
+            return
+        if mode in ("slow", "stall"):
+            for _ in range(500 if mode == "slow" else 1):
+                if self._gone(0.02 if mode == "slow" else 10):
+                    self.server.client_gone.set()
+                    self.close_connection = True
+                    return
+                if mode == "slow":
+                    self._piece(" again")
+        self._event({"choices": [{"text": " there", "finish_reason": "stop"}]})
+        self._event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+        self._event("[DONE]")
+        self.wfile.write(b"0\r\n\r\n")
+
+
+@pytest.fixture
+def tiny_server() -> Iterator[TinyServer]:
+    server = TinyServer()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def tiny_engine(settings: Settings, server: TinyServer, **config: object) -> Engine:
+    return Engine(settings.merged({"remote_models": {"tiny": {"url": server.url, **config}}}))
+
+
+def test_requests_to_a_remote_model_reuse_one_connection(settings: Settings, tiny_server: TinyServer) -> None:
+    engine = tiny_engine(settings, tiny_server)
+    try:
+        assert engine.generate("a", model="tiny", cache=False).text == "Hello there"
+        assert engine.generate("b", model="tiny", cache=False).text == "Hello there"
+        assert engine.chat("c", model="tiny", cache=False).text == "Hello there"
+        tiny_server.mode = "json"  # a server that ignores "stream": one JSON body
+        completion = engine.generate("d", model="tiny", cache=False)
+        assert completion.text == "Hello there"
+        assert completion.stats.finish_reason == "stop"
+        results = engine.generate_many(["e", "f", "g"], model="tiny", progress=False, cache=False)
+        assert [r.text for r in results] == ["Hello there"] * 3
+    finally:
+        engine.close()
+    # GET /models and four answers, one after another, on one connection; the batch's three at
+    # once (on at most three).
+    assert tiny_server.connections <= 1 + 3
+
+
+def test_one_connection_for_consecutive_requests_exactly(settings: Settings, tiny_server: TinyServer) -> None:
+    engine = tiny_engine(settings, tiny_server)
+    try:
+        for prompt in "abc":
+            engine.generate(prompt, model="tiny", cache=False)
+    finally:
+        engine.close()
+    assert tiny_server.connections == 1
+
+
+def test_a_real_servers_connection_is_reused(remote_engine: Engine, remote_server: str) -> None:
+    port = int(remote_server.split(":")[2].split("/")[0])
+
+    def ours() -> set[int]:
+        connections = psutil.Process().net_connections(kind="tcp")
+        return {c.laddr.port for c in connections if c.raddr and c.raddr.port == port and c.status == "ESTABLISHED"}
+
+    before = ours()
+    remote_engine.generate("the model", model="far", max_tokens=4, seed=1, cache=False)
+    first = ours() - before
+    remote_engine.generate("the model", model="far", max_tokens=4, seed=2, cache=False)
+    assert len(first) == 1
+    assert ours() - before == first, "the second answer came over the first one's connection"
+
+
+def test_a_stream_that_breaks_off_is_an_error_and_the_model_still_works(
+    settings: Settings, tiny_server: TinyServer
+) -> None:
+    engine = tiny_engine(settings, tiny_server)
+    try:
+        tiny_server.mode = "drop"
+        with pytest.raises(GenerationError, match=r"The stream from http://127\.0\.0\.1:\d+/v1 broke off: "):
+            engine.generate("a", model="tiny", cache=False)
+        tiny_server.mode = "ok"
+        assert engine.generate("b", model="tiny", cache=False).text == "Hello there"
+    finally:
+        engine.close()
+    assert tiny_server.connections == 2, "the broken connection is replaced, not reused"
+
+
+@pytest.mark.parametrize("how", ["stop", "close"])
+def test_a_cancelled_request_closes_its_connection(settings: Settings, tiny_server: TinyServer, how: str) -> None:
+    engine = tiny_engine(settings, tiny_server)
+    try:
+        tiny_server.mode = "slow"
+        stream = engine.generate("a", model="tiny", stream=True, cache=False)
+        for index, _ in enumerate(stream):
+            if index == 2:
+                if how == "close":
+                    stream.close()  # the consumer leaves
+                    break
+                stream.stop()  # from any thread, in general: ends the stream after this piece
+        assert tiny_server.client_gone.wait(5), "the server saw the client go"
+        assert stream.stats is not None
+        assert stream.stats.finish_reason == "cancelled"
+        tiny_server.mode = "ok"
+        assert engine.generate("b", model="tiny", cache=False).text == "Hello there"
+    finally:
+        engine.close()
+
+
+def test_a_stream_that_stalls_times_out(settings: Settings, tiny_server: TinyServer) -> None:
+    engine = tiny_engine(settings, tiny_server, timeout=1)
+    try:
+        tiny_server.mode = "stall"
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match=r"The stream from http://127\.0\.0\.1:\d+/v1 broke off: timed out\."):
+            engine.generate("a", model="tiny", cache=False)
+        assert time.monotonic() - started < 5
+        assert tiny_server.client_gone.wait(5)
+    finally:
+        engine.close()
+
+
+def test_a_wrong_api_key_is_named(settings: Settings, tiny_server: TinyServer) -> None:
+    tiny_server.mode = "auth"
+    engine = tiny_engine(settings, tiny_server, api_key="wrong")
+    try:
+        with pytest.raises(
+            GenerationError,
+            match=r"The server at http://127\.0\.0\.1:\d+/v1 answered 401: Invalid API key\. "
+            r"Check remote_models' api_key\.",
+        ):
+            engine.generate("a", model="tiny")
+    finally:
+        engine.close()
+    engine = tiny_engine(settings, tiny_server, api_key="right")
+    try:
+        tiny_server.mode = "ok"  # the key is checked at load (GET /models) only
+        assert engine.generate("a", model="tiny", cache=False).text == "Hello there"
+    finally:
+        engine.close()
+
+
+def test_a_request_the_server_received_is_never_sent_twice(settings: Settings, tiny_server: TinyServer) -> None:
+    engine = tiny_engine(settings, tiny_server)
+    try:
+        engine.generate("a", model="tiny", cache=False)  # loaded: GET /models answered
+        tiny_server.mode = "hangup"
+        with pytest.raises(
+            ModelLoadError,
+            match=r"Cannot reach http://127\.0\.0\.1:\d+/v1: Server disconnected without sending a response\. ",
+        ):
+            engine.generate("a", model="tiny", cache=False)
+        assert tiny_server.completions == 2, "a generation is not idempotent: no retry once it was sent"
+    finally:
+        engine.close()

@@ -1,7 +1,7 @@
 """``nbllm serve``: the OpenAI-compatible server, driven by the official ``openai`` client.
 
 The server runs on 127.0.0.1 on a free port: in this process (``serve_in_background``, the
-engine behind ``nbllm.serve()``) and once as a real subprocess (``python -m nbllm.server.app``).
+engine behind ``nbllm.serve()``) and once as a real subprocess (``python -m nbllm.server``).
 Every test uses real llama.cpp on the tiny generated models.
 """
 
@@ -28,15 +28,12 @@ from openai.types.chat import ChatCompletionMessageParam
 pytest.importorskip("fastapi", reason="the server extra is not installed: pip install 'nbllm[server]'")
 
 from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from nbllm.core.errors import ConfigError
-from nbllm.server.app import (
-    ServerHandle,
-    create_app,
-    is_loopback,
-    serve_in_background,
-    server_options,
-)
+from nbllm.engine import Engine
+from nbllm.server.addresses import is_loopback
+from nbllm.server.app import create_app
+from nbllm.server.options import server_options
+from nbllm.server.running import ServerHandle, serve_in_background
 from tests.servers import free_port
 
 PROMPT = "Question: what is a model?\nAnswer:"
@@ -610,7 +607,7 @@ def test_python_m_nbllm_server_serves_the_openai_client_and_stops_on_ctrl_c(
     )
     log = tmp_path / "server.log"
     port = free_port()
-    command = [sys.executable, "-m", "nbllm.server.app", "--config", str(config), "--port", str(port)]
+    command = [sys.executable, "-m", "nbllm.server", "--config", str(config), "--port", str(port)]
     with log.open("w") as stderr:
         process = subprocess.Popen(command, stderr=stderr, stdout=subprocess.DEVNULL, env=os.environ.copy())
     try:
@@ -643,7 +640,7 @@ def _answers_health(port: int) -> bool:
 
 def test_python_m_nbllm_server_refuses_a_public_address_without_a_key() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "nbllm.server.app", "--host", "0.0.0.0", "--port", "0"],
+        [sys.executable, "-m", "nbllm.server", "--host", "0.0.0.0", "--port", "0"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -659,11 +656,13 @@ def test_the_serve_subcommand_parses_its_options_without_importing_the_server() 
     argv += ["--max-body-bytes", "4096"]
     code = (
         "import argparse, json, sys\n"
-        "from nbllm.cli.serve import add_serve_command, serve_arguments\n"
+        "from nbllm.cli.serve import add_serve_command\n"
+        "from nbllm.server.options import serve_arguments\n"
         "parser = argparse.ArgumentParser()\n"
         "add_serve_command(parser.add_subparsers())\n"
         f"print(json.dumps(serve_arguments(parser.parse_args({argv!r}))))\n"
-        "print(json.dumps([m for m in ('fastapi', 'uvicorn', 'nbllm.server.app') if m in sys.modules]))\n"
+        "heavy = ('fastapi', 'starlette', 'uvicorn', 'nbllm.engine', 'nbllm.server.app', 'nbllm.server.running')\n"
+        "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     options, heavy = map(json.loads, result.stdout.splitlines())
@@ -678,3 +677,13 @@ def test_the_serve_subcommand_parses_its_options_without_importing_the_server() 
         "log_requests": True,
     }
     assert heavy == [], "building the nbllm parser must not import fastapi"
+
+
+def test_the_server_package_and_its_framework_free_modules_load_no_web_framework() -> None:
+    code = (
+        "import json, sys\n"
+        "import nbllm.server, nbllm.server.addresses, nbllm.server.options\n"
+        "print(json.dumps([m for m in ('fastapi', 'starlette', 'uvicorn') if m in sys.modules]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert json.loads(result.stdout) == [], "import nbllm.server must stay cheap: the web framework loads on serving"

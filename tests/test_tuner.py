@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from nbllm.core import identity, paths
+from nbllm.core.config import Settings
+from nbllm.engine import Engine
 from nbllm.host import machine
 from nbllm.measure import tuner
-from nbllm.core.config import Settings
-from nbllm.engine.engine import Engine
 from tests.test_hardware import RTX3060, FakeGpuBackend, fake_nvml
 
 
@@ -31,7 +31,7 @@ def test_thread_candidates_stay_within_the_usable_cpus() -> None:
 
 
 def test_tuning_tries_threads_then_batch_sizes_and_keeps_the_fastest(engine: Engine, tuning_home: Path) -> None:
-    result = engine.tune(progress=False)
+    result = tuner.tune(engine, progress=False)
     thread_trials = [t for t in result.trials if t.pp == 0]
     batch_trials = [t for t in result.trials if t.pp > 0]
     assert [t.threads for t in thread_trials][:2] == tuner.thread_candidates(
@@ -48,7 +48,7 @@ def test_tuning_tries_threads_then_batch_sizes_and_keeps_the_fastest(engine: Eng
 
 
 def test_the_result_is_saved_per_model_file_and_machine(engine: Engine, tuning_home: Path) -> None:
-    result = engine.tune(progress=False)
+    result = tuner.tune(engine, progress=False)
     store = json.loads((paths.data_dir() / "tuning.json").read_text())
     sha = identity.file_sha256(engine.registry.resolve(None).path)
     saved = store[machine.machine_id()][sha]
@@ -83,7 +83,7 @@ def test_tuned_settings_are_used_when_the_config_says_auto(settings: Settings, t
 def test_a_new_tune_applies_at_the_next_load(engine: Engine, tuning_home: Path) -> None:
     engine.configure(performance={"batch_size": None})
     engine.generate("the", max_tokens=2, seed=1)
-    result = engine.tune(progress=False)
+    result = tuner.tune(engine, progress=False)
     engine.generate("the", max_tokens=2, seed=1)
     [resident] = engine.registry.resident()
     assert resident.settings.threads == result.best.threads
@@ -91,7 +91,7 @@ def test_a_new_tune_applies_at_the_next_load(engine: Engine, tuning_home: Path) 
 
 
 def test_a_dry_run_saves_nothing(engine: Engine, tuning_home: Path) -> None:
-    engine.tune(progress=False, save=False)
+    tuner.tune(engine, progress=False, save=False)
     assert not (paths.data_dir() / "tuning.json").exists()
 
 
@@ -101,7 +101,7 @@ def test_on_a_gpu_it_also_tries_layers_and_flash_attention(
     fake_nvml(monkeypatch, [RTX3060])
     backend = FakeGpuBackend(max_layers=99)
     engine = Engine(settings.merged({"performance": {"gpu_layers": -1}}), backend=backend)
-    result = engine.tune(progress=False)
+    result = tuner.tune(engine, progress=False)
     gpu_trials = [(t.gpu_layers, t.flash_attention) for t in result.trials if t.pp and t.gpu_layers]
     assert (3, False) in gpu_trials
     assert (3, True) in gpu_trials
@@ -115,7 +115,7 @@ def test_gpu_trials_that_run_out_of_memory_are_recorded_not_fatal(
     fake_nvml(monkeypatch, [RTX3060])
     backend = FakeGpuBackend(max_layers=2)
     engine = Engine(settings.merged({"performance": {"gpu_layers": 2}}), backend=backend)
-    result = engine.tune(progress=False, gpu=True)
+    result = tuner.tune(engine, progress=False, gpu=True)
     failed = [t for t in result.trials if t.error]
     assert failed
     assert all("out of GPU memory" in str(t.error) for t in failed)
@@ -126,7 +126,7 @@ def test_gpu_trials_that_run_out_of_memory_are_recorded_not_fatal(
 def test_nbllm_tune_and_doctor_in_a_terminal(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     env = {**os.environ, "NBLLM_HOME": str(tmp_path)}
     tune = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "tune", "--model", str(tiny_models["a"]), "--quiet"],
+        [sys.executable, "-m", "nbllm.cli", "tune", "--model", str(tiny_models["a"]), "--quiet"],
         capture_output=True,
         text=True,
         env=env,
@@ -136,7 +136,7 @@ def test_nbllm_tune_and_doctor_in_a_terminal(tiny_models: dict[str, Path], tmp_p
     assert "Tuned tiny-a" in tune.stdout
     assert "Saved" in tune.stdout
     doctor = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "doctor", "--model", str(tiny_models["a"])],
+        [sys.executable, "-m", "nbllm.cli", "doctor", "--model", str(tiny_models["a"])],
         capture_output=True,
         text=True,
         env=env,

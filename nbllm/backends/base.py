@@ -1,20 +1,49 @@
-"""The small interface between the engine and whatever runs the model.
+"""The whole contract between the engine and whatever runs a model, and the neutral types both
+sides speak.
 
-Today that is llama.cpp in this process (``backends/llama_cpp.py``). The interface is kept
-narrow — load, format a chat, stream text, close — so that a remote OpenAI-compatible backend
-or a multi-sequence batching loop can sit beside it without touching the engine.
+A backend turns a ``ModelSpec`` into a ``LoadedModel``; a loaded model formats chats, streams text
+(``generate``), runs the continuous-batching loop (``run_batch``), times raw decoding for the
+tuner and benchmarks (``timed_decode``) and closes. Two backends implement it today: llama.cpp in
+this process (``llama_cpp.py``) and any OpenAI-compatible server (``remote.py``). Nothing here
+imports either: ``backend_for`` in ``__init__.py`` is the only place that names them, so the
+engine never depends on llama_cpp.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from nbllm.core.chat_format import FormattedPrompt
+from nbllm.core.config import RemoteModel as RemoteConfig
+from nbllm.core.errors import NbllmError
 from nbllm.core.params import GenerationParams
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model by name: its file here, or a model on a remote server (``remote``)."""
+
+    name: str
+    path: Path
+    source: str  # default | config | models-dir | path | remote
+    remote: RemoteConfig | None = None  # a model on an OpenAI-compatible server
+
+    @property
+    def key(self) -> str:
+        if self.remote is not None:
+            return f"remote:{self.remote.url}|{self.remote.model or self.name}"
+        return str(self.path.resolve())
+
+    @property
+    def is_local(self) -> bool:
+        """A GGUF file on this machine (memory, GPU layers and tuning apply to it)."""
+        return self.remote is None
 
 
 @dataclass(frozen=True)
@@ -42,6 +71,45 @@ class Usage:
     finish_reason: str = "unknown"
 
 
+# ---------------------------------------------------------------------------- batches
+
+
+@dataclass(eq=False)
+class BatchItem:
+    """One prompt for a batch loop, with where its results go."""
+
+    key: Any  # the caller's name for it (an index, a ticket)
+    prompt: FormattedPrompt | list[dict[str, str]]  # text, or chat messages the model formats
+    params: GenerationParams
+    seed: int
+    sink: Callable[[BatchEvent], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True)
+class BatchEvent:
+    """``piece`` (text to show), ``done`` (finished: usage says why) or ``error``."""
+
+    item: BatchItem
+    kind: str
+    text: str = ""
+    error: NbllmError | None = None
+
+
+@dataclass
+class BatchProgress:
+    """Live totals for progress bars and throughput charts (written by the loop only)."""
+
+    tokens: int = 0
+    finished: int = 0
+    active: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+# ---------------------------------------------------------------------------- the contract
+
+
 class LoadedModel(Protocol):
     path: Path
     settings: LoadSettings
@@ -67,6 +135,28 @@ class LoadedModel(Protocol):
         """
         ...
 
+    def run_batch(
+        self,
+        feed: queue.SimpleQueue[BatchItem | None],
+        stop: threading.Event,
+        progress: BatchProgress,
+        idle: Callable[[], bool],
+        *,
+        parallel: int,
+        seq_context: int,
+    ) -> None:
+        """Answer the items arriving in ``feed`` together, ``parallel`` at a time, each through its
+        ``sink``, until ``idle()`` says no more will come (asked only when nothing is queued or
+        running) or ``stop`` is set. ``None`` in the feed only wakes the loop up."""
+        ...
+
+    def timed_decode(self, kind: str, n_tokens: int, seed: int = 0) -> float:
+        """Seconds to read a prompt of ``n_tokens`` (``kind="pp"``) or to generate ``n_tokens``
+        (``"tg"``): llama-bench's two measurements, for the tuner and ``nbllm.bench``."""
+        ...
+
+    def set_threads(self, threads: int) -> None: ...
+
     def clear_prefix_cache(self) -> None: ...
 
     def prefix_cache_stats(self) -> dict[str, int]: ...
@@ -77,6 +167,6 @@ class LoadedModel(Protocol):
 class Backend(Protocol):
     name: str
 
-    def load(self, path: Path, settings: LoadSettings) -> LoadedModel: ...
+    def load(self, spec: ModelSpec, settings: LoadSettings) -> LoadedModel: ...
 
     def build_info(self) -> dict[str, Any]: ...

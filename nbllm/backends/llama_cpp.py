@@ -1,4 +1,4 @@
-"""llama.cpp through llama-cpp-python: the only module of nbllm that imports ``llama_cpp``.
+"""llama.cpp through llama-cpp-python, in this process.
 
 Generation runs our own short loop over ``Llama.generate`` (token ids) rather than
 ``create_completion(stream=True)``: it does less work per token (no re-detokenizing of the
@@ -28,9 +28,8 @@ import numpy as np
 from llama_cpp import _internals as internals
 from llama_cpp import llama_chat_format
 
-from nbllm.host import build_flags
-from nbllm.backends.base import LoadSettings, Usage
-from nbllm.backends.llama_cpp_batch import BatchDecoder, BatchItem, BatchProgress
+from nbllm.backends.base import BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
+from nbllm.backends.llama_cpp_batch import BatchDecoder
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
@@ -38,6 +37,7 @@ from nbllm.core.params import GenerationParams
 from nbllm.core.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
 from nbllm.core.stop import TextAssembler
 from nbllm.core.waiting import next_item
+from nbllm.host import build_flags
 
 log = logging.getLogger("nbllm")
 llama_log = logging.getLogger("nbllm.llama_cpp")
@@ -695,8 +695,8 @@ class LlamaCppBackend:
                 "would crash. Rebuild it for this CPU: " + build_flags.install_command(build_flags.cmake_args())
             )
 
-    def load(self, path: Path, settings: LoadSettings) -> LlamaCppModel:
-        return LlamaCppModel(path, settings)
+    def load(self, spec: ModelSpec, settings: LoadSettings) -> LlamaCppModel:
+        return LlamaCppModel(spec.path, settings)
 
     def build_info(self) -> dict[str, Any]:
         return dict(self._build_info)

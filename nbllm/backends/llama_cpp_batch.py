@@ -14,8 +14,9 @@ little more than one carrying a single token. This module runs that loop:
 - items arrive through a queue while the loop runs (a server's concurrent requests join it),
   and each has its own cancel flag (a client that hung up) besides the loop's own stop.
 
-It is the second (and last) module allowed to import ``llama_cpp``: both live under
-``nbllm/backends/``, which is the boundary the design draws around llama.cpp.
+Like ``llama_cpp.py`` it imports ``llama_cpp``, which only modules under ``nbllm/backends/`` may
+(an import-linter contract in pyproject.toml). Its item, event and progress types are the
+backend-neutral ones of ``base.py``: the remote backend speaks them too.
 """
 
 from __future__ import annotations
@@ -31,44 +32,11 @@ from typing import Any
 import llama_cpp
 from llama_cpp import _internals as internals
 
-from nbllm.backends.base import Usage
+from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.errors import ContextLengthError, GenerationError, NbllmError
 from nbllm.core.params import GenerationParams
 from nbllm.core.stop import TextAssembler
-
-
-@dataclass(eq=False)
-class BatchItem:
-    """One prompt for the batch loop, with where its results go."""
-
-    key: Any  # the caller's name for it (an index, a ticket)
-    prompt: FormattedPrompt | list[dict[str, str]]  # text, or chat messages the model formats
-    params: GenerationParams
-    seed: int
-    sink: Callable[[BatchEvent], None]
-    cancel: threading.Event = field(default_factory=threading.Event)
-    usage: Usage = field(default_factory=Usage)
-
-
-@dataclass(frozen=True)
-class BatchEvent:
-    """``piece`` (text to show), ``done`` (finished: usage says why) or ``error``."""
-
-    item: BatchItem
-    kind: str
-    text: str = ""
-    error: NbllmError | None = None
-
-
-@dataclass
-class BatchProgress:
-    """Live totals for progress bars and throughput charts (written by the loop only)."""
-
-    tokens: int = 0
-    finished: int = 0
-    active: int = 0
-    started: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(eq=False)

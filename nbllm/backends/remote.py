@@ -3,24 +3,32 @@ Ollama, another ``nbllm serve``), behind the same small interface as a local mod
 
 This is how a team outgrows one machine: run vLLM or llama-server on a GPU box, name it in
 ``remote_models``, and the magics, chat panel, prompt cache, stats and benchmarks work on it the
-same way. Standard library HTTP only (streamed server-sent events); nothing to install.
+same way. HTTP goes through httpx, answers as streamed server-sent events. httpx rather than the
+standard library's urllib (used before): one client per model keeps connections open from one
+request to the next (no new TCP or TLS handshake per prompt, which adds up over ``generate_many``
+and benchmarks) and is safe to share between the threads of a batch; a connection that fails to
+open is retried (a request the server received never is: a generation is not idempotent); and a
+stream is read line by line, with timeouts on connecting and on each read.
 """
 
 from __future__ import annotations
 
 import json
 import queue
+import ssl
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nbllm.backends.base import LoadSettings, Usage
+import httpx
+
+from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.config import RemoteModel as RemoteConfig
 from nbllm.core.errors import GenerationError, ModelLoadError, NbllmError
@@ -35,19 +43,59 @@ class RemotePrompt(FormattedPrompt):
     messages: tuple[dict[str, str], ...] = field(default=())
 
 
-def _endpoint_error(url: str, error: BaseException) -> NbllmError:
-    if isinstance(error, urllib.error.HTTPError):
-        try:
-            body = json.loads(error.read().decode("utf-8", "replace"))
-            detail = body.get("error", {}).get("message") or body.get("detail") or body
-        except (ValueError, AttributeError):
-            detail = error.reason
-        hint = " Check remote_models' api_key." if error.code in (401, 403) else ""
-        return GenerationError(f"The server at {url} answered {error.code}: {detail}.{hint}")
-    reason = getattr(error, "reason", error)
+def _reason(error: BaseException) -> str:
+    return str(error).rstrip(".") or type(error).__name__  # it goes into a sentence
+
+
+def _endpoint_error(url: str, error: httpx.RequestError) -> ModelLoadError:
+    """A request that got no answer: refused, unreachable, timed out, cut off before a reply."""
     return ModelLoadError(
-        f"Cannot reach {url}: {reason}. Is the server running, and is remote_models' url right (e.g. "
+        f"Cannot reach {url}: {_reason(error)}. Is the server running, and is remote_models' url right (e.g. "
         "http://host:8080/v1)?"
+    )
+
+
+def _status_error(url: str, response: httpx.Response) -> GenerationError:
+    """An answer with an HTTP error status; reads its body (the server's explanation) and closes it."""
+    try:
+        body = json.loads(response.read().decode("utf-8", "replace"))
+        detail = body.get("error", {}).get("message") or body.get("detail") or body
+    except (ValueError, AttributeError, httpx.HTTPError):
+        detail = response.reason_phrase
+    finally:
+        response.close()
+    hint = " Check remote_models' api_key." if response.status_code in (401, 403) else ""
+    return GenerationError(f"The server at {url} answered {response.status_code}: {detail}.{hint}")
+
+
+def _client(url: str, config: RemoteConfig) -> httpx.Client:
+    """The connections to one server, shared by every request to it (httpx clients are thread-safe)."""
+    headers = {"Accept": "text/event-stream, application/json"}
+    if config.api_key:
+        headers["Authorization"] = f"Bearer {config.api_key}"
+    # What urllib did unasked, kept: the system's certificate authorities (httpx's default is
+    # certifi's bundle, which lacks a company's own CA) and the *_proxy / no_proxy variables
+    # (httpx reads them only when it builds its own transport).
+    parts = urllib.parse.urlsplit(url)
+    proxy = None if urllib.request.proxy_bypass(parts.netloc) else urllib.request.getproxies().get(parts.scheme)
+    if proxy and "://" not in proxy:
+        proxy = f"http://{proxy}"
+    transport = httpx.HTTPTransport(
+        verify=ssl.create_default_context(),
+        proxy=proxy or None,
+        # No cap on connections: ``run_batch`` has up to performance.parallel requests in flight.
+        # Idle ones are dropped after 4 s, before the 5 s after which uvicorn (vLLM, nbllm serve)
+        # and llama-server close theirs: a request should not go out on a connection being closed.
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=None, keepalive_expiry=4.0),
+        retries=2,  # connection attempts only (refused, timed out): never a request that was sent
+    )
+    return httpx.Client(
+        base_url=url,
+        headers=headers,
+        timeout=httpx.Timeout(config.timeout),  # connecting, and each read and write
+        transport=transport,
+        follow_redirects=True,
+        default_encoding="utf-8",  # server-sent events are UTF-8 whatever the headers say
     )
 
 
@@ -61,6 +109,7 @@ class RemoteModel:
         self.url = config.url.rstrip("/")
         self.model = config.model or name
         self.path = Path(f"remote/{name}")  # no file: a stable stand-in for displays
+        self._client = _client(self.url, config)
 
     @property
     def context_size(self) -> int:
@@ -68,21 +117,35 @@ class RemoteModel:
 
     # ---------------------------------------------------------------- requests
 
-    def _request(self, endpoint: str, payload: dict[str, Any] | None = None) -> Any:
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        data = json.dumps(payload).encode() if payload is not None else None
-        request = urllib.request.Request(f"{self.url}{endpoint}", data=data, headers=headers)
+    def _request(self, endpoint: str, payload: dict[str, Any] | None = None) -> httpx.Response:
+        """Send a request (a POST of ``payload``, else a GET) and return the answer once its
+        headers are in, its body still to read: the caller reads it and closes it.
+
+        ``client.send(..., stream=True)`` is what ``client.stream()`` does inside its ``with``;
+        called plainly, the response outlives this call (a generator reads it later)."""
+        if payload is None:
+            request = self._client.build_request("GET", endpoint)
+        else:
+            # Encoded as before (httpx's own json= differs: no NaN, no ASCII escapes).
+            content = json.dumps(payload).encode()
+            request = self._client.build_request(
+                "POST", endpoint, content=content, headers={"Content-Type": "application/json"}
+            )
         try:
-            return urllib.request.urlopen(request, timeout=self.config.timeout)
-        except (urllib.error.URLError, OSError) as error:
+            response = self._client.send(request, stream=True)
+        except httpx.RequestError as error:
             raise _endpoint_error(self.url, error) from error
+        if not response.is_success:
+            raise _status_error(self.url, response)
+        return response
 
     def check(self) -> list[str]:
         """The models the server lists (``GET /models``): proves it answers, at load time."""
-        with self._request("/models") as response:
+        response = self._request("/models")
+        try:
             listing = json.loads(response.read().decode("utf-8"))
+        finally:
+            response.close()
         return [str(entry.get("id")) for entry in listing.get("data", [])]
 
     def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
@@ -126,7 +189,12 @@ class RemoteModel:
         return self._stream(response, params, prompt, usage, cancel)
 
     def _stream(
-        self, response: Any, params: GenerationParams, prompt: FormattedPrompt, usage: Usage, cancel: threading.Event
+        self,
+        response: httpx.Response,
+        params: GenerationParams,
+        prompt: FormattedPrompt,
+        usage: Usage,
+        cancel: threading.Event,
     ) -> Iterator[str]:
         matcher = StopMatcher([*params.stop, *prompt.stop])
         finish, chunks, at_stop = "stop", 0, False
@@ -165,10 +233,12 @@ class RemoteModel:
         except (GeneratorExit, KeyboardInterrupt):
             finish = "cancelled"
             raise
-        except (OSError, ValueError) as error:
+        except (httpx.HTTPError, OSError, ValueError) as error:
             finish = "error"
-            raise GenerationError(f"The stream from {self.url} broke off: {error}.") from error
+            raise GenerationError(f"The stream from {self.url} broke off: {_reason(error)}.") from error
         finally:
+            # Read to its end, the connection goes back to the pool; cut short (a stop sequence,
+            # cancel, the consumer gone, an error), it is closed: the server sees the client go.
             response.close()
             usage.finish_reason = finish
 
@@ -176,9 +246,9 @@ class RemoteModel:
 
     def run_batch(
         self,
-        feed: queue.SimpleQueue[Any],
+        feed: queue.SimpleQueue[BatchItem | None],
         stop: threading.Event,
-        progress: Any,
+        progress: BatchProgress,
         idle: Callable[[], bool],
         *,
         parallel: int,
@@ -186,9 +256,8 @@ class RemoteModel:
     ) -> None:
         """``generate_many`` on a remote model: ``parallel`` requests in flight at once (the
         server batches them); the same events as the local loop."""
-        from nbllm.backends.llama_cpp_batch import BatchEvent
 
-        def one(item: Any) -> None:
+        def one(item: BatchItem) -> None:
             prompt = item.prompt if isinstance(item.prompt, FormattedPrompt) else self.format_chat(item.prompt)
             try:
                 for piece in self.generate(prompt, item.params, item.seed, item.usage, item.cancel):
@@ -202,7 +271,7 @@ class RemoteModel:
             item.sink(BatchEvent(item, "done"))
 
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix=f"nbllm-remote-{self.name}") as pool:
-            running: list[Any] = []
+            running: list[Future[None]] = []
             while not stop.is_set():
                 running = [job for job in running if not job.done()]
                 try:
@@ -244,27 +313,41 @@ class RemoteModel:
         return {"snapshots": 0, "bytes": 0, "tokens": 0, "saved": 0, "restored": 0, "evicted": 0}
 
     def close(self) -> None:
-        pass  # nothing held: each request is its own connection
+        self._client.close()  # its kept-alive connections
 
 
-def _events(response: Any) -> Iterator[dict[str, Any]]:
+def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
     """Server-sent events of a streamed completion (or one JSON body, if the server ignored
     ``stream``), as dicts; ``[DONE]`` ends them."""
     content_type = response.headers.get("Content-Type", "")
     if "text/event-stream" not in content_type:
         yield _as_stream_chunk(json.loads(response.read().decode("utf-8")))
         return
-    for raw in response:
-        line = raw.decode("utf-8", "replace").strip()
+    lines = response.iter_lines()
+    for raw in lines:
+        line = raw.strip()
         if not line.startswith("data:"):
             continue
         data = line[5:].strip()
         if data == "[DONE]":
+            _drain(lines)
             return
         event = json.loads(data)
         if isinstance(event, dict) and "error" in event:
             raise GenerationError(f"The server reported: {event['error'].get('message', event['error'])}.")
         yield event
+
+
+def _drain(lines: Iterator[str]) -> None:
+    """Read what is left of a body after ``[DONE]`` (its end, at once): a connection read to
+    the end of its answer is kept for the next request, one left mid-answer has to be closed.
+    The answer is complete, so an error here is no error: llama-cpp-python's server, for one,
+    ends a stream it interrupts for a newer request with ``[DONE]`` and then cuts the body off."""
+    try:
+        for _ in lines:
+            pass
+    except httpx.HTTPError:
+        pass
 
 
 def _as_stream_chunk(body: dict[str, Any]) -> dict[str, Any]:
@@ -283,19 +366,25 @@ def _as_stream_chunk(body: dict[str, Any]) -> dict[str, Any]:
 class RemoteBackend:
     name = "remote"
 
-    def load(self, name: str, config: RemoteConfig, settings: LoadSettings) -> RemoteModel:
-        model = RemoteModel(name, config, settings)
+    def load(self, spec: ModelSpec, settings: LoadSettings) -> RemoteModel:
+        assert spec.remote is not None, "backend_for() sends only remote models here"
+        name = spec.name
+        model = RemoteModel(name, spec.remote, settings)
         try:
-            listed = model.check()
-        except (TimeoutError, ValueError) as error:
-            raise ModelLoadError(f"The server at {model.url} did not answer /models properly: {error}.") from error
-        if listed and model.model not in listed:
-            from nbllm.core.errors import ModelNotFoundError, did_you_mean
+            try:
+                listed = model.check()
+            except (httpx.HTTPError, ValueError) as error:  # a reply cut short or timed out, or not JSON
+                raise ModelLoadError(f"The server at {model.url} did not answer /models properly: {error}.") from error
+            if listed and model.model not in listed:
+                from nbllm.core.errors import ModelNotFoundError, did_you_mean
 
-            raise ModelNotFoundError(
-                f"The server at {model.url} has no model {model.model!r}.{did_you_mean(model.model, listed)} "
-                f"It serves: {', '.join(listed)}. Set remote_models.{name}.model."
-            )
+                raise ModelNotFoundError(
+                    f"The server at {model.url} has no model {model.model!r}.{did_you_mean(model.model, listed)} "
+                    f"It serves: {', '.join(listed)}. Set remote_models.{name}.model."
+                )
+        except BaseException:
+            model.close()  # a model that failed to load is nobody's to close later
+            raise
         return model
 
     def build_info(self) -> dict[str, Any]:

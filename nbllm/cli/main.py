@@ -101,8 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _warn_if_default_model_unknown(settings: Any) -> None:
     """Valid YAML may still name a model that is not here (yet): every run would fail on it."""
-    from nbllm.engine.engine import Engine
     from nbllm.core.errors import ModelNotFoundError
+    from nbllm.engine import Engine
 
     try:
         Engine(settings).registry.resolve(None)
@@ -221,7 +221,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nbllm import __version__
+    from nbllm._version import __version__
 
     parser = argparse.ArgumentParser(
         prog="nbllm", description="Local GGUF language models: run, inspect and configure from a terminal."
@@ -371,7 +371,3 @@ def entry_point() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = EXIT_BROKEN_PIPE
     sys.exit(code)
-
-
-if __name__ == "__main__":
-    entry_point()

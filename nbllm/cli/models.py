@@ -7,7 +7,7 @@
     nbllm models info NAME                     architecture, parameters, context, quantization...
     nbllm models rm NAME [--quant Q4_K_M]      delete a downloaded model
 
-``cli.py`` calls ``add_models_commands(subparsers)``; the ``%llm models ...`` magic calls
+``cli/main.py`` calls ``add_models_commands(subparsers)``; the ``%llm models ...`` magic calls
 ``models_command(argv)``, which parses the same arguments and returns the object to display
 instead of printing it. A front end only: the work is in ``nbllm.hub.manager`` and ``nbllm.hub.recommendation``.
 """
@@ -45,9 +45,9 @@ def _positive(text: str) -> int:
 
 
 def run_list(args: argparse.Namespace) -> Any:
-    from nbllm.hub.manager import list_models
+    import nbllm  # the kernel's engine when run as %llm models: its loaded models show as loaded
 
-    return list_models()
+    return nbllm.list_models()
 
 
 def run_recommend(args: argparse.Namespace) -> Any:
@@ -85,15 +85,15 @@ def run_verify(args: argparse.Namespace) -> Any:
 
 
 def run_info(args: argparse.Namespace) -> Any:
-    from nbllm.hub.manager import model_info
+    import nbllm
 
-    return model_info(args.name, args.quant)
+    return nbllm.model_info(args.name, args.quant)
 
 
 def run_rm(args: argparse.Namespace) -> Any:
-    from nbllm.hub.manager import remove_model
+    import nbllm
 
-    path = remove_model(args.name, args.quant)
+    path = nbllm.remove_model(args.name, args.quant)
     return f"Removed {path}."
 
 

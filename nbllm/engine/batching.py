@@ -5,28 +5,37 @@ model (its lock) while it runs and takes requests from any thread: ``generate_ma
 whole list in, a server's concurrent requests join one by one while it runs. When nothing is
 queued or running any more, the session ends and the model is free for single streams again.
 
-The prompt cache is consulted per item first: hits never enter the batch.
+Both go through the answer pipeline (``pipeline.py``): the prompt cache is consulted per item
+first (hits never enter the batch), and stats and storing are the pipeline's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
-import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from nbllm.core.errors import NbllmError
+from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress, ModelSpec, Usage
+from nbllm.core.chat_format import FormattedPrompt
+from nbllm.core.errors import GenerationError, InsufficientMemoryError, NbllmError
+from nbllm.core.fit import kv_cache_bytes
+from nbllm.core.gguf_file import read_gguf
 from nbllm.core.metrics import RequestStats
 from nbllm.core.progress import progress_bar
+from nbllm.core.units import format_bytes
 from nbllm.core.waiting import next_item
+from nbllm.engine import pipeline
+from nbllm.engine.request import Request
+from nbllm.host import machine
 
 if TYPE_CHECKING:
-    from nbllm.backends.llama_cpp_batch import BatchEvent, BatchItem, BatchProgress
-    from nbllm.engine.engine import Engine, Request
+    from nbllm.engine.engine import Engine
+    from nbllm.engine.stream import Stream
 
 log = logging.getLogger("nbllm")
 
@@ -76,8 +85,6 @@ class BatchSession:
     """One run of the batching loop on one model, fed from any thread."""
 
     def __init__(self, engine: Engine, model: str | None, parallel: int, seq_context: int) -> None:
-        from nbllm.backends.llama_cpp_batch import BatchProgress
-
         self.model = model
         self.parallel = parallel
         self.seq_context = seq_context
@@ -118,7 +125,7 @@ class BatchSession:
             return
         self.resident_name = resident.name
         try:
-            resident.model.run_batch(  # type: ignore[attr-defined]
+            resident.model.run_batch(
                 self._feed, self.stop, self.progress, self._idle, parallel=self.parallel, seq_context=self.seq_context
             )
         except NbllmError as error:
@@ -130,8 +137,6 @@ class BatchSession:
             registry.checkin(resident)
 
     def _fail_queued(self, error: NbllmError) -> None:
-        from nbllm.backends.llama_cpp_batch import BatchEvent
-
         with self._lock:
             self._open = False
         while True:
@@ -148,14 +153,8 @@ class BatchScheduler:
     """The engine's sessions, one per model at most: requests for a busy model join its session."""
 
     @staticmethod
-    def _check_memory(spec: Any, parallel: int, seq_context: int) -> None:
+    def _check_memory(spec: ModelSpec, parallel: int, seq_context: int) -> None:
         """The batch context's KV cache, refused up front when it cannot fit (not an OOM kill)."""
-        from nbllm.host import machine
-        from nbllm.core.errors import InsufficientMemoryError
-        from nbllm.core.fit import kv_cache_bytes
-        from nbllm.core.gguf_file import read_gguf
-        from nbllm.core.units import format_bytes
-
         needed = kv_cache_bytes(read_gguf(spec.path), seq_context) * parallel
         available = machine.available_memory()
         if needed > available * 0.8:
@@ -193,36 +192,57 @@ class BatchScheduler:
                 session.submit(item)
             return session
 
+    def run(self, ticket: pipeline.Ticket, stream: Stream) -> Iterator[str]:
+        """One request through its model's session, as the pipeline's run: a server's concurrent
+        requests for one model decode together instead of waiting in line."""
+        request = ticket.request
+        events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
+        item = BatchItem(
+            "stream", _batch_prompt(request), request.params, ticket.seed, events.put, stream.cancel, stream.usage
+        )
+        return self._events_as_pieces(self.submit(request.model, item), events, stream)
 
-# ---------------------------------------------------------------------------- the engine's side
+    @staticmethod
+    def _events_as_pieces(
+        session: BatchSession, events: queue.SimpleQueue[BatchEvent], stream: Stream
+    ) -> Iterator[str]:
+        finished = False
+        try:
+            while True:
+                event = next_item(events)
+                if event.kind == "piece":
+                    yield event.text
+                    continue
+                finished = True
+                if event.kind == "error":
+                    assert event.error is not None
+                    raise event.error
+                return
+        finally:
+            stream.model_name = session.resident_name
+            if not finished:
+                stream.cancel.set()  # the loop drops it within a step
 
 
-def _item_stats(item: BatchItem, model: str, submitted: float, model_hash: str | None) -> RequestStats:
-    usage = item.usage
-    now = time.perf_counter()
-    return RequestStats(
-        model=model,
-        prompt_tokens=usage.prompt_tokens,
-        completion_tokens=usage.completion_tokens,
-        time_to_first_token=(usage.first_token_at - submitted) if usage.first_token_at else 0.0,
-        total_seconds=now - submitted,
-        finish_reason=usage.finish_reason,
-        seed=item.seed,
-        model_hash=model_hash,
-    )
+def _batch_prompt(request: Request) -> FormattedPrompt | list[dict[str, str]]:
+    # A chat stays messages: the loop has the model format it (its template or the transcript).
+    return FormattedPrompt(request.prompt) if request.prompt is not None else [dict(m) for m in request.messages or ()]
 
 
-def _cached_result(engine: Engine, index: int, request: Request, key: Mapping[str, Any]) -> ManyResult | None:
-    answer = engine.cached_answer(request, key)
-    if answer is None:
-        return None
-    from nbllm.engine.engine import cached_stats
+# ---------------------------------------------------------------------------- generate_many
 
-    started = time.perf_counter()
-    stats = cached_stats(answer, key, engine.registry.resolve(request.model).name)
-    stats.total_seconds = stats.time_to_first_token = time.perf_counter() - started
-    engine.stats.record_request(stats, time_saved=max(float(answer["total_seconds"]) - stats.total_seconds, 0.0))
-    return ManyResult(index, "".join(answer["pieces"]), stats)
+
+@dataclass
+class _Answer:
+    """One of ``generate_many``'s prompts on its way through the pipeline."""
+
+    index: int
+    pieces: list[str] = field(default_factory=list)
+    usage: Usage = field(default_factory=Usage)
+    stats: RequestStats | None = None
+    started: float | None = None
+    load_seconds: float = 0.0
+    model_name: str | None = None
 
 
 def run_many(
@@ -233,10 +253,9 @@ def run_many(
     progress: bool = True,
 ) -> list[ManyResult]:
     """Answer every request, batched; results in input order. See ``Engine.generate_many``."""
-    from nbllm.backends.llama_cpp_batch import BatchItem
-
     results: list[ManyResult | None] = [None] * len(requests)
-    keys = [engine.cache_key(request) for request in requests]
+    answers = [_Answer(index) for index in range(len(requests))]
+    tickets = [pipeline.prepare(engine, request, answer) for request, answer in zip(requests, answers, strict=True)]
     bar = progress_bar(progress, len(requests), "Prompts", "prompt")
 
     def deliver(result: ManyResult) -> None:
@@ -245,106 +264,54 @@ def run_many(
         if on_result is not None:
             on_result(result)
 
-    for index, request in enumerate(requests):
-        hit = _cached_result(engine, index, request, keys[index])
-        if hit is not None:
-            deliver(hit)
+    for answer, ticket in zip(answers, tickets, strict=True):
+        if ticket.cached is not None:
+            for _ in pipeline.replay(engine, ticket, answer):
+                pass
+            assert answer.stats is not None
+            deliver(ManyResult(answer.index, "".join(answer.pieces), answer.stats))
     events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
     items: dict[int, BatchItem] = {}
     sessions: dict[int, BatchSession] = {}
-    submitted: dict[int, float] = {}
-    pieces: dict[int, list[str]] = {}
-    for index, request in enumerate(requests):
-        if results[index] is not None:
+    for answer, ticket in zip(answers, tickets, strict=True):
+        if ticket.cached is not None:
             continue
-        prompt: Any = request.prompt if request.prompt is not None else [dict(m) for m in request.messages or ()]
-        if isinstance(prompt, str):
-            from nbllm.core.chat_format import FormattedPrompt
-
-            prompt = FormattedPrompt(prompt)
-        seed = request.params.seed if request.params.seed is not None else secrets.randbits(32)
-        items[index] = BatchItem(index, prompt, request.params, seed, events.put)
-        pieces[index] = []
-        submitted[index] = time.perf_counter()
+        request, index = ticket.request, answer.index
+        items[index] = BatchItem(
+            index, _batch_prompt(request), request.params, ticket.seed, events.put, usage=answer.usage
+        )
+        tickets[index] = dataclasses.replace(ticket, started=time.perf_counter())  # timed from submission
         sessions[index] = engine.batches.submit(request.model, items[index])
     try:
         remaining = len(items)
         while remaining:
             event = next_item(events)
-            index = event.item.key
+            answer = answers[event.item.key]
             if event.kind == "piece":
-                pieces[index].append(event.text)
+                answer.pieces.append(event.text)
                 continue
             remaining -= 1
-            name = sessions[index].resident_name or engine.registry.resolve(requests[index].model).name
-            stats = _item_stats(event.item, name, submitted[index], keys[index]["model_sha256"])
+            ticket = tickets[answer.index]
+            answer.model_name = sessions[answer.index].resident_name
             if event.kind == "error":
-                engine.stats.record_error(name)
-                deliver(ManyResult(index, "", None, event.error))
+                engine.stats.record_error(answer.model_name or engine.registry.resolve(ticket.request.model).name)
+                deliver(ManyResult(answer.index, "", None, event.error))
                 continue
-            engine.stats.record_request(stats)
-            text = "".join(pieces[index])
-            engine.keep_answer(requests[index], keys[index], stats, pieces[index])
-            deliver(ManyResult(index, text, stats))
+            stats = pipeline.finish(engine, ticket, answer, quiet=True)
+            pipeline.store(engine, ticket, answer)
+            deliver(ManyResult(answer.index, "".join(answer.pieces), stats))
     except KeyboardInterrupt:
         for item in items.values():
             item.cancel.set()  # ours only: other users may share the session
-        raise BatchInterrupted(_interrupted(results, pieces)) from None
+        raise BatchInterrupted(_interrupted(results, answers)) from None
     finally:
         bar.close()
     return [r if r is not None else ManyResult(i) for i, r in enumerate(results)]
 
 
-def _interrupted(results: list[ManyResult | None], pieces: Mapping[int, list[str]]) -> list[ManyResult]:
-    from nbllm.core.errors import GenerationError
-
+def _interrupted(results: list[ManyResult | None], answers: Sequence[_Answer]) -> list[ManyResult]:
     cancelled = GenerationError("Stopped by an interrupt before this prompt finished.")
     return [
-        r if r is not None else ManyResult(i, "".join(pieces.get(i, [])), None, cancelled)
+        r if r is not None else ManyResult(i, "".join(answers[i].pieces), None, cancelled)
         for i, r in enumerate(results)
     ]
-
-
-def stream_batched(engine: Engine, request: Request, owner: Any) -> Iterator[str]:
-    """One request through the model's batch session, as a stream: a server's concurrent
-    requests for one model decode together instead of waiting in line."""
-    from nbllm.backends.llama_cpp_batch import BatchItem
-    from nbllm.core.chat_format import FormattedPrompt
-
-    started = owner.started = time.perf_counter()
-    key = engine.cache_key(request)
-    answer = engine.cached_answer(request, key)
-    if answer is not None:
-        yield from engine._replay(answer, key, request, owner, started)
-        return
-    events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
-    prompt: Any = (
-        FormattedPrompt(request.prompt) if request.prompt is not None else [dict(m) for m in request.messages or ()]
-    )
-    seed = request.params.seed if request.params.seed is not None else secrets.randbits(32)
-    item = BatchItem("stream", prompt, request.params, seed, events.put, cancel=owner.cancel, usage=owner.usage)
-    session = engine.batches.submit(request.model, item)
-    finished = False
-    try:
-        while True:
-            event = next_item(events)
-            if event.kind == "piece":
-                owner.pieces.append(event.text)
-                yield event.text
-                continue
-            finished = True
-            if event.kind == "error":
-                assert event.error is not None
-                raise event.error
-            break
-    finally:
-        if not finished:
-            owner.cancel.set()  # the loop drops it within a step
-        name = session.resident_name or engine.registry.resolve(request.model).name
-        stats = _item_stats(item, name, started, key["model_sha256"])
-        if not finished:
-            stats.finish_reason = "cancelled"
-        owner.stats = stats
-        engine.stats.record_request(stats)
-        log.info("%s", stats.summary())
-    engine.keep_answer(request, key, stats, owner.pieces)

@@ -1,137 +1,46 @@
-"""The one generation path. Every front end (magics, chat panel, CLI, server) calls ``Engine.stream``.
+"""``Engine``: the single doorway every front end (magics, chat panel, CLI, server) goes through.
 
-Model residency, locking, parameter validation, stats and the log lines happen here once, so
-every front end behaves the same. A front end parses, calls, displays — nothing else.
+It owns the settings, the model registry, the prompt cache, the stats and the batch sessions;
+``make_request`` validates a request at the call, ``stream`` answers it through the one answer
+pipeline (``pipeline.py``). A front end parses, calls, displays — nothing else.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import inspect
 import itertools
 import logging
 import os
-import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from nbllm.backends.base import Backend, BatchProgress, LoadSettings, ModelSpec
 from nbllm.core import identity, paths
-from nbllm.host import machine
-from nbllm.measure import tuner
-from nbllm.backends.base import Backend, LoadSettings, Usage
-from nbllm.engine.batching import BatchScheduler, ManyResult, run_many
-from nbllm.core.prompt_cache import CACHE_FORMAT, PromptCache
-from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt, normalize_messages
 from nbllm.core.config import Settings, load_file, load_settings
 from nbllm.core.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError, ParameterError
 from nbllm.core.fit import GpuFit, fit_gpu_layers, kv_cache_bytes
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
-from nbllm.host.gpu import GpuInfo, list_gpus
-from nbllm.core.metrics import RequestStats, StatsCollector
-from nbllm.core.params import GenerationParams, resolve_params
-from nbllm.engine.registry import ModelSpec, Registry, ResidentModel
+from nbllm.core.metrics import StatsCollector
+from nbllm.core.params import resolve_params
+from nbllm.core.prompt_cache import PromptCache
 from nbllm.core.units import format_bytes
+from nbllm.engine import pipeline
+from nbllm.engine.batching import BatchScheduler, ManyResult, run_many
+from nbllm.engine.registry import Registry, ResidentModel
+from nbllm.engine.request import Request
+from nbllm.engine.stream import Stream
+from nbllm.host import machine, tuned_settings
+from nbllm.host.gpu import GpuInfo, list_gpus
 
 log = logging.getLogger("nbllm")
 log.addHandler(logging.NullHandler())
 DEFAULT_BATCH = 512  # the guide's batch_size, when neither config nor tuner says otherwise
-
-
-@dataclass(frozen=True)
-class Request:
-    model: str | None
-    params: GenerationParams
-    prompt: str | None = None  # a completion: text the model continues
-    messages: tuple[dict[str, str], ...] | None = None  # a chat
-    use_cache: bool = True  # consult and fill the prompt cache
-
-
-@dataclass(frozen=True)
-class Completion:
-    """A finished answer: ``text`` plus what it cost (``stats``). ``str(c)`` is the text."""
-
-    text: str
-    stats: RequestStats
-
-    def __str__(self) -> str:
-        return self.text
-
-    def _repr_markdown_(self) -> str:
-        return f"{self.text}\n\n*{self.stats.details()}*"
-
-
-class Stream:
-    """Text pieces as the model produces them.
-
-    Iterate it; afterwards ``text`` holds the whole answer and ``stats`` what it cost.
-    ``stop()`` (from any thread) ends it after the current token. Leaving a ``for`` loop early
-    or calling ``close()`` ends it too, and the model is free again.
-    """
-
-    def __init__(self, engine: Engine, request: Request, *, batched: bool = False) -> None:
-        self.request = request
-        self.cancel = Cancel()  # also readable by llama.cpp's abort callback without the GIL
-        self.pieces: list[str] = []
-        self.stats: RequestStats | None = None
-        self.usage = Usage()  # live token count while generating
-        self.started: float | None = None
-        self.load_seconds = 0.0
-        self.thread_id = threading.get_ident()
-        if batched:
-            from nbllm.engine.batching import stream_batched
-
-            self._steps: Generator[str, None, None] = stream_batched(engine, request, self)  # type: ignore[assignment]
-        else:
-            self._steps = engine._run(request, self)
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        return next(self._steps)
-
-    def __enter__(self) -> Stream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def text(self) -> str:
-        return "".join(self.pieces)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens generated so far (all of them once the stream has ended)."""
-        return self.stats.completion_tokens if self.stats is not None else self.usage.completion_tokens
-
-    def stop(self) -> None:
-        self.cancel.set()
-
-    def close(self) -> None:
-        self._steps.close()
-
-    def result(self) -> Completion:
-        """Consume the rest of the stream and return the whole answer."""
-        for _ in self:
-            pass
-        assert self.stats is not None
-        return Completion(self.text, self.stats)
-
-    # LockOwner protocol (see registry.py): lets the registry recover from abandoned streams.
-    def is_suspended(self) -> bool:
-        return inspect.getgeneratorstate(self._steps) == inspect.GEN_SUSPENDED
-
-    def abandon(self) -> None:
-        self._steps.close()
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,7 +53,7 @@ class Engine:
         self._settings = settings if settings is not None else load_settings()
         self.stats = StatsCollector()
         self.registry = Registry(
-            backend_factory=(lambda: backend) if backend is not None else _default_backend,
+            backend=backend,
             settings=lambda: self._settings,
             load_settings=self._load_settings,
             stats=self.stats,
@@ -268,7 +177,7 @@ class Engine:
                 sha = identity.file_sha256(spec.path)
             except OSError:
                 return None
-            self._tuned_cache[key] = tuner.saved_settings(sha)
+            self._tuned_cache[key] = tuned_settings.saved_settings(sha)
         return self._tuned_cache[key]
 
     def _estimated_gpu_layers(self, spec: ModelSpec, info: GGUFInfo, context: int, batch: int) -> int:
@@ -317,12 +226,14 @@ class Engine:
         total = gpus[0].memory_total if gpus else 0
         return fit_gpu_layers(info, free, total, context, batch)
 
-    def tune(self, model: str | None = None, **options: Any) -> tuner.TuneResult:
-        """Measure the fastest settings for ``model`` here; they apply from the next load."""
-        result = tuner.tune(self, model, **options)
+    def forget_tuning(self) -> None:
+        """After ``nbllm.tune()``: read the tuned settings afresh at the next load."""
         self._tuned_cache.clear()
         self._auto_gpu_layers.clear()
-        return result
+
+    def context_size_for(self, spec: ModelSpec) -> int:
+        """The context a local model is loaded with (the config's, capped at its training length)."""
+        return self._context_size(read_gguf(spec.path))
 
     def _context_size(self, info: GGUFInfo) -> int:
         context = self._settings.performance.context_size
@@ -353,64 +264,41 @@ class Engine:
         return Request(model=model, params=resolved, messages=tuple(normalize_messages(messages)), use_cache=cache)
 
     def stream(self, request: Request, *, batched: bool = False) -> Stream:
-        """The one generation path. ``batched``: decode together with other requests for the
-        same model (a server's concurrent clients) instead of waiting for them."""
+        """Answer ``request`` through the one pipeline. ``batched``: decode together with other
+        requests for the same model (a server's concurrent clients) instead of waiting for them."""
         self.registry.resolve(request.model)  # an unknown model fails here, not at first token
-        return Stream(self, request, batched=batched)
+        return Stream(self, request, self.batches.run if batched else self._run_alone)
 
-    def _run(self, request: Request, owner: Stream) -> Generator[str, None, None]:
-        started = owner.started = time.perf_counter()
-        owner.thread_id = threading.get_ident()
-        cache_key = self.cache_key(request)
-        answer = self.cached_answer(request, cache_key)
-        if answer is not None:
-            yield from self._replay(answer, cache_key, request, owner, started)
-            return
-        params = request.params
-        seed = params.seed if params.seed is not None else secrets.randbits(32)
-        usage = owner.usage
-        resident, steps = self._start(request, owner, seed)
-        stats = RequestStats(model=resident.name, seed=seed, load_seconds=owner.load_seconds)
-        stats.model_hash = cache_key["model_sha256"]
+    def _run_alone(self, ticket: pipeline.Ticket, stream: Stream) -> Iterator[str]:
+        """A fresh answer on the model checked out for this stream alone (the pipeline's run)."""
+        stream.thread_id = threading.get_ident()
+        resident, steps = self._start(ticket, stream)
+        return self._pieces_then_checkin(resident, steps)
+
+    def _pieces_then_checkin(self, resident: ResidentModel, steps: Iterator[str]) -> Iterator[str]:
         try:
-            for piece in steps:
-                owner.pieces.append(piece)
-                yield piece
-        except BaseException as error:
-            usage.finish_reason = "cancelled" if isinstance(error, (GeneratorExit, KeyboardInterrupt)) else "error"
-            raise
+            yield from steps
         finally:
             self.registry.checkin(resident)
-            stats.total_seconds = time.perf_counter() - started
-            if usage.first_token_at is not None:
-                stats.time_to_first_token = usage.first_token_at - started
-            stats.prompt_tokens = usage.prompt_tokens
-            stats.reused_prompt_tokens = usage.reused_prompt_tokens
-            stats.completion_tokens = usage.completion_tokens
-            stats.finish_reason = usage.finish_reason
-            owner.stats = stats
-            self.stats.record_request(stats)
-            if stats.reused_prompt_tokens:
-                log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
-            log.info("%s", stats.summary())
-        self.keep_answer(request, cache_key, stats, owner.pieces)
 
-    def _start(self, request: Request, owner: Stream, seed: int) -> tuple[ResidentModel, Iterator[str]]:
+    def _start(self, ticket: pipeline.Ticket, stream: Stream) -> tuple[ResidentModel, Iterator[str]]:
         """Check the model out and produce the first piece; on GPU out-of-memory, retry with
         fewer GPU layers (the guide's first troubleshooting step, done for the user).
 
         Returns the (locked) model and the pieces, first one included.
         """
+        request = ticket.request
         while True:
             try:
-                resident = self.registry.checkout(request.model, owner)
+                resident = self.registry.checkout(request.model, stream)
             except NbllmError:
                 self.stats.record_error(request.model or self._settings.default_model)
                 raise
-            owner.load_seconds = time.perf_counter() - (owner.started or 0.0)
+            stream.model_name = resident.name
+            stream.load_seconds = time.perf_counter() - ticket.started
             try:
                 prompt = self._format(resident.model, request)
-                steps = resident.model.generate(prompt, request.params, seed, owner.usage, owner.cancel)
+                steps = resident.model.generate(prompt, request.params, ticket.seed, stream.usage, stream.cancel)
                 first = next(steps, None)
             except GpuOutOfMemoryError:
                 self.registry.checkin(resident)
@@ -427,78 +315,6 @@ class Engine:
             pieces = steps if first is None else itertools.chain((first,), steps)
             return resident, pieces
 
-    def cached_answer(self, request: Request, cache_key: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        """The prompt cache's answer to ``request`` (under its ``cache_key``), or None; a miss is
-        counted. Every path that generates asks this first."""
-        if not self.cache_wanted(request):
-            return None
-        answer = self.prompt_cache.get(cache_key)
-        if answer is None:
-            self.stats.record_cache_miss()
-        return answer
-
-    def keep_answer(
-        self, request: Request, cache_key: Mapping[str, Any], stats: RequestStats, pieces: Sequence[str]
-    ) -> None:
-        """Store a finished answer in the prompt cache; only one that ended normally is worth
-        keeping, never a cancelled or failed one."""
-        if stats.finish_reason in ("stop", "length") and self.cache_wanted(request):
-            self.prompt_cache.put(cache_key, {**stats.as_dict(), "pieces": list(pieces)})
-
-    def _replay(
-        self, answer: Mapping[str, Any], cache_key: Mapping[str, Any], request: Request, owner: Stream, started: float
-    ) -> Generator[str, None, None]:
-        """A cached answer, streamed like a fresh one so that front ends need no special case."""
-        stats = cached_stats(answer, cache_key, self.registry.resolve(request.model).name)
-        owner.usage.completion_tokens = stats.completion_tokens
-        try:
-            for index, piece in enumerate(answer["pieces"]):
-                if index == 0:
-                    stats.time_to_first_token = time.perf_counter() - started
-                owner.pieces.append(piece)
-                yield piece
-        finally:
-            stats.total_seconds = time.perf_counter() - started
-            owner.stats = stats
-            saved = max(float(answer["total_seconds"]) - stats.total_seconds, 0.0)
-            self.stats.record_request(stats, time_saved=saved)
-            log.info("Prompt cache hit")
-            log.info("%s", stats.summary())
-
-    def cache_wanted(self, request: Request) -> bool:
-        cache = self._settings.cache
-        return request.use_cache and cache.enabled and cache.prompt_cache_size > 0 and self.prompt_cache.enabled
-
-    def cache_key(self, request: Request) -> dict[str, Any]:
-        """Everything that decides an answer; a change in any of it is a different entry.
-
-        Computed for every request, cached or not: it is also the answer's provenance (the
-        model file's SHA-256 is hashed once per file and remembered).
-        """
-        spec = self.registry.resolve(request.model)
-        if spec.remote is not None:
-            # No file to hash: the server and the model's name there are its identity.
-            identity_text = f"remote|{spec.remote.url}|{spec.remote.model or spec.name}"
-            model_sha256 = hashlib.sha256(identity_text.encode()).hexdigest()
-            context, backend = spec.remote.context_size, "remote"
-        else:
-            info = read_gguf(spec.path)
-            try:
-                model_sha256 = identity.file_sha256(spec.path)
-            except OSError as error:
-                raise ModelNotFoundError(f"Cannot read model file {spec.path}: {error.strerror or error}.") from error
-            context, backend = self._context_size(info), _backend_version()
-        return {
-            "format": CACHE_FORMAT,
-            "model_sha256": model_sha256,
-            "backend": backend,
-            "context_size": context,
-            "kind": "completion" if request.prompt is not None else "chat",
-            "prompt": request.prompt,
-            "messages": [dict(m) for m in request.messages] if request.messages else None,
-            "params": request.params.as_dict(),
-        }
-
     @staticmethod
     def _format(model: Any, request: Request) -> FormattedPrompt:
         if request.prompt is not None:
@@ -506,6 +322,14 @@ class Engine:
         assert request.messages is not None
         formatted: FormattedPrompt = model.format_chat(list(request.messages))
         return formatted
+
+    def batch_progress(self, model: str | None) -> BatchProgress | None:
+        """Live totals of the batch session running on ``model``, if one is (charts, bars)."""
+        return self.batches.progress(model)
+
+    def parallel(self) -> int:
+        """How many sequences one model decodes at once in a batch session."""
+        return self.batches.parallel_for(None)[0]
 
     # ----------------------------------------------------------------- conveniences
 
@@ -602,36 +426,3 @@ class Engine:
 
     def close(self) -> None:
         self.registry.unload_all()
-
-
-@functools.lru_cache(maxsize=1)
-def _backend_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return f"llama-cpp-python {version('llama-cpp-python')}"
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def cached_stats(answer: Mapping[str, Any], cache_key: Mapping[str, Any], model: str) -> RequestStats:
-    """The stats of an answer served from the prompt cache (its timings are filled by the caller).
-
-    ``model`` is the name asked for now: the entry is keyed by the file's content, so the same
-    file under another name (a copy, a renamed download) is a hit, and its stats and provenance
-    must not name the file it was first generated with."""
-    return RequestStats(
-        model=model,
-        prompt_tokens=int(answer["prompt_tokens"]),
-        completion_tokens=int(answer["completion_tokens"]),
-        finish_reason=str(answer["finish_reason"]),
-        seed=answer["seed"],
-        cached=True,
-        model_hash=cache_key["model_sha256"],
-    )
-
-
-def _default_backend() -> Backend:
-    from nbllm.backends.llama_cpp import LlamaCppBackend
-
-    return LlamaCppBackend()

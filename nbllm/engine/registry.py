@@ -23,17 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from nbllm.backends import backend_for
+from nbllm.backends.base import Backend, LoadedModel, LoadSettings, ModelSpec
 from nbllm.core import paths
-from nbllm.host import machine
-from nbllm.hub import default_model
-from nbllm.backends.base import Backend, LoadedModel, LoadSettings
-from nbllm.core.config import RemoteModel as RemoteConfig
 from nbllm.core.config import Settings
 from nbllm.core.errors import GpuOutOfMemoryError, InsufficientMemoryError, ModelNotFoundError, did_you_mean
 from nbllm.core.fit import GPU_MARGIN, MemoryEstimate, estimate_memory, fit_gpu_layers, gpu_bytes_for
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
 from nbllm.core.metrics import StatsCollector
 from nbllm.core.units import format_bytes
+from nbllm.host import default_model, machine
 
 log = logging.getLogger("nbllm")
 
@@ -51,20 +50,6 @@ class LockOwner(Protocol):
     def is_suspended(self) -> bool: ...
 
     def abandon(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    path: Path
-    source: str  # default | config | models-dir | path | remote
-    remote: RemoteConfig | None = None  # a model on an OpenAI-compatible server
-
-    @property
-    def key(self) -> str:
-        if self.remote is not None:
-            return f"remote:{self.remote.url}|{self.remote.model or self.name}"
-        return str(self.path.resolve())
 
 
 @dataclass(eq=False)
@@ -102,14 +87,13 @@ class ModelRow:
 class Registry:
     def __init__(
         self,
-        backend_factory: Callable[[], Backend],
+        backend: Backend | None,
         settings: Callable[[], Settings],
         load_settings: Callable[[ModelSpec, GGUFInfo], LoadSettings],
         stats: StatsCollector,
         gpu_memory: Callable[[], tuple[int, int] | None] = lambda: None,
     ) -> None:
-        self._backend_factory = backend_factory
-        self._backend: Backend | None = None
+        self._backend = backend  # tests and fakes: one backend for every model
         self._settings = settings
         self._load_settings = load_settings
         self._gpu_memory = gpu_memory  # (free, total) bytes of the GPU models load onto, or None
@@ -122,9 +106,11 @@ class Registry:
 
     @property
     def backend(self) -> Backend:
-        if self._backend is None:
-            self._backend = self._backend_factory()  # imports llama_cpp: deferred to first load
-        return self._backend
+        """The in-process backend: build facts, tuning and benchmarks of local files."""
+        return self._backend or backend_for(None)  # imports llama_cpp: deferred to first use
+
+    def backend_for(self, spec: ModelSpec) -> Backend:
+        return self._backend if self._backend is not None and spec.is_local else backend_for(spec)
 
     # ----------------------------------------------------------------- names -> files
 
@@ -208,10 +194,10 @@ class Registry:
             return resident
 
     def _get_or_load(self, spec: ModelSpec) -> ResidentModel:
-        if spec.remote is not None:
-            return self._get_or_connect(spec)
         resident = self._lookup(spec)
         if resident is not None:
+            if not spec.is_local:
+                return resident  # no file that could have changed: the server answered once
             info = read_gguf(spec.path)  # cached per (path, size, mtime): a replaced file reloads
             if resident.settings == self._settings_for(spec, info) and info is resident.info:
                 log.info("Using cached model: %s", resident.name)
@@ -221,32 +207,23 @@ class Registry:
             resident = self._lookup(spec)
             if resident is not None:
                 return resident
-            return self._load(spec)
+            return self._load(spec) if spec.is_local else self._connect(spec)
 
-    def _get_or_connect(self, spec: ModelSpec) -> ResidentModel:
+    def _connect(self, spec: ModelSpec) -> ResidentModel:
         """A remote model is "resident" once its server answered: no file, no memory here."""
         assert spec.remote is not None
-        resident = self._lookup(spec)
-        if resident is not None:
-            return resident
-        with self._load_lock:
-            resident = self._lookup(spec)
-            if resident is not None:
-                return resident
-            from nbllm.backends.remote import RemoteBackend
-
-            settings = LoadSettings(
-                context_size=spec.remote.context_size, batch_size=0, threads=0, gpu_layers=0,
-                use_mmap=False, use_mlock=False, flash_attention=False,
-            )  # fmt: skip
-            started = time.perf_counter()
-            model = RemoteBackend().load(spec.name, spec.remote, settings)
-            seconds = time.perf_counter() - started
-            resident = ResidentModel(spec, model, None, settings, MemoryEstimate(0, 0, 0), seconds)
-            with self._lock:
-                self._resident[spec.key] = resident
-            log.info("Connected to %s at %s in %.2fs", spec.name, spec.remote.url, seconds)
-            return resident
+        settings = LoadSettings(
+            context_size=spec.remote.context_size, batch_size=0, threads=0, gpu_layers=0,
+            use_mmap=False, use_mlock=False, flash_attention=False,
+        )  # fmt: skip
+        started = time.perf_counter()
+        model = self.backend_for(spec).load(spec, settings)
+        seconds = time.perf_counter() - started
+        resident = ResidentModel(spec, model, None, settings, MemoryEstimate(0, 0, 0), seconds)
+        with self._lock:
+            self._resident[spec.key] = resident
+        log.info("Connected to %s at %s in %.2fs", spec.name, spec.remote.url, seconds)
+        return resident
 
     def _settings_for(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
         settings = self._load_settings(spec, info)
@@ -293,7 +270,7 @@ class Registry:
         while True:
             started = time.perf_counter()
             try:
-                model = self.backend.load(spec.path, settings)
+                model = self.backend_for(spec).load(spec, settings)
                 break
             except GpuOutOfMemoryError:
                 if settings.gpu_layers <= 0:

@@ -14,10 +14,10 @@ from typing import Any
 
 import psutil
 
-from nbllm.host.build_flags import read_cpu_flags
-from nbllm.host.gpu import GpuInfo, gpu_status
 from nbllm.core.table import ReadableReport, key_value_html, key_value_text
 from nbllm.core.units import format_bytes
+from nbllm.host.build_flags import read_cpu_flags
+from nbllm.host.gpu import GpuInfo, gpu_status
 
 # The instruction sets that matter to llama.cpp, in the order people know them.
 INTERESTING_FLAGS = (

@@ -21,9 +21,9 @@ import yaml
 
 from nbllm.core import paths
 from nbllm.core.config import parse_bytes
-from nbllm.hub.downloads import hf_url
 from nbllm.core.errors import ConfigError, ModelNotFoundError, did_you_mean
 from nbllm.core.fit import COMPUTE_OVERHEAD, KV_BYTES_PER_ELEMENT
+from nbllm.hub.downloads import hf_url
 
 DEFAULT_QUANT = "Q4_K_M"  # the guide: "Start with Q4_K_M"
 GUIDE_QUANTS = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0")

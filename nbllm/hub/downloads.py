@@ -13,7 +13,8 @@ in the models folder is always complete and valid, and the registry never sees a
 The verified SHA-256 is remembered (``identity.remember``) and recorded in ``checksums.json`` in
 the models folder, so ``nbllm.verify()`` can check the file again later.
 
-Standard library only (urllib): a download needs no new dependency. tqdm draws the bar.
+Standard library only (urllib): a download needs no new dependency. The front end draws the bar
+(``core/progress.py``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from typing import Any, BinaryIO
 from nbllm.core import identity, paths
 from nbllm.core.errors import DownloadError, InvalidModelFileError
 from nbllm.core.gguf_file import read_gguf
+from nbllm.core.progress import progress_bar
 from nbllm.core.units import format_bytes
 
 log = logging.getLogger("nbllm")
@@ -267,7 +269,7 @@ class _Session:
     """One download's requests: the same URL, maybe twice (restart), with redirects noted."""
 
     def __init__(self, url: str, timeout: float) -> None:
-        from nbllm import __version__
+        from nbllm._version import __version__
 
         self.url = url
         self.timeout = timeout
@@ -467,25 +469,18 @@ def _file_lock(path: Path, name: str) -> Iterator[None]:
 
 
 class _Reporter:
-    """Feeds the tqdm bar and the caller's callback, the callback at most every PROGRESS_INTERVAL."""
+    """Feeds the progress bar and the caller's callback, the callback at most every PROGRESS_INTERVAL."""
 
     def __init__(self, name: str, total: int | None, start: int, callback: Progress | None, bar: bool) -> None:
         self.total = total
         self.callback = callback
         self.done = start
         self.last_call = 0.0
-        self.bar: Any = None
-        if bar:
-            from tqdm.auto import tqdm  # a widget in Jupyter, a text bar in a terminal
-
-            self.bar = tqdm(
-                total=total, initial=start, desc=name, unit="B", unit_scale=True, unit_divisor=1024, leave=True
-            )
+        self.bar = progress_bar(bar, total, name, "B", initial=start, in_bytes=True)
         self._call(force=True)
 
     def __call__(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(done - self.done)
+        self.bar.update(done - self.done)
         self.done = done
         self._call(force=done == self.total)
 
@@ -499,8 +494,7 @@ class _Reporter:
         try:
             self._call(force=True)
         finally:
-            if self.bar is not None:
-                self.bar.close()
+            self.bar.close()
 
 
 # ---------------------------------------------------------------------------- downloading

@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from nbllm.core import identity, paths
-from nbllm.hub import default_model
+from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, did_you_mean
+from nbllm.core.gguf_file import read_gguf
+from nbllm.core.progress import progress_bar
+from nbllm.core.table import ReadableReport, Table, key_value_html, key_value_text
+from nbllm.core.units import format_bytes
+from nbllm.host import default_model
+from nbllm.hub.catalog import DEFAULT_QUANT, CatalogFile, CatalogModel, load_catalog
 from nbllm.hub.downloads import (
     CHUNK_BYTES,
     Download,
@@ -28,15 +34,10 @@ from nbllm.hub.downloads import (
     is_remote,
     recorded_sha256,
 )
-from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, did_you_mean
-from nbllm.core.gguf_file import read_gguf
-from nbllm.hub.catalog import DEFAULT_QUANT, CatalogFile, CatalogModel, load_catalog
 from nbllm.hub.recommendation import format_params, format_size
-from nbllm.core.table import ReadableReport, Table, key_value_html, key_value_text
-from nbllm.core.units import format_bytes
 
 if TYPE_CHECKING:
-    from nbllm.engine.engine import Engine
+    from nbllm.engine import Engine
 
 log = logging.getLogger("nbllm")
 
@@ -74,11 +75,13 @@ def catalog() -> Table:
 
 
 def _engine(engine: Engine | None) -> Engine:
+    """The engine whose configured and loaded models count; without one (the CLI: a process with
+    nothing loaded), a fresh engine on the config file. Callers in the kernel pass theirs."""
     if engine is not None:
         return engine
-    import nbllm
+    from nbllm.engine import Engine
 
-    return nbllm.get_engine()
+    return Engine()
 
 
 def _resident_paths(engine: Engine | None) -> set[Path]:
@@ -364,18 +367,12 @@ def _verify_file(path: Path, progress: bool) -> dict[str, Any]:
 def _sha256_of(path: Path, progress: bool) -> str:
     """Hashed for real (not the remembered value): verifying is the point."""
     digest = hashlib.sha256()
-    bar: Any = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=path.stat().st_size, desc=f"SHA-256 {path.name}", unit="B", unit_scale=True, leave=False)
+    bar = progress_bar(progress, path.stat().st_size, f"SHA-256 {path.name}", "B", in_bytes=True, leave=False)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(block)
-            if bar is not None:
-                bar.update(len(block))
-    if bar is not None:
-        bar.close()
+            bar.update(len(block))
+    bar.close()
     return digest.hexdigest()
 
 

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from nbllm.core import paths
-from nbllm.host import machine
 from nbllm.core.fit import GPU_MARGIN, GPU_RESERVE_BYTES
-from nbllm.hub.catalog import DEFAULT_QUANT, ESTIMATE_CONTEXT, GUIDE_QUANTS, Catalog, CatalogFile, CatalogModel
 from nbllm.core.table import Table
 from nbllm.core.units import format_bytes
+from nbllm.host import machine
+from nbllm.hub.catalog import DEFAULT_QUANT, ESTIMATE_CONTEXT, GUIDE_QUANTS, Catalog, CatalogFile, CatalogModel
 
 log = logging.getLogger("nbllm")
 
@@ -229,10 +229,10 @@ def _known_sha256(path: Path, catalog: Catalog | None) -> str | None:
 
 def tuned_speeds(catalog: Catalog | None = None) -> dict[str, tuple[int, float, int]]:
     """``{file name: (file size, measured t/s, gpu layers)}`` for models tuned on this machine."""
-    from nbllm.measure import tuner
+    from nbllm.host import tuned_settings
 
     here = machine.machine_id()
-    saved = {sha: entry for key, sha, entry in tuner.iter_saved() if key == here}
+    saved = {sha: entry for key, sha, entry in tuned_settings.iter_saved() if key == here}
     folder = paths.models_dir()
     if not saved or not folder.is_dir():
         return {}

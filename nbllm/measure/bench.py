@@ -22,15 +22,15 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from nbllm import __version__
-from nbllm.core import identity, paths
-from nbllm.host import bandwidth, machine
+from nbllm._version import __version__
+from nbllm.core import figures, identity, paths
 from nbllm.core.errors import InsufficientMemoryError, NbllmError, ParameterError
 from nbllm.core.fit import estimate_memory
 from nbllm.core.gguf_file import read_gguf
 from nbllm.core.progress import progress_bar
 from nbllm.core.table import ReadableReport, Table
 from nbllm.core.units import format_bytes
+from nbllm.host import bandwidth, machine
 
 FORMAT = "nbllm-bench/1"
 
@@ -90,9 +90,8 @@ class BenchResults(ReadableReport):
         return path
 
     def figure(self) -> Any:
-        from nbllm.notebook.plots import bench_figure
-
-        return bench_figure(self.records)
+        """A plotly figure of the records (drawn by the notebook front end; see core/figures.py)."""
+        return figures.figure("bench", self.records)
 
 
 def check_output_path(path: str | Path) -> Path:
@@ -189,7 +188,7 @@ def bench(
                 continue
             info, settings = planned[point]
             model_info = _model_record(spec, info)
-            model = engine.registry.backend.load(spec.path, settings)
+            model = engine.registry.backend_for(spec).load(spec, settings)
             try:
                 for kind, n in tests:
                     record = _record(kind, n, model_info, settings, machine_info, build)

@@ -6,13 +6,13 @@ import html
 from dataclasses import dataclass, field
 from typing import Any
 
-from nbllm.host import build_flags
 from nbllm.core.errors import NbllmError
 from nbllm.core.fit import GpuFit, estimate_memory
 from nbllm.core.gguf_file import read_gguf
-from nbllm.host.machine import HardwareReport, hardware_report
 from nbllm.core.table import ReadableReport
 from nbllm.core.units import format_bytes
+from nbllm.host import build_flags
+from nbllm.host.machine import HardwareReport, hardware_report
 
 # The guide's troubleshooting list, kept as advice next to the findings.
 TROUBLESHOOTING = (

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import json
 import logging
 import statistics
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from nbllm.core import identity, paths
-from nbllm.host import machine
-from nbllm.backends.base import LoadSettings
+from nbllm.backends.base import Backend, LoadedModel, LoadSettings, ModelSpec
+from nbllm.core import figures, identity
 from nbllm.core.errors import GpuOutOfMemoryError, NbllmError
 from nbllm.core.progress import progress_bar
 from nbllm.core.table import ReadableReport
+from nbllm.host import machine, tuned_settings
 
 log = logging.getLogger("nbllm")
 
@@ -42,7 +39,6 @@ WARMUP_TOKENS = 4
 REPEATS = 2
 BATCH_CANDIDATES_CPU = (128, 256, 512)
 BATCH_CANDIDATES_GPU = (256, 512, 1024, 2048)
-_lock = threading.Lock()
 
 
 @dataclass
@@ -75,10 +71,8 @@ class TuneResult(ReadableReport):
     seconds: float = 0.0
 
     def figure(self) -> Any:
-        """A plotly figure of every trial (imports plotly: call it from a notebook or script)."""
-        from nbllm.notebook.plots import tuning_figure
-
-        return tuning_figure(self)
+        """A plotly figure of every trial (drawn by the notebook front end; see core/figures.py)."""
+        return figures.figure("tuning", self)
 
     def rows(self) -> list[dict[str, Any]]:
         return [
@@ -107,39 +101,14 @@ class TuneResult(ReadableReport):
 # ---------------------------------------------------------------------------- saved results
 
 
-def _store_file() -> Path:
-    return paths.data_dir() / "tuning.json"
-
-
-def _load_store() -> dict[str, Any]:
-    try:
-        data = json.loads(_store_file().read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
 def save_result(result: TuneResult) -> None:
-    with _lock:
-        store = _load_store()
-        store.setdefault(result.machine, {})[result.model_sha256] = {
-            **result.best.settings(),
-            "tg": result.best.tg,
-            "pp": result.best.pp,
-            "model": result.model,
-            "tuned_at": time.time(),
-        }
-        target = _store_file()
-        try:
-            paths.write_text_atomically(target, json.dumps(store, indent=1))
-        except OSError as error:
-            log.warning("Could not save tuning results to %s: %s", target, error)
+    entry = {**result.best.settings(), "tg": result.best.tg, "pp": result.best.pp, "model": result.model}
+    tuned_settings.save(result.machine, result.model_sha256, {**entry, "tuned_at": time.time()})
 
 
-def saved_settings(model_sha256: str) -> dict[str, Any] | None:
-    """The tuned settings for this model file on this machine, if it was ever tuned here."""
-    entry = _load_store().get(machine.machine_id(), {}).get(model_sha256)
-    return entry if isinstance(entry, dict) else None
+# The store lives in host/tuned_settings.py; these names stay here for the tuner's callers.
+saved_settings = tuned_settings.saved_settings
+iter_saved = tuned_settings.iter_saved
 
 
 # ---------------------------------------------------------------------------- the sweep
@@ -152,14 +121,14 @@ def thread_candidates(physical: int, usable: int) -> list[int]:
 
 
 class _Measure:
-    def __init__(self, backend: Any, path: Path) -> None:
-        self.backend, self.path = backend, path
+    def __init__(self, backend: Backend, spec: ModelSpec) -> None:
+        self.backend, self.spec = backend, spec
 
-    def load(self, settings: LoadSettings) -> Any:
-        return self.backend.load(self.path, settings)
+    def load(self, settings: LoadSettings) -> LoadedModel:
+        return self.backend.load(self.spec, settings)
 
     @staticmethod
-    def rate(model: Any, kind: str, n_tokens: int) -> float:
+    def rate(model: LoadedModel, kind: str, n_tokens: int) -> float:
         model.timed_decode(kind, WARMUP_TOKENS if kind == "tg" else min(n_tokens, 32))
         seconds = [model.timed_decode(kind, n_tokens, seed=i) for i in range(REPEATS)]
         return float(n_tokens / statistics.median(seconds))
@@ -186,7 +155,7 @@ def tune(
     base: LoadSettings = engine.base_load_settings(spec, info)
     backend = engine.registry.backend
     use_gpu = bool(backend.build_info()["gpu_offload"]) and (gpu if gpu is not None else bool(engine.gpus()))
-    measure = _Measure(backend, spec.path)
+    measure = _Measure(backend, spec)
     trials: list[Trial] = []
     bar = progress_bar(progress, _planned_trials(use_gpu), f"Tuning {spec.name}", "trial")
 
@@ -214,6 +183,7 @@ def tune(
     )
     if save:
         save_result(result)
+        engine.forget_tuning()  # the next load uses what was just measured
     log.info("Tuned %s in %.1fs: %s", spec.name, result.seconds, result.best.settings())
     return result
 
@@ -323,12 +293,3 @@ def _tune_gpu(
             results.append(record(trial))
     good = [t for t in results if t.error is None]
     return max(good, key=lambda t: t.tg) if good else best
-
-
-def iter_saved() -> Iterator[tuple[str, str, dict[str, Any]]]:
-    """(machine, model sha256, settings) for every saved result: for ``nbllm doctor``."""
-    for machine_key, models in _load_store().items():
-        if isinstance(models, dict):
-            for sha, entry in models.items():
-                if isinstance(entry, dict):
-                    yield machine_key, sha, entry

@@ -29,8 +29,8 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 if TYPE_CHECKING:
-    from nbllm.engine.engine import Stream
     from nbllm.core.metrics import RequestStats
+    from nbllm.engine import Stream
 
 __all__ = [
     "ReplyTrace",

@@ -2,8 +2,8 @@
 
 Pure data: a JSON body in, the pieces of an engine request out (or an ``ApiError`` naming the
 offending field), and answers, stream chunks and errors shaped exactly as OpenAI's clients expect.
-No web framework here: ``nbllm.server.app`` does the HTTP, this module the vocabulary, so both can be
-read (and tested) on their own.
+No web framework here: ``nbllm.server.routes`` does the HTTP, this module the vocabulary, so both can
+be read (and tested) on their own.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Who runs when, for the server: a queue per model, a bounded set of worker threads, and a
 watch on clients that hang up.
 
-No web framework here: the server (``nbllm.server.app``) hands over the ASGI ``receive`` callable
+No web framework here: the server (``nbllm.server.routes``) hands over the ASGI ``receive`` callable
 and gets ``Generation`` objects back, whose events it turns into HTTP responses.
 """
 
@@ -15,11 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias, TypeVar
 
-from nbllm.engine.engine import Stream
 from nbllm.core.metrics import RequestStats
+from nbllm.engine import Stream
 from nbllm.server.openai_format import ApiError
-
-DEFAULT_MAX_WAITING = 64  # queued requests beyond this get a 503 at once instead of a long wait
+from nbllm.server.options import DEFAULT_MAX_WAITING
 
 T = TypeVar("T")
 Receive: TypeAlias = Callable[[], Awaitable[MutableMapping[str, Any]]]  # ASGI's receive

@@ -30,8 +30,8 @@ from nbllm.notebook.plots import ThroughputChart
 from nbllm.notebook.widgets.markdown import to_html
 
 if TYPE_CHECKING:
-    from nbllm.engine.engine import Engine, Stream
     from nbllm.core.metrics import RequestStats
+    from nbllm.engine import Engine, Stream
 
 __all__ = ["ChatPanel", "Message"]
 

@@ -18,8 +18,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from nbllm.core.errors import DownloadError, NbllmError
-from nbllm.hub.catalog import DEFAULT_QUANT, load_catalog
 from nbllm.core.units import format_bytes
+from nbllm.hub.catalog import DEFAULT_QUANT, load_catalog
 
 __all__ = ["ModelsPanel"]
 
@@ -113,10 +113,11 @@ class ModelsPanel:
 
     def refresh(self) -> None:
         """List the catalog and the local models again (downloaded, size, loaded)."""
+        import nbllm
         from nbllm.hub.manager import list_models
 
         try:
-            table = list_models()
+            table = list_models(nbllm.get_engine())
         except NbllmError as error:
             self._set_status(str(error), "error")
             return

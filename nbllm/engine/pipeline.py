@@ -1,0 +1,220 @@
+"""The one answer pipeline. Every request passes through the same steps, written here once:
+
+    prepare   the prompt-cache key (also the answer's provenance), a cached answer, the seed
+    run       the caller's: one stream on a checked-out model, or an item of a batch session
+    finish    the stats, the counters behind ``nbllm.stats()``, the log lines
+    store     the answer into the prompt cache, if it ended normally
+
+A single stream and a server's batched stream drive it through ``answer_stream``;
+``generate_many`` calls the steps itself because it waits on many answers at once. A new kind
+of request (a schema, tools, an embedding, speculation) adds its fields to ``Request`` and the
+cache key here, and every front end gets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import secrets
+import time
+from collections.abc import Callable, Generator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nbllm.backends import answer_identity
+from nbllm.backends.base import ModelSpec, Usage
+from nbllm.core import identity
+from nbllm.core.errors import ModelNotFoundError
+from nbllm.core.metrics import RequestStats
+from nbllm.core.prompt_cache import CACHE_FORMAT
+from nbllm.engine.request import Request
+
+if TYPE_CHECKING:
+    from nbllm.engine.engine import Engine
+    from nbllm.engine.stream import Stream
+
+log = logging.getLogger("nbllm")
+
+
+class Answering(Protocol):
+    """Whoever receives an answer as it is made: a ``Stream``, or one of ``generate_many``'s items."""
+
+    pieces: list[str]
+    usage: Usage
+    stats: RequestStats | None
+    started: float | None
+    load_seconds: float  # part of the wait spent loading the model or waiting for it
+    model_name: str | None  # the model that answered, once the run has checked it out
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A prepared request: its cache key, the cached answer if there is one, and its seed."""
+
+    request: Request
+    key: dict[str, Any]
+    cached: Mapping[str, Any] | None
+    seed: int
+    started: float
+
+    @property
+    def model_hash(self) -> str:
+        return str(self.key["model_sha256"])
+
+
+# A run starts one fresh answer for its ticket and returns its pieces, keeping ``stream.usage``
+# current and naming the model that answered in ``stream.model_name``. What fails while it
+# starts (the model cannot load, the prompt does not fit) is the run's to count as an error:
+# no answer was begun, so the pipeline records no request for it.
+Run = Callable[[Ticket, "Stream"], Iterator[str]]
+
+
+def prepare(engine: Engine, request: Request, receiver: Answering) -> Ticket:
+    started = receiver.started = time.perf_counter()
+    key = cache_key(engine, request)
+    cached = cached_answer(engine, request, key)
+    seed = request.params.seed if request.params.seed is not None else secrets.randbits(32)
+    return Ticket(request, key, cached, seed, started)
+
+
+def answer_stream(engine: Engine, request: Request, receiver: Stream, run: Run) -> Generator[str, None, None]:
+    """One answer as a stream of pieces, through every step; ``run`` produces the fresh ones."""
+    ticket = prepare(engine, request, receiver)
+    if ticket.cached is not None:
+        yield from replay(engine, ticket, receiver)
+        return
+    usage = receiver.usage
+    pieces = run(ticket, receiver)
+    try:
+        for piece in pieces:
+            receiver.pieces.append(piece)
+            yield piece
+    except BaseException as error:
+        usage.finish_reason = "cancelled" if isinstance(error, (GeneratorExit, KeyboardInterrupt)) else "error"
+        raise
+    finally:
+        finish(engine, ticket, receiver)
+    store(engine, ticket, receiver)
+
+
+def finish(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool = False) -> RequestStats:
+    """The answer's stats from its usage, counted and logged (``quiet``: counted only)."""
+    usage = receiver.usage
+    stats = RequestStats(
+        model=_answered_by(engine, ticket, receiver),
+        prompt_tokens=usage.prompt_tokens,
+        reused_prompt_tokens=usage.reused_prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        load_seconds=receiver.load_seconds,
+        total_seconds=time.perf_counter() - ticket.started,
+        finish_reason=usage.finish_reason,
+        seed=ticket.seed,
+        model_hash=ticket.model_hash,
+    )
+    if usage.first_token_at is not None:
+        stats.time_to_first_token = usage.first_token_at - ticket.started
+    receiver.stats = stats
+    engine.stats.record_request(stats)
+    if not quiet:
+        if stats.reused_prompt_tokens:
+            log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
+        log.info("%s", stats.summary())
+    return stats
+
+
+def _answered_by(engine: Engine, ticket: Ticket, receiver: Answering) -> str:
+    return receiver.model_name or engine.registry.resolve(ticket.request.model).name
+
+
+def store(engine: Engine, ticket: Ticket, receiver: Answering) -> None:
+    """Keep a finished answer in the prompt cache; only one that ended normally is worth
+    keeping, never a cancelled or failed one."""
+    stats = receiver.stats
+    if stats is not None and stats.finish_reason in ("stop", "length") and cache_wanted(engine, ticket.request):
+        engine.prompt_cache.put(ticket.key, {**stats.as_dict(), "pieces": list(receiver.pieces)})
+
+
+# ---------------------------------------------------------------------------- the prompt cache
+
+
+def replay(engine: Engine, ticket: Ticket, receiver: Answering) -> Generator[str, None, None]:
+    """A cached answer, streamed like a fresh one so that front ends need no special case."""
+    answer = ticket.cached
+    assert answer is not None
+    stats = cached_stats(answer, ticket.key, engine.registry.resolve(ticket.request.model).name)
+    receiver.usage.completion_tokens = stats.completion_tokens
+    try:
+        for index, piece in enumerate(answer["pieces"]):
+            if index == 0:
+                stats.time_to_first_token = time.perf_counter() - ticket.started
+            receiver.pieces.append(piece)
+            yield piece
+    finally:
+        stats.total_seconds = time.perf_counter() - ticket.started
+        receiver.stats = stats
+        saved = max(float(answer["total_seconds"]) - stats.total_seconds, 0.0)
+        engine.stats.record_request(stats, time_saved=saved)
+        log.info("Prompt cache hit")
+        log.info("%s", stats.summary())
+
+
+def cached_answer(engine: Engine, request: Request, key: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The prompt cache's answer to ``request`` (under its ``key``), or None; a miss is counted."""
+    if not cache_wanted(engine, request):
+        return None
+    answer = engine.prompt_cache.get(key)
+    if answer is None:
+        engine.stats.record_cache_miss()
+    return answer
+
+
+def cache_wanted(engine: Engine, request: Request) -> bool:
+    cache = engine.settings.cache
+    return request.use_cache and cache.enabled and cache.prompt_cache_size > 0 and engine.prompt_cache.enabled
+
+
+def cache_key(engine: Engine, request: Request) -> dict[str, Any]:
+    """Everything that decides an answer; a change in any of it is a different entry.
+
+    Computed for every request, cached or not: it is also the answer's provenance (the model
+    file's SHA-256 is hashed once per file and remembered).
+    """
+    spec = engine.registry.resolve(request.model)
+    return {
+        "format": CACHE_FORMAT,
+        "model_sha256": model_hash(spec),
+        "backend": answer_identity(spec),
+        "context_size": spec.remote.context_size if spec.remote is not None else engine.context_size_for(spec),
+        "kind": request.kind,
+        "prompt": request.prompt,
+        "messages": [dict(m) for m in request.messages] if request.messages else None,
+        "params": request.params.as_dict(),
+    }
+
+
+def model_hash(spec: ModelSpec) -> str:
+    """The model's identity: its file's SHA-256, or for a remote model its server and name."""
+    if spec.remote is not None:
+        identity_text = f"remote|{spec.remote.url}|{spec.remote.model or spec.name}"
+        return hashlib.sha256(identity_text.encode()).hexdigest()
+    try:
+        return identity.file_sha256(spec.path)
+    except OSError as error:
+        raise ModelNotFoundError(f"Cannot read model file {spec.path}: {error.strerror or error}.") from error
+
+
+def cached_stats(answer: Mapping[str, Any], key: Mapping[str, Any], model: str) -> RequestStats:
+    """The stats of an answer served from the prompt cache (its timings are filled by the caller).
+
+    ``model`` is the name asked for now: the entry is keyed by the file's content, so the same
+    file under another name (a copy, a renamed download) is a hit, and its stats and provenance
+    must not name the file it was first generated with."""
+    return RequestStats(
+        model=model,
+        prompt_tokens=int(answer["prompt_tokens"]),
+        completion_tokens=int(answer["completion_tokens"]),
+        finish_reason=str(answer["finish_reason"]),
+        seed=answer["seed"],
+        cached=True,
+        model_hash=key["model_sha256"],
+    )

@@ -1,0 +1,35 @@
+"""What a front end asks for (``Request``) and what it gets back when it waits (``Completion``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nbllm.core.metrics import RequestStats
+from nbllm.core.params import GenerationParams
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str | None
+    params: GenerationParams
+    prompt: str | None = None  # a completion: text the model continues
+    messages: tuple[dict[str, str], ...] | None = None  # a chat
+    use_cache: bool = True  # consult and fill the prompt cache
+
+    @property
+    def kind(self) -> str:
+        return "completion" if self.prompt is not None else "chat"
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A finished answer: ``text`` plus what it cost (``stats``). ``str(c)`` is the text."""
+
+    text: str
+    stats: RequestStats
+
+    def __str__(self) -> str:
+        return self.text
+
+    def _repr_markdown_(self) -> str:
+        return f"{self.text}\n\n*{self.stats.details()}*"

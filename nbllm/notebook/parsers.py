@@ -1,0 +1,222 @@
+"""Reading the ``%%llm`` line and the arguments of ``%llm SUBCOMMAND``.
+
+Every mistake is a ``UsageError``, which IPython shows as one line without a traceback. The
+argparse parsers raise it themselves, from ``error`` (the jupysql ``CmdParser`` pattern), and
+never exit: ``sys.exit`` has no place in a kernel.
+
+    MagicParser         argparse for a magic: ``error`` raises UsageError, ``exit`` too
+    CellOptionParser    the ``%%llm`` options (``llm_option_parser``), with did-you-mean for a misspelt one
+    TerminalParser      a parser that ``nbllm.cli`` built (``%llm bench``), worded as in a terminal
+"""
+
+from __future__ import annotations
+
+import argparse
+import keyword
+import shlex
+from argparse import Namespace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
+
+from IPython.core.error import UsageError
+from IPython.core.magic_arguments import MagicHelpFormatter
+from IPython.utils.process import arg_split  # type: ignore[attr-defined]  # public, not re-exported
+
+from nbllm.core.errors import did_you_mean
+from nbllm.notebook.interpolation import interpolate
+
+FORMATS = ("markdown", "text", "code", "json", "html")
+GENERATION_OPTIONS = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_tokens",
+    "repeat_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "stop",
+)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class MagicParser(argparse.ArgumentParser):
+    """argparse for a magic: a mistake raises ``UsageError`` instead of printing and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
+        # Only --help and --version get here (a mistake raises in error), after printing: the
+        # magic then stops with one line instead of ending the kernel.
+        lines = (message or "").strip().splitlines()
+        raise UsageError(lines[-1] if lines else "Invalid options; %llm? shows the usage.")
+
+
+class CellOptionParser(MagicParser):
+    """The options on a ``%%llm`` line (built by ``llm_option_parser``)."""
+
+    def parse_line(self, line: str, namespace: Mapping[str, Any] | None) -> Namespace | None:
+        """The options of ``line``; None for -h / --help (the magic prints its usage).
+
+        With a ``namespace``, ``{name}`` in each option's value is filled from it before parsing,
+        numbers included (``-n {budget}``), unless the line says --no-interpolate.
+        """
+        try:
+            tokens = shlex.split(line)
+        except ValueError as error:  # an unbalanced quote: nothing for argparse to read
+            raise UsageError(f"Cannot read the options {line.strip()!r}: {error}.") from None
+        if "-h" in tokens or "--help" in tokens:
+            return None
+        if namespace is not None and "--no-interpolate" not in tokens:
+            tokens = [interpolate(token, namespace) for token in tokens]
+        args, extra = self.parse_known_args(tokens)
+        if extra:
+            self.error(self._unrecognized(extra))
+        return args
+
+    def parse_argstring(self, argstring: str, *, partial: bool = False) -> Namespace | tuple[Namespace, list[str]]:
+        """What IPython's completer calls on a magic's parser (as on ``MagicArgumentParser``)."""
+        argv = arg_split(argstring, strict=not partial)
+        if partial:
+            return self.parse_known_args(argv)
+        return self.parse_args(argv)
+
+    def _unrecognized(self, extra: Sequence[str]) -> str:
+        """argparse's message, plus a suggestion for a misspelt option and a hint for stray words."""
+        message = f"unrecognized arguments: {' '.join(extra)}."
+        options = [option for action in self._actions for option in action.option_strings]
+        misspelt = next((token for token in extra if token.startswith("-")), None)
+        if misspelt is not None:
+            return message + did_you_mean(misspelt.partition("=")[0], options) + " %llm? lists the options."
+        return message + " The prompt goes in the cell body, below the %%llm line."
+
+
+class TerminalParser(MagicParser):
+    """A parser of the console script, reused by a magic: its mistakes read as in a terminal."""
+
+    def error(self, message: str) -> NoReturn:
+        # The line a terminal shows last: "nbllm bench: error: argument --threads/-t: ..."
+        super().error(f"{self.prog}: error: {message}".strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------- %%llm [options]
+
+
+def llm_option_parser(description: str | None = None) -> CellOptionParser:
+    """The ``%%llm`` options; ``description`` heads its help (the magic's docstring)."""
+    parser = CellOptionParser(
+        prog="%llm",  # the help's usage line then reads %%llm (MagicHelpFormatter adds a %)
+        description=description,
+        formatter_class=MagicHelpFormatter,
+        add_help=False,
+    )
+    answer = parser.add_argument_group("Answer")
+    answer.add_argument("--model", "-m", help="model name or .gguf path (default: NbllmMagics.default_model)")
+    answer.add_argument("--system", "-s", help="system prompt (kept for the conversation with --chat)")
+    answer.add_argument(
+        "--format", "-f", choices=FORMATS, metavar="FORMAT", help="markdown (default), text, code, json or html"
+    )
+    answer.add_argument("--out", "-o", metavar="NAME", help="also store the answer's text in the variable NAME")
+    answer.add_argument("--chat", action="store_true", help="continue the conversation of earlier --chat cells")
+    answer.add_argument(
+        "--raw", action="store_true", help="continue the text as a plain completion instead of chatting"
+    )
+    answer.add_argument("--no-cache", action="store_true", help="neither use nor fill the prompt cache")
+    answer.add_argument("--no-interpolate", action="store_true", help="send {braces} as written")
+    answer.add_argument(
+        "--map",
+        metavar="NAME",
+        help="run the prompt once per element of the list / pandas Series / DataFrame NAME ({item}, {row.column}), "
+        "batched; answers go to --out (a list or Series; a DataFrame gets a new --column)",
+    )
+    answer.add_argument(
+        "--column", metavar="COL", default="answer", help="with --map over a DataFrame: the new column (answer)"
+    )
+    generation = parser.add_argument_group("Generation (defaults from the config's generation section)")
+    generation.add_argument("--temperature", "-t", type=float, help="sampling temperature; 0 = greedy")
+    generation.add_argument("--top-p", type=float, help="nucleus sampling threshold")
+    generation.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    generation.add_argument("--min-p", type=float, help="drop tokens below this fraction of the best one")
+    generation.add_argument("--max-tokens", "-n", type=int, help="tokens to generate at most")
+    generation.add_argument("--repeat-penalty", type=float, help="penalty for repeated tokens; 1 = off")
+    generation.add_argument("--presence-penalty", type=float, help="penalty for tokens already present")
+    generation.add_argument("--frequency-penalty", type=float, help="penalty growing with token frequency")
+    generation.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
+    generation.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
+    return parser
+
+
+def llm_options(magic: _F) -> _F:
+    """Give the ``%%llm`` magic its options, as IPython's ``@magic_arguments`` does: the parser,
+    headed by the magic's docstring, becomes ``magic.parser`` and its full help the docstring
+    (what ``%llm?`` shows)."""
+    parser = llm_option_parser(magic.__doc__)
+    magic.__doc__ = parser.format_help()
+    # Where @magic_arguments keeps them too: IPython's completer reads both.
+    magic.__dict__.update(parser=parser, has_arguments=True)
+    return magic
+
+
+def check_options(args: Namespace) -> None:
+    """Options that parse but do not go together."""
+    if args.raw and args.chat:
+        raise UsageError("--raw continues text and --chat continues a conversation: use one or the other.")
+    if args.raw and args.system:
+        raise UsageError("--system applies to a chat; with --raw, write the instructions into the text itself.")
+    if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
+        raise UsageError(f"--out {args.out!r} is not a valid variable name.")
+
+
+def generation_params(args: Namespace) -> dict[str, Any]:
+    """The generation options the line gave (the others come from the config)."""
+    return {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}
+
+
+# ----------------------------------------------------------------- %llm SUBCOMMAND arguments
+
+
+def parse_terminal_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Namespace:
+    """``argv`` parsed by a parser that ``nbllm.cli`` built (``build_parser()``), its subcommands'
+    included, each acting as a ``TerminalParser`` meanwhile: a mistake is a one-line UsageError."""
+    tree = list(_parser_tree(parser))
+    classes = [each.__class__ for each in tree]
+    for each in tree:
+        each.__class__ = TerminalParser
+    try:
+        return parser.parse_args(list(argv))
+    finally:
+        for each, cls in zip(tree, classes, strict=True):
+            each.__class__ = cls
+
+
+def _parser_tree(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """``parser`` and every subcommand's parser below it, each once (aliases share one)."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in {id(each): each for each in action.choices.values()}.values():
+                yield from _parser_tree(subparser)
+
+
+def words(rest: str) -> list[str]:
+    """A subcommand's arguments, split as a shell does."""
+    try:
+        return shlex.split(rest)
+    except ValueError as error:
+        raise UsageError(f"Cannot read {rest!r}: {error}.") from None
+
+
+def one_name(subcommand: str, rest: str) -> str | None:
+    """The model name a subcommand takes, if given."""
+    names = words(rest)
+    if len(names) > 1:
+        raise UsageError(f"%llm {subcommand} takes one model name, got {len(names)}: {rest!r}.")
+    return names[0] if names else None
+
+
+def no_arguments(subcommand: str, rest: str) -> None:
+    if rest:
+        raise UsageError(f"%llm {subcommand} takes no arguments, got {rest!r}.")

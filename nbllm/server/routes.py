@@ -1,0 +1,252 @@
+"""The endpoints, and how an answer goes out: whole, or as server-sent events.
+
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (``"stream": true`` gives server-sent
+events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``, ``GET /health``
+(resident models: ``Engine.health()``), ``GET /admin/stats`` (``nbllm.stats()``) and
+``POST /admin/clear-cache``. Requests name their model; it comes from the same registry, prompt
+cache and stats as the notebook's ``%%llm``, because it is the same engine.
+
+A front end (DESIGN.md): it parses (``openai_format``), calls the one generation path
+(``Engine.stream``, run by the ``scheduler``) and shows the result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nbllm
+from nbllm.backends.base import ModelSpec
+from nbllm.core.errors import NbllmError
+from nbllm.engine import Engine, Stream
+from nbllm.server import openai_format
+from nbllm.server.errors import internal_error
+from nbllm.server.openai_format import ApiError, Kind, ParsedRequest, Reply
+from nbllm.server.options import ServerOptions, missing_server_extra
+from nbllm.server.scheduler import ClientWatch, Event, Failed, Finished, Generation, Scheduler
+from nbllm.server.security import admin_guard
+
+try:
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.responses import JSONResponse, Response, StreamingResponse
+except ImportError as missing:  # the server's libraries are an optional extra
+    raise missing_server_extra(missing) from missing
+
+log = logging.getLogger("nbllm.server")
+
+
+def add_openai_routes(app: FastAPI, options: ServerOptions, scheduler: Scheduler) -> None:
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        """Answer a conversation (OpenAI's chat completions)."""
+        return await _answer(request, "chat", options, scheduler)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        """Continue a text (OpenAI's legacy completions)."""
+        return await _answer(request, "completion", options, scheduler)
+
+    @app.get("/v1/models")
+    def list_models() -> dict[str, Any]:
+        """Every model a request can name: configured, in the models folder, or resident."""
+        rows = nbllm.get_engine().registry.rows()
+        return {"object": "list", "data": [_model_card(row.name, row.path, row.resident) for row in rows]}
+
+    @app.get("/v1/models/{model_id}")
+    def get_model(model_id: str) -> dict[str, Any]:
+        engine = nbllm.get_engine()
+        spec = _resolve_model(engine, model_id)
+        resident = any(r.spec.key == spec.key for r in engine.registry.resident())
+        return _model_card(spec.name, str(spec.path), resident)
+
+
+def add_monitoring_routes(app: FastAPI, options: ServerOptions, scheduler: Scheduler) -> None:
+    admin = [Depends(admin_guard(options))]
+
+    @app.get("/")
+    def index() -> dict[str, Any]:
+        return {
+            "name": "nbllm",
+            "version": nbllm.__version__,
+            "openai_base_url": "/v1",
+            "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/admin/stats"],
+        }
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        """Resident models with their settings and memory (``nbllm.health()``), and the queue."""
+        return {**nbllm.health(), "server": scheduler.snapshot()}
+
+    @app.get("/admin/stats", dependencies=admin)
+    def stats() -> dict[str, Any]:
+        """Requests, tokens, loads, evictions, cache hits, per model (``nbllm.stats()``)."""
+        return {**nbllm.stats(), "server": scheduler.snapshot()}
+
+    @app.post("/admin/clear-cache", dependencies=admin)
+    def clear_cache() -> dict[str, Any]:
+        """Empty the prompt cache and the KV prefix snapshots (``nbllm.clear_cache()``)."""
+        nbllm.clear_cache()
+        return {"status": "ok", "cache": nbllm.get_engine().cache_stats()}
+
+
+def _model_card(name: str, path: str, resident: bool) -> dict[str, Any]:
+    try:
+        created = int(os.stat(path).st_mtime)
+    except OSError:
+        created = 0  # the default model before its first use: not assembled yet
+    return {"id": name, "object": "model", "created": created, "owned_by": "nbllm", "resident": resident}
+
+
+# ------------------------------------------------------------------------------ answering
+
+
+async def _answer(request: Request, kind: Kind, options: ServerOptions, scheduler: Scheduler) -> Response:
+    engine = nbllm.get_engine()
+    parsed = openai_format.parse_request(
+        kind,
+        await _json_body(request),
+        max_tokens_limit=options.max_tokens_limit,
+        default_max_tokens=engine.settings.generation.default_max_tokens,
+    )
+    spec = _resolve_model(engine, parsed.model)
+    stream = _open_stream(engine, parsed, batched=options.batched)
+    reply = Reply(kind, spec.name, include_usage=parsed.include_usage)
+    async with ClientWatch(request.receive) as client:
+        generation = await scheduler.start(spec.key, stream, client)
+        if generation is None:
+            return _client_gone()
+        # The first event decides the status code: a prompt too long for the context (or any
+        # failure before the first token) must be a 4xx, not an error inside a 200 stream.
+        first = await client.first_of(generation.next_event())
+        if first is None:
+            generation.stop()
+            return _client_gone()
+        if isinstance(first, Failed):
+            raise _failure(first.error, parsed)
+        if not parsed.stream:
+            return await _whole_answer(reply, generation, first, client, parsed)
+    return StreamingResponse(
+        _sse(reply, generation, first, parsed),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _json_body(request: Request) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        raise ApiError(400, 'The request body is empty: send a JSON object such as {"model": ..., "messages": [...]}.')
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError and bad UTF-8 are ValueErrors
+        raise ApiError(
+            400,
+            f"The request body is not valid JSON ({error}). Send a JSON object with Content-Type: application/json.",
+        ) from None
+
+
+def _resolve_model(engine: Engine, name: str | None) -> ModelSpec:
+    """The model a request names, by name only: a client must not open files by their path."""
+    if name is not None and name not in engine.settings.models and _looks_like_path(name):
+        raise _path_refused(name)
+    try:
+        spec = engine.registry.resolve(name)
+    except NbllmError as error:
+        raise openai_format.api_error(error) from None
+    if spec.source == "path" and name not in {r.name for r in engine.registry.resident()}:
+        raise _path_refused(name or "")
+    return spec
+
+
+def _looks_like_path(name: str) -> bool:
+    return "/" in name or os.sep in name or "$" in name or name.startswith("~") or name.endswith(".gguf")
+
+
+def _path_refused(name: str) -> ApiError:
+    return ApiError(
+        404,
+        f"Model {name!r}: this server serves models by name, not by file path. Name the file in the config's "
+        "models section or put it in the models folder, then ask for that name (GET /v1/models lists them).",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _open_stream(engine: Engine, parsed: ParsedRequest, *, batched: bool) -> Stream:
+    try:
+        request = engine.make_request(
+            prompt=parsed.prompt, messages=parsed.messages, model=parsed.model, params=parsed.params
+        )
+        return engine.stream(request, batched=True) if batched else engine.stream(request)
+    except NbllmError as error:
+        raise openai_format.api_error(error, input_param=parsed.input_param) from None
+
+
+def _failure(error: Exception, parsed: ParsedRequest) -> ApiError:
+    if isinstance(error, NbllmError):
+        return openai_format.api_error(error, input_param=parsed.input_param)
+    log.error("Generation failed", exc_info=error)
+    return internal_error(error)
+
+
+def _cut_short() -> ApiError:
+    return ApiError(
+        503,
+        "The server stopped before the answer was complete. Send the request again.",
+        type="server_error",
+        code="server_shutting_down",
+    )
+
+
+def _client_gone() -> Response:
+    return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+
+
+async def _whole_answer(
+    reply: Reply, generation: Generation, first: Event, client: ClientWatch, parsed: ParsedRequest
+) -> Response:
+    pieces: list[str] = []
+    event: Event | None = first
+    while isinstance(event, str):
+        pieces.append(event)
+        event = await client.first_of(generation.next_event())
+        if event is None:
+            generation.stop()
+            return _client_gone()
+    if isinstance(event, Failed):
+        raise _failure(event.error, parsed)
+    assert isinstance(event, Finished)
+    if event.stats.finish_reason == "cancelled":
+        raise _cut_short()
+    return JSONResponse(reply.answer("".join(pieces), event.stats))
+
+
+def _sse_data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _sse(reply: Reply, generation: Generation, first: Event, parsed: ParsedRequest) -> AsyncIterator[str]:
+    """OpenAI's server-sent events. On a disconnect Starlette cancels this generator; ``finally``
+    then stops the generation, so the model is free again within a token."""
+    try:
+        opening = reply.opening()
+        if opening is not None:
+            yield _sse_data(opening)
+        event = first
+        while isinstance(event, str):
+            yield _sse_data(reply.piece(event))
+            event = await generation.next_event()
+        if isinstance(event, Failed):
+            yield _sse_data(_failure(event.error, parsed).body())  # the OpenAI client raises on it
+        elif event.stats.finish_reason == "cancelled":
+            yield _sse_data(_cut_short().body())
+        else:
+            yield _sse_data(reply.closing(event.stats))
+            if reply.include_usage:
+                yield _sse_data(reply.usage_chunk(event.stats))
+        yield "data: [DONE]\n\n"
+    finally:
+        generation.stop()
