@@ -80,7 +80,7 @@ def test_ctrl_c_while_a_long_prompt_is_read_stops_within_a_step(default_engine: 
 
 def test_the_readme_main_job_runs_in_a_terminal(default_model_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli.main", "run", "What is Docker?", "--max-tokens", "60", "--seed", "2"],
+        [sys.executable, "-m", "nbllm.cli", "run", "What is Docker?", "--max-tokens", "60", "--seed", "2"],
         capture_output=True,
         text=True,
         timeout=300,

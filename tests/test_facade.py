@@ -31,8 +31,8 @@ def test_public_functions_survive_importing_every_submodule() -> None:
     # Importing a submodule sets an attribute of the same name on the package; a module named
     # like a public function (stats.py vs nbllm.stats()) would silently replace the function.
     for module in pkgutil.walk_packages(nbllm.__path__, "nbllm."):
-        if module.name.startswith(("nbllm.notebook", "nbllm.server")):
-            continue  # front ends with optional extras (fastapi) and display libraries
+        if module.name.startswith(("nbllm.notebook", "nbllm.server")) or module.name.endswith("__main__"):
+            continue  # front ends with optional extras (fastapi) and display libraries; programs
         importlib.import_module(module.name)
     for name in nbllm.__all__:
         value = getattr(nbllm, name)

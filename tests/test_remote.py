@@ -189,7 +189,7 @@ class TinyServer(ThreadingHTTPServer):
     accepts and the completions asked for, and answers as ``mode`` says: ``ok`` (two pieces),
     ``json`` (no stream), ``drop`` (cuts the connection mid-stream), ``hangup`` (closes it without
     an answer), ``slow`` (a piece every 20 ms until the client goes), ``stall`` (one piece, then
-    nothing), ``auth`` (401 unless the right key comes)."""
+    nothing). With ``api_key`` set, it answers 401 to requests without that key."""
 
     daemon_threads = True
 
@@ -197,6 +197,7 @@ class TinyServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), TinyHandler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
         self.mode = "ok"
+        self.api_key: str | None = None
         self.connections = 0
         self.completions = 0
         self.client_gone = threading.Event()  # a streaming client closed its connection
@@ -234,14 +235,20 @@ class TinyHandler(BaseHTTPRequestHandler):
         readable, _, _ = select.select([self.connection], [], [], wait)
         return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
 
-    def do_GET(self) -> None:
-        if self.server.mode == "auth" and self.headers.get("Authorization") != "Bearer right":
+    def _refused(self) -> bool:
+        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
             self._json(401, {"error": {"message": "Invalid API key", "type": "auth"}})
-            return
-        self._json(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
+            return True
+        return False
+
+    def do_GET(self) -> None:
+        if not self._refused():
+            self._json(200, {"object": "list", "data": [{"id": "tiny", "object": "model"}]})
 
     def do_POST(self) -> None:
         json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        if self._refused():
+            return
         self.server.completions += 1
         mode = self.server.mode
         if mode == "hangup":
@@ -298,23 +305,13 @@ def test_requests_to_a_remote_model_reuse_one_connection(settings: Settings, tin
         completion = engine.generate("d", model="tiny", cache=False)
         assert completion.text == "Hello there"
         assert completion.stats.finish_reason == "stop"
+        assert tiny_server.completions == 4
+        assert tiny_server.connections == 1, "GET /models and four answers, one after another, on one connection"
         results = engine.generate_many(["e", "f", "g"], model="tiny", progress=False, cache=False)
         assert [r.text for r in results] == ["Hello there"] * 3
+        assert tiny_server.connections <= 3, "three at once: the idle connection and two more at most"
     finally:
         engine.close()
-    # GET /models and four answers, one after another, on one connection; the batch's three at
-    # once (on at most three).
-    assert tiny_server.connections <= 1 + 3
-
-
-def test_one_connection_for_consecutive_requests_exactly(settings: Settings, tiny_server: TinyServer) -> None:
-    engine = tiny_engine(settings, tiny_server)
-    try:
-        for prompt in "abc":
-            engine.generate(prompt, model="tiny", cache=False)
-    finally:
-        engine.close()
-    assert tiny_server.connections == 1
 
 
 def test_a_real_servers_connection_is_reused(remote_engine: Engine, remote_server: str) -> None:
@@ -382,7 +379,7 @@ def test_a_stream_that_stalls_times_out(settings: Settings, tiny_server: TinySer
 
 
 def test_a_wrong_api_key_is_named(settings: Settings, tiny_server: TinyServer) -> None:
-    tiny_server.mode = "auth"
+    tiny_server.api_key = "right"
     engine = tiny_engine(settings, tiny_server, api_key="wrong")
     try:
         with pytest.raises(
@@ -395,8 +392,8 @@ def test_a_wrong_api_key_is_named(settings: Settings, tiny_server: TinyServer) -
         engine.close()
     engine = tiny_engine(settings, tiny_server, api_key="right")
     try:
-        tiny_server.mode = "ok"  # the key is checked at load (GET /models) only
         assert engine.generate("a", model="tiny", cache=False).text == "Hello there"
+        assert tiny_server.completions == 1, "the key went with GET /models and the completion"
     finally:
         engine.close()
 

@@ -3,12 +3,12 @@ Ollama, another ``nbllm serve``), behind the same small interface as a local mod
 
 This is how a team outgrows one machine: run vLLM or llama-server on a GPU box, name it in
 ``remote_models``, and the magics, chat panel, prompt cache, stats and benchmarks work on it the
-same way. HTTP goes through httpx, answers as streamed server-sent events. httpx rather than the
-standard library's urllib (used before): one client per model keeps connections open from one
-request to the next (no new TCP or TLS handshake per prompt, which adds up over ``generate_many``
-and benchmarks) and is safe to share between the threads of a batch; a connection that fails to
-open is retried (a request the server received never is: a generation is not idempotent); and a
-stream is read line by line, with timeouts on connecting and on each read.
+same way. It speaks HTTP (answers streamed as server-sent events) through httpx, not the standard
+library's urllib as before: one client per model keeps its connections open between requests (no
+new TCP or TLS handshake per prompt, which adds up over ``generate_many`` and benchmarks) and is
+shared safely by the threads of a batch; a connection that fails to open is retried, a request
+the server received never is (a generation is not idempotent); and there are timeouts on
+connecting and on each read.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ from nbllm.core.config import RemoteModel as RemoteConfig
 from nbllm.core.errors import GenerationError, ModelLoadError, NbllmError
 from nbllm.core.params import GenerationParams
 from nbllm.core.stop import StopMatcher
+
+# Seconds to wait for a TCP connection, per try: a host that drops packets must say so in
+# seconds, not after the whole (generation-sized) timeout three times over.
+CONNECT_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,9 @@ def _client(url: str, config: RemoteConfig) -> httpx.Client:
     return httpx.Client(
         base_url=url,
         headers=headers,
-        timeout=httpx.Timeout(config.timeout),  # connecting, and each read and write
+        # Each read and write may take the configured time (a long prompt on a slow server), but a
+        # host that does not answer at all fails fast: connecting is retried, and each try waits.
+        timeout=httpx.Timeout(config.timeout, connect=min(config.timeout, CONNECT_TIMEOUT)),
         transport=transport,
         follow_redirects=True,
         default_encoding="utf-8",  # server-sent events are UTF-8 whatever the headers say

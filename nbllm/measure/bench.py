@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nbllm._version import __version__
+from nbllm.backends.base import ModelSpec
 from nbllm.core import figures, identity, paths
 from nbllm.core.errors import InsufficientMemoryError, NbllmError, ParameterError
 from nbllm.core.fit import estimate_memory
@@ -30,6 +31,7 @@ from nbllm.core.gguf_file import read_gguf
 from nbllm.core.progress import progress_bar
 from nbllm.core.table import ReadableReport, Table
 from nbllm.core.units import format_bytes
+from nbllm.engine.pipeline import model_hash
 from nbllm.host import bandwidth, machine
 
 FORMAT = "nbllm-bench/1"
@@ -179,7 +181,7 @@ def bench(
                 # A remote model is measured through its API, with the server's own settings.
                 resident = engine.registry.load(point[0])
                 for kind, n in tests:
-                    record = _record(kind, n, _remote_record(engine, spec), resident.settings, machine_info, build)
+                    record = _record(kind, n, _remote_record(spec), resident.settings, machine_info, build)
                     record["build"] = {"backend": "remote", "url": spec.remote.url}
                     _finish(record, _run(resident.model, kind, n, repetitions, bar, record, on_run), None, machine_info)
                     records.append(record)
@@ -280,12 +282,12 @@ def _model_record(spec: Any, info: Any) -> dict[str, Any]:
     }
 
 
-def _remote_record(engine: Any, spec: Any) -> dict[str, Any]:
-    key = engine.cache_key(engine.make_request(prompt="x", model=spec.name))["model_sha256"]
+def _remote_record(spec: ModelSpec) -> dict[str, Any]:
+    assert spec.remote is not None
     return {
         "name": spec.name,
         "path": spec.remote.url,
-        "sha256": key,
+        "sha256": model_hash(spec),
         "size_bytes": None,
         "quantization": "remote",
         "architecture": "remote",

@@ -15,6 +15,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import nbllm
+from nbllm._version import __version__
 from nbllm.server.errors import add_error_handlers
 from nbllm.server.options import ServerOptions, missing_server_extra, server_options
 from nbllm.server.routes import add_monitoring_routes, add_openai_routes
@@ -41,7 +42,7 @@ def create_app(options: ServerOptions | None = None, *, scheduler: Scheduler | N
 
     app = FastAPI(
         title="nbllm",
-        version=nbllm.__version__,
+        version=__version__,
         summary="OpenAI-compatible API on the local GGUF models of nbllm's engine.",
         lifespan=lifespan,
         dependencies=[Depends(access_guard(options))],

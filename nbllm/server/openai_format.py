@@ -312,7 +312,7 @@ def provenance(stats: RequestStats) -> dict[str, Any]:
 
 
 def _fingerprint() -> str:
-    from nbllm import __version__
+    from nbllm._version import __version__
 
     return f"nbllm-{__version__}"
 

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import nbllm
+from nbllm._version import __version__
 from nbllm.backends.base import ModelSpec
 from nbllm.core.errors import NbllmError
 from nbllm.engine import Engine, Stream
@@ -70,7 +71,7 @@ def add_monitoring_routes(app: FastAPI, options: ServerOptions, scheduler: Sched
     def index() -> dict[str, Any]:
         return {
             "name": "nbllm",
-            "version": nbllm.__version__,
+            "version": __version__,
             "openai_base_url": "/v1",
             "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/admin/stats"],
         }
