@@ -22,6 +22,7 @@ from nbllm.core.gguf_file import read_gguf
 from nbllm.core.units import format_bytes
 from nbllm.engine import Engine
 from nbllm.host.gpu import list_gpus
+from nbllm.measure import tuner
 from nbllm.testing import make_tiny_model
 
 GiB = 2**30
@@ -169,7 +170,7 @@ def oom_section(settings: Settings, info: object, collect: Collect) -> None:
 def tuner_section(settings: Settings) -> None:
     section("5. the tuner on the GPU")
     tuner_engine = Engine(settings)
-    result = tuner_engine.tune(progress=False, save=False)
+    result = tuner.tune(tuner_engine, progress=False, save=False)
     print(result)
     tuner_engine.close()
     print("\nGPU CHECK DONE", flush=True)

@@ -27,7 +27,7 @@ fi
 
 if [ -d /tmp/site/llama_cpp ]; then export PYTHONPATH=/tmp/site:$PWD; exec $PY benchmarks/gpu_check.py; fi
 mkdir -p /tmp/build /tmp/wheel && tar xzf .gpu/llama-src.tar.gz -C /tmp/build || exit 1
-FLAGS=$($PY -c "import sys; sys.path.insert(0, '.'); from nbllm.build_flags import cmake_args; print(' '.join(cmake_args(cuda=True)))")
+FLAGS=$($PY -c "import sys; sys.path.insert(0, '.'); from nbllm.host.build_flags import cmake_args; print(' '.join(cmake_args(cuda=True)))")
 export CMAKE_ARGS="$FLAGS -DCMAKE_CUDA_ARCHITECTURES=90 -DLLAVA_BUILD=OFF $EXTRA"
 export CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
 echo "CMAKE_ARGS=$CMAKE_ARGS"

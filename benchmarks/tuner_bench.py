@@ -21,6 +21,7 @@ from nbllm.core.config import Settings
 from nbllm.core.gguf_file import read_gguf
 from nbllm.engine import Engine
 from nbllm.host import machine
+from nbllm.measure import tuner
 from nbllm.measure.tuner import PP_TOKENS, TG_TOKENS, _Measure
 
 BATCHES = (64, 128, 256, 512, 1024, 2048)
@@ -55,7 +56,7 @@ def main() -> None:
           f"best pp: threads {best_pp[0]} batch {best_pp[1]}")  # fmt: skip
 
     print("\n2. The tuner")
-    result = engine.tune(save=False, progress=False)
+    result = tuner.tune(engine, save=False, progress=False)
     print("   " + str(result).replace("\n", "\n   "))
 
     print("\n3. Tuner's choice vs the sweep's best generation setting, alternated 5 times")

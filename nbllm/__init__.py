@@ -23,6 +23,7 @@ from nbllm.core import progress as _progress
 from nbllm.core.config import Settings
 from nbllm.core.errors import (
     CacheError,
+    ChatTemplateError,
     ConfigError,
     ContextLengthError,
     DownloadError,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CacheError",
     "ChatPanel",
+    "ChatTemplateError",
     "ConfigError",
     "ContextLengthError",
     "DownloadError",
@@ -360,7 +362,7 @@ def verify(name: str | None = None, quant: str | None = None) -> VerifyReport:
     """The GGUF check and the SHA-256 of one downloaded model, or of all of them."""
     from nbllm.hub.manager import verify as check
 
-    return check(name, quant)
+    return check(name, quant, engine=get_engine())
 
 
 def model_info(name: str, quant: str | None = None) -> ModelInfo:

@@ -11,6 +11,7 @@ Needs the ``gguf`` and ``numpy`` packages (both installed with nbllm).
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 # Words give the random model something readable to emit; byte tokens make any text encodable.
@@ -56,8 +57,12 @@ def make_tiny_model(
     context_length: int = 2048,
     chat_template: str | None = None,
     name: str | None = None,
+    omit_tensors: Collection[str] = (),
 ) -> Path:
-    """Write a tiny random llama-architecture GGUF model to ``path`` and return the path."""
+    """Write a tiny random llama-architecture GGUF model to ``path`` and return the path.
+
+    ``omit_tensors`` (names such as ``"blk.1.ffn_down.weight"``) makes a damaged file: its header
+    is valid, and llama.cpp refuses to load it for want of those tensors."""
     import gguf
     import numpy as np
 
@@ -94,20 +99,24 @@ def make_tiny_model(
     def weight(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.5).astype(np.float32)
 
-    writer.add_tensor("token_embd.weight", weight(n_vocab, n_embd))
+    def add(name: str, tensor: np.ndarray) -> None:
+        if name not in omit_tensors:
+            writer.add_tensor(name, tensor)
+
+    add("token_embd.weight", weight(n_vocab, n_embd))
     for layer in range(n_layer):
         prefix = f"blk.{layer}"
-        writer.add_tensor(f"{prefix}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"{prefix}.attn_q.weight", weight(n_embd, n_embd))
-        writer.add_tensor(f"{prefix}.attn_k.weight", weight(n_head_kv * head_dim, n_embd))
-        writer.add_tensor(f"{prefix}.attn_v.weight", weight(n_head_kv * head_dim, n_embd))
-        writer.add_tensor(f"{prefix}.attn_output.weight", weight(n_embd, n_embd))
-        writer.add_tensor(f"{prefix}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"{prefix}.ffn_gate.weight", weight(n_ff, n_embd))
-        writer.add_tensor(f"{prefix}.ffn_up.weight", weight(n_ff, n_embd))
-        writer.add_tensor(f"{prefix}.ffn_down.weight", weight(n_embd, n_ff))
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    writer.add_tensor("output.weight", weight(n_vocab, n_embd))
+        add(f"{prefix}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        add(f"{prefix}.attn_q.weight", weight(n_embd, n_embd))
+        add(f"{prefix}.attn_k.weight", weight(n_head_kv * head_dim, n_embd))
+        add(f"{prefix}.attn_v.weight", weight(n_head_kv * head_dim, n_embd))
+        add(f"{prefix}.attn_output.weight", weight(n_embd, n_embd))
+        add(f"{prefix}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        add(f"{prefix}.ffn_gate.weight", weight(n_ff, n_embd))
+        add(f"{prefix}.ffn_up.weight", weight(n_ff, n_embd))
+        add(f"{prefix}.ffn_down.weight", weight(n_embd, n_ff))
+    add("output_norm.weight", np.ones(n_embd, dtype=np.float32))
+    add("output.weight", weight(n_vocab, n_embd))
 
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

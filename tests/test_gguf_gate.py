@@ -172,3 +172,38 @@ def test_a_damaged_header_cache_is_ignored(default_model_path: Path) -> None:
     gguf_file._header_cache_file(key).write_text('{"format": 1, "key": [')
     gguf_file._cache.clear()
     assert read_gguf(default_model_path).tensors == first.tensors
+
+
+# Found by tests/test_gguf_fuzz.py: metadata llama.cpp acts on without checking, each of which
+# aborted or hung the process before the gate looked at it.
+
+
+def patched(source: Path, target: Path, old: bytes, new: bytes) -> Path:
+    data = source.read_bytes()
+    assert data.count(old) == 1, old
+    target.write_bytes(data.replace(old, new))
+    return target
+
+
+def test_a_vocabulary_naming_a_token_twice_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    bad = patched(tiny_models["a"], tmp_path / "twice.gguf", b"<0x68>", b"<0x69>")
+    with pytest.raises(InvalidModelFileError, match=r"tokenizer.ggml.tokens lists 1 token\(s\) twice"):
+        read_gguf(bad)
+
+
+def test_a_byte_fallback_vocabulary_missing_a_byte_token_is_refused(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = patched(tiny_models["a"], tmp_path / "no-h.gguf", b"<0x68>", b"<0xZZ>")
+    with pytest.raises(InvalidModelFileError, match=r"lacks the byte token <0x68> \(1 of 256 missing\)"):
+        read_gguf(bad)
+
+
+def test_a_block_count_beyond_the_tensors_is_refused(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    key = b"llama.block_count"
+    field = key + struct.pack("<I", 4)  # GGUF type 4: uint32, then the value
+    bad = patched(
+        tiny_models["a"], tmp_path / "layers.gguf", field + struct.pack("<I", 2), field + struct.pack("<I", 2**31 + 2)
+    )
+    with pytest.raises(InvalidModelFileError, match=r"llama.block_count 2147483650 does not match its 21 tensors"):
+        read_gguf(bad)

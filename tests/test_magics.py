@@ -437,15 +437,14 @@ def test_the_terminals_parser_raises_usage_errors_in_a_magic_and_still_exits_in_
 ) -> None:
     from nbllm.cli.main import build_parser
 
-    parser = build_parser()
     with pytest.raises(UsageError) as raised:
-        parse_terminal_args(parser, ["bench", "-t", "many"])
+        parse_terminal_args(["bench", "-t", "many"])
     assert str(raised.value) == (
         "nbllm bench: error: argument --threads/-t: expected a number or a comma-separated list such as 1,2,4, "
         "got 'many'"
     )
-    with pytest.raises(SystemExit):  # the parser is the terminal's again afterwards
-        parser.parse_args(["bench", "-t", "many"])
+    with pytest.raises(SystemExit):  # the terminal's own parser still exits
+        build_parser().parse_args(["bench", "-t", "many"])
     assert usage_error_of(ip, "%llm bench --bogus", capsys) == "nbllm: error: unrecognized arguments: --bogus"
     assert usage_error_of(ip, "%llm bench -r", capsys) == (
         "nbllm bench: error: argument --repetitions/-r: expected one argument"

@@ -13,7 +13,7 @@ import pytest
 from nbllm.core import identity, paths
 from nbllm.core.config import Settings
 from nbllm.engine import Engine
-from nbllm.host import machine
+from nbllm.host import machine, tuned_settings
 from nbllm.measure import tuner
 from tests.test_hardware import RTX3060, FakeGpuBackend, fake_nvml
 
@@ -54,7 +54,7 @@ def test_the_result_is_saved_per_model_file_and_machine(engine: Engine, tuning_h
     saved = store[machine.machine_id()][sha]
     assert saved["threads"] == result.best.threads
     assert saved["batch_size"] == result.best.batch_size
-    assert tuner.saved_settings(sha) == saved
+    assert tuned_settings.saved_settings(sha) == saved
 
 
 def test_tuned_settings_are_used_when_the_config_says_auto(settings: Settings, tuning_home: Path) -> None:

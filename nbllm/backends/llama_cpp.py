@@ -15,6 +15,7 @@ import functools
 import io
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -26,13 +27,20 @@ from typing import Any
 import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
-from llama_cpp import llama_chat_format
 
 from nbllm.backends.base import BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
 from nbllm.backends.llama_cpp_batch import BatchDecoder
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
-from nbllm.core.errors import ContextLengthError, GenerationError, GpuOutOfMemoryError, ModelLoadError
+from nbllm.core.chat_template import ChatTemplate
+from nbllm.core.errors import (
+    ContextLengthError,
+    GenerationError,
+    GpuOutOfMemoryError,
+    ModelLoadError,
+    NbllmError,
+    ParameterError,
+)
 from nbllm.core.params import GenerationParams
 from nbllm.core.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
 from nbllm.core.stop import TextAssembler
@@ -52,6 +60,14 @@ _MIN_RESTORE_GAIN = 16
 # stop lands within one node of the compute graph instead of after the whole prompt (seconds to
 # minutes on a CPU). A shorter prompt, or a generation step, is over in moments anyway.
 _ABORTABLE_PROMPT_TOKENS = 64
+# Prompts up to this many bytes per token of room are tokenized without further ado; longer ones
+# are first compared with the longest token of the vocabulary (see _refuse_what_cannot_fit).
+_ROUGH_BYTES_PER_TOKEN = 16
+# Tokenizers that cover every byte of the text with tokens whose text is at least as long:
+# SentencePiece (spaces become the 3-byte "▁", unknown bytes <0xNN>), GPT-2 byte-level BPE (each
+# byte a 1-2 byte character), RWKV, PLaMo-2. WordPiece and Unigram normalize text first (NFKC can
+# shrink a character to a third, and they drop whitespace): for those the bound gets a margin.
+_LOSSLESS_VOCABS = {1, 2, 5, 6}
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,9 +87,10 @@ def _native_flag_reader() -> Any:
     return llama_cpp.ggml_abort_callback(ctypes.cast(strlen, ctypes.c_void_p).value)
 
 
-# Recent warnings and errors from llama.cpp, whatever the logging level: a failed load or decode
-# only says *that* it failed; these lines say *why* (e.g. the GPU ran out of memory).
-_recent_problems: collections.deque[str] = collections.deque(maxlen=64)
+# Recent warnings and errors from llama.cpp (level, text), whatever the logging level: a failed
+# load or decode only says *that* it failed; these lines say *why* (e.g. the GPU ran out of
+# memory, a tensor is missing).
+_recent_problems: collections.deque[tuple[int, str]] = collections.deque(maxlen=64)
 _OOM_MARKERS = ("out of memory", "cudamalloc failed", "failed to allocate", "unable to allocate", "oom")
 
 
@@ -84,11 +101,30 @@ def _route_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> Non
     py_level = _last_level if level == 5 else _LEVELS.get(level, logging.INFO)
     _last_level = py_level
     if py_level >= logging.WARNING:
-        _recent_problems.append(text.decode("utf-8", errors="replace"))
+        _recent_problems.append((py_level, text.decode("utf-8", errors="replace")))
     if llama_log.isEnabledFor(py_level):
         message = text.decode("utf-8", errors="replace").rstrip("\n")
-        if message:
+        held = _held_errors.get(threading.get_ident()) if py_level >= logging.ERROR else None
+        if held is not None:
+            held.append(message)
+        elif message:
             llama_log.log(py_level, "%s", message)
+
+
+# Error lines of the loads in progress, by thread. A failed load quotes them in its
+# ModelLoadError (logged as well, they printed three lines for one error in the console); a load
+# that succeeds logs them when it is done.
+_held_errors: dict[int, list[str]] = {}
+
+
+@contextlib.contextmanager
+def _errors_held() -> Iterator[list[str]]:
+    held: list[str] = []
+    _held_errors[threading.get_ident()] = held
+    try:
+        yield held
+    finally:
+        del _held_errors[threading.get_ident()]
 
 
 # Replaces llama-cpp-python's callback, which prints straight to stderr. The callback object is
@@ -153,7 +189,70 @@ class _DebugWriter(io.TextIOBase):
 def _out_of_memory_reported() -> bool:
     """Whether llama.cpp reported running out of (GPU) memory since the buffer was last cleared
     (at the start of each load and each generation)."""
-    return any(marker in line.lower() for line in list(_recent_problems) for marker in _OOM_MARKERS)
+    return any(marker in line.lower() for _, line in list(_recent_problems) for marker in _OOM_MARKERS)
+
+
+# llama.cpp's last words on a failed load that say nothing the error does not say already.
+_GENERIC_REASONS = ("failed to load model", "failed to load model from file", "error loading model")
+_FUNCTION_PREFIX = re.compile(r"^(?:[a-z_][a-z0-9_:]*|error loading model):\s+")
+
+
+def _load_reasons() -> list[str]:
+    """What llama.cpp logged as errors since the load began, without its function-name prefixes:
+    ``llama_model_load: error loading model: check_tensor_dims: tensor 'x' not found`` ->
+    ``tensor 'x' not found``."""
+    reasons: list[str] = []
+    for level, line in list(_recent_problems):
+        if level < logging.ERROR:
+            continue
+        reason = line.strip()
+        while (shorter := _FUNCTION_PREFIX.sub("", reason, count=1)) != reason:
+            reason = shorter
+        reason = reason.rstrip(". ")
+        if reason and reason.lower() not in _GENERIC_REASONS and reason not in reasons:
+            reasons.append(reason)
+    return reasons[-3:]
+
+
+def _load_failure(path: Path, error: Exception) -> str:
+    """ModelLoadError's message: llama.cpp's own reason when it logged one, then the next step."""
+    reasons = _load_reasons()
+    if _out_of_memory_reported():
+        advice = "Memory ran out: lower performance.context_size or performance.gpu_layers, or close other programs."
+    elif any("architecture" in reason for reason in reasons):
+        advice = "This llama.cpp build does not know the model's architecture: upgrade llama-cpp-python."
+    else:
+        advice = (
+            "The file passed nbllm's GGUF checks, but llama.cpp found its contents wrong: the file is damaged or "
+            "incomplete (download it again), or it needs a newer llama.cpp (upgrade llama-cpp-python)."
+        )
+    if reasons:
+        return f"llama.cpp could not load {path.name}: {'; '.join(reasons)}. {advice}"
+    said = str(error).replace(str(path), path.name).rstrip(". ") or type(error).__name__
+    return f"llama.cpp could not load {path.name} ({said}). {advice}"
+
+
+class _Llama(llama_cpp.Llama):  # type: ignore[misc]  # llama_cpp is untyped here (follow_imports=skip)
+    """``Llama`` without llama-cpp-python's chat templates.
+
+    ``Llama()`` compiles every chat template in the file with jinja2 for its own chat handler,
+    which nbllm does not use: a template with a syntax error then failed the load with a raw
+    jinja2 exception, and compiling runs unbounded. nbllm compiles the template itself, under its
+    limits (``nbllm.core.chat_template``). The constructor reads the templates from
+    ``self.metadata``; this setter keeps them apart (in ``chat_templates``), so ``Llama`` finds none.
+    """
+
+    chat_templates: dict[str, str]
+    _metadata: dict[str, str]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: dict[str, str]) -> None:
+        self.chat_templates = {k: v for k, v in value.items() if k.startswith("tokenizer.chat_template")}
+        self._metadata = {k: v for k, v in value.items() if k not in self.chat_templates}
 
 
 class LlamaCppModel:
@@ -167,8 +266,12 @@ class LlamaCppModel:
             # verbose=True avoids llama-cpp-python's stdout/stderr file-descriptor swap during the
             # load (it would swallow other threads' output in a kernel); its Python-level prints
             # are caught here instead, and llama.cpp's own log goes through _route_llama_log.
-            with contextlib.redirect_stderr(_DebugWriter()), _interrupts_inside_callbacks() as interrupted:
-                self._llm = llama_cpp.Llama(
+            with (
+                contextlib.redirect_stderr(_DebugWriter()),
+                _interrupts_inside_callbacks() as interrupted,
+                _errors_held() as held,
+            ):
+                self._llm = _Llama(
                     model_path=str(path),
                     n_ctx=settings.context_size,
                     n_batch=settings.batch_size,
@@ -181,28 +284,31 @@ class LlamaCppModel:
                     flash_attn=settings.flash_attention,
                     verbose=True,
                 )
-        except (ValueError, RuntimeError, OSError) as error:
+        except Exception as error:  # whatever llama-cpp-python raises: ValueError, RuntimeError, OSError...
             if settings.gpu_layers > 0 and _out_of_memory_reported():
                 raise GpuOutOfMemoryError(
                     f"Not enough GPU memory to load {path.name} with {settings.gpu_layers} GPU layers."
                 ) from error
-            raise ModelLoadError(
-                f"llama.cpp could not load {path}: {error}. The file passed nbllm's GGUF checks, so its "
-                "architecture may be newer than this llama.cpp build (upgrade llama-cpp-python), or "
-                "memory ran out (lower performance.context_size or performance.gpu_layers)."
-            ) from error
+            raise ModelLoadError(_load_failure(path, error)) from error
+        for message in held:  # errors llama.cpp logged, although the model loaded
+            llama_log.error("%s", message)
         if interrupted.is_set():  # Ctrl-C during the load: give the memory back, then stop
             self._llm.close()
             raise KeyboardInterrupt
         self._llm.verbose = False
         llm = self._llm
+        try:  # compiled once, here: a template that does not compile fails the load, naming the file
+            self._template = self._make_template(llm, path)
+        except BaseException:
+            llm.close()
+            raise
         # Llama.generate builds its sampler through this method: ours puts top-k first.
         llm._init_sampler = lambda **options: sampler_chain(llm._n_vocab, llm.last_n_tokens_size, llm._seed, **options)
         self._vocab = llm._model.vocab
         self._add_bos = bool(llm._model.add_bos_token())
         self._pieces: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
-        self._template = self._make_template(llm)
+        self._longest_token: int | None = None  # bytes; see _refuse_what_cannot_fit
         self._prefixes = PrefixCache(settings.prefix_cache_bytes)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nbllm-{path.stem}")
         self._batcher: BatchDecoder | None = None
@@ -213,17 +319,17 @@ class LlamaCppModel:
         return int(self._llm.n_ctx())
 
     @staticmethod
-    def _make_template(llm: Any) -> Any:
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
+    def _make_template(llm: _Llama, path: Path) -> ChatTemplate | None:
+        source = llm.chat_templates.get("tokenizer.chat_template")
+        if not source or not source.strip():
             return None
         model = llm._model
         eos, bos = llm.token_eos(), llm.token_bos()
-        return llama_chat_format.Jinja2ChatFormatter(
-            template=template,
+        return ChatTemplate(
+            source,
+            name=path.name,
             eos_token=model.token_get_text(eos) if eos != -1 else "",
             bos_token=model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos],
         )
 
     @property
@@ -231,26 +337,72 @@ class LlamaCppModel:
         return self._template is not None
 
     def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
+        """The chat in the model's template (rendered under nbllm's limits; a template that fails
+        on it gives the plain transcript and a warning, see chat_template.py), or the transcript."""
         from nbllm.core.chat_format import transcript
 
         if self._template is None:
             return transcript(messages)
-        try:
-            result = self._template(messages=list(messages))
-        except Exception as error:  # a template is user-supplied Jinja: any error can come out
-            log.warning("Chat template of %s failed (%s); using a plain transcript.", self.path.name, error)
-            return transcript(messages)
-        stops = result.stop if isinstance(result.stop, list) else [result.stop] if result.stop else []
-        return FormattedPrompt(result.prompt, tuple(stops), special=True, add_bos=False)
+        return self._template.format(messages)
 
-    def _tokenize(self, prompt: FormattedPrompt) -> list[int]:
-        tokens: list[int] = self._llm.tokenize(
-            prompt.text.encode("utf-8"), add_bos=prompt.add_bos and self._add_bos, special=prompt.special
-        )
+    def _tokenize(
+        self, prompt: FormattedPrompt, capacity: int | None = None, room: str = "the context holds"
+    ) -> list[int]:
+        """The prompt's tokens; with ``capacity``, a text that obviously cannot fit into that many
+        tokens is refused first (``ContextLengthError``), without tokenizing it."""
+        text = prompt.text
+        if capacity is not None:
+            self._refuse_what_cannot_fit(len(text), "characters", capacity, room)  # no more than its bytes
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ParameterError(
+                f"The prompt is not valid Unicode text ({error.reason} at character {error.start:,}): remove or "
+                "replace that character."
+            ) from None
+        if capacity is not None:
+            self._refuse_what_cannot_fit(len(data), "bytes", capacity, room)
+        tokens: list[int] = self._llm.tokenize(data, add_bos=prompt.add_bos and self._add_bos, special=prompt.special)
         return tokens
 
+    def _refuse_what_cannot_fit(self, size: int, unit: str, capacity: int, room: str) -> None:
+        """``_CannotFit`` (a ``ContextLengthError``) if a text of ``size`` bytes (or characters,
+        fewer) certainly makes more than ``capacity`` tokens.
+
+        Tokenizing first is no way to find out: llama.cpp tokenizes the whole text into memory
+        (400 MB of text aborted the process with std::bad_alloc). Every token covers at most as
+        many bytes of the text as its own text is long (see _LOSSLESS_VOCABS), so a text longer
+        than ``capacity`` times the vocabulary's longest token needs more than ``capacity`` tokens:
+        refusing it never refuses a prompt that fits. The longest token is looked up (one pass
+        over the vocabulary, ~0.3 s for 262k tokens) only for texts of more than
+        _ROUGH_BYTES_PER_TOKEN bytes per token of room, which rarely fit anyway.
+        """
+        if size <= capacity * _ROUGH_BYTES_PER_TOKEN:
+            return
+        longest = self._longest_token_bytes()
+        if size > capacity * longest:
+            at_least = -(-size // longest)
+            why = f" ({size:,} {unit}; no token of {self.path.name} covers more than {longest} bytes)"
+            raise _CannotFit(
+                f"The prompt is at least {at_least:,} tokens but {room} {capacity:,}{why}. Shorten the prompt.",
+                at_least,
+                why,
+            )
+
+    def _longest_token_bytes(self) -> int:
+        if self._longest_token is None:
+            vocab = self._vocab
+            longest = max(
+                (len(llama_cpp.llama_vocab_get_text(vocab, token) or b"") for token in range(self._llm.n_vocab())),
+                default=1,
+            )
+            if llama_cpp.llama_vocab_type(vocab) not in _LOSSLESS_VOCABS:
+                longest *= 4
+            self._longest_token = max(longest, 1)
+        return self._longest_token
+
     def count_tokens(self, prompt: FormattedPrompt) -> int:
-        return len(self._tokenize(prompt))
+        return len(self._tokenize(prompt, self.context_size))
 
     def _piece(self, token: int) -> bytes:
         piece = self._pieces.get(token)
@@ -281,19 +433,30 @@ class LlamaCppModel:
         cancel: threading.Event,
     ) -> Iterator[str]:
         llm = self._llm
-        tokens = self._tokenize(prompt)
         n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
+        try:
+            tokens = self._tokenize(prompt, n_ctx)
+            count, counted, why = len(tokens), "", ""
+        except _CannotFit as refused:  # refused unread: the same message, with a lower bound
+            tokens, count, counted, why = [], refused.at_least, "at least ", refused.why
+        if count >= n_ctx:
             trained = int(llm._model.n_ctx_train())
-            if n_ctx >= trained:  # nbllm caps the context at the model's training length
+            if n_ctx >= trained or count >= trained:  # nbllm caps the context at the model's training length
                 advice = f"{self.path.name} was trained for at most {trained:,} tokens: shorten the prompt."
+            elif counted:  # only a lower bound is known: no size to recommend
+                advice = (
+                    f"Shorten the prompt, or raise performance.context_size (up to {trained:,}, the length "
+                    f"{self.path.name} was trained for)."
+                )
             else:
-                wanted = min(_next_power_of_two(len(tokens) + params.max_tokens), trained)
+                wanted = min(_next_power_of_two(count + params.max_tokens), trained)
                 advice = (
                     f"Shorten the prompt, or raise performance.context_size to {wanted:,} (config file, "
                     f"or nbllm.configure(performance={{'context_size': {wanted}}}) in Python)."
                 )
-            raise ContextLengthError(f"The prompt is {len(tokens):,} tokens but the context holds {n_ctx:,}. {advice}")
+            raise ContextLengthError(
+                f"The prompt is {counted}{count:,} tokens but the context holds {n_ctx:,}{why}. {advice}"
+            )
         if not tokens:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         usage.prompt_tokens = len(tokens)
@@ -405,6 +568,12 @@ class LlamaCppModel:
                     f"The GPU ran out of memory while generating with {self.settings.gpu_layers} GPU layers."
                 ) from error
             raise GenerationError(f"llama.cpp failed while generating: {error}.") from error
+        except NbllmError:
+            finish = "error"
+            raise
+        except Exception as error:  # anything else from llama-cpp-python: an nbllm error all the same
+            finish = "error"
+            raise GenerationError(f"llama.cpp failed while generating: {type(error).__name__}: {error}.") from error
         finally:
             if abortable:
                 self._set_abort(None)
@@ -553,7 +722,7 @@ class LlamaCppModel:
             batch_size=self.settings.batch_size,
             threads=self.settings.threads,
             piece_of=self._piece,
-            tokenize=self._tokenize,
+            tokenize=lambda prompt, capacity: self._tokenize(prompt, capacity, "a batched sequence holds"),
             make_sampler=self._make_sampler,
             format_chat=lambda messages: self.format_chat(messages),
         )
@@ -639,6 +808,15 @@ def sampler_chain(
 
 
 _DONE = object()
+
+
+class _CannotFit(ContextLengthError):
+    """A prompt refused before tokenizing: ``at_least`` tokens, ``why`` says how that is known."""
+
+    def __init__(self, message: str, at_least: int, why: str) -> None:
+        super().__init__(message)
+        self.at_least = at_least
+        self.why = why
 
 
 class _Failure:

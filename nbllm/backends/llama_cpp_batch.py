@@ -69,7 +69,9 @@ class BatchDecoder:
         batch_size: int,
         threads: int,
         piece_of: Callable[[int], bytes],
-        tokenize: Callable[[FormattedPrompt], list[int]],
+        # The prompt's tokens; refuses (ContextLengthError) a text that obviously cannot fit into
+        # the given number of tokens, before tokenizing it.
+        tokenize: Callable[[FormattedPrompt, int], list[int]],
         make_sampler: Callable[[GenerationParams, int], Any],
         format_chat: Callable[[list[dict[str, str]]], FormattedPrompt],
     ) -> None:
@@ -112,6 +114,7 @@ class BatchDecoder:
         queued or running) or ``stop`` is set. ``None`` in the feed wakes the loop up."""
         waiting: deque[BatchItem] = deque()
         slots: list[_Slot | None] = [None] * self.parallel
+        failure: NbllmError | None = None
         try:
             while not stop.is_set():
                 self._take_new(feed, waiting, block=not waiting and not any(slots))
@@ -120,17 +123,28 @@ class BatchDecoder:
                         return
                     continue
                 self._admit(waiting, slots)
+                self._drop_cancelled(slots, progress)
                 progress.active = sum(1 for s in slots if s is not None)
                 if not any(slots):
                     continue
                 self._step(slots, progress)
+        except Exception as error:
+            # Whatever failed, every item the loop holds gets it as an nbllm error (before, they
+            # were "cancelled", an answer cut short without saying why); the caller fails the rest.
+            failure = error if isinstance(error, NbllmError) else _as_generation_error(error)
+            if failure is error:
+                raise
+            raise failure from error
         finally:
             for slot in slots:
                 if slot is not None:
-                    self._finish(slot, "cancelled", progress)
+                    if failure is None:
+                        self._finish(slot, "cancelled", progress)
+                    else:
+                        self._fail(slot, failure, progress)
             for item in waiting:
-                item.usage.finish_reason = "cancelled"
-                item.sink(BatchEvent(item, "done"))
+                item.usage.finish_reason = "cancelled" if failure is None else "error"
+                item.sink(BatchEvent(item, "done") if failure is None else BatchEvent(item, "error", error=failure))
             self._ctx.kv_cache_clear()
 
     def _take_new(
@@ -149,6 +163,15 @@ class BatchDecoder:
             if item is not None:
                 waiting.append(item)
 
+    def _drop_cancelled(self, slots: list[_Slot | None], progress: BatchProgress) -> None:
+        """A sequence whose caller left (a client hung up, a request timed out, Stop) ends now,
+        also while its prompt is still being read: a step reads at most ``batch_size`` prompt
+        tokens, so the model is free of it within one step instead of after the whole prompt."""
+        for seq_id, slot in enumerate(slots):
+            if slot is not None and slot.item.cancel.is_set():
+                slots[seq_id] = None
+                self._finish(slot, "cancelled", progress)
+
     def _admit(self, waiting: deque[BatchItem], slots: list[_Slot | None]) -> None:
         for seq_id, slot in enumerate(slots):
             while slot is None and waiting:
@@ -159,9 +182,10 @@ class BatchDecoder:
                     continue
                 try:
                     slot = self._start(seq_id, item)
-                except NbllmError as error:
+                except Exception as error:  # this item's prompt (template, length, tokenizer): only it fails
                     item.usage.finish_reason = "error"
-                    item.sink(BatchEvent(item, "error", error=error))
+                    failure = error if isinstance(error, NbllmError) else _as_generation_error(error)
+                    item.sink(BatchEvent(item, "error", error=failure))
                     continue
                 slots[seq_id] = slot
 
@@ -170,7 +194,7 @@ class BatchDecoder:
         # sequences and trimming come with it.
         formatted = item.prompt if isinstance(item.prompt, FormattedPrompt) else self._format(item.prompt)
         stops, trim = formatted.stop, formatted.trim_whitespace
-        tokens = self._tokenize(formatted)
+        tokens = self._tokenize(formatted, self.seq_context)
         if not tokens:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         if len(tokens) >= self.seq_context:
@@ -252,6 +276,16 @@ class BatchDecoder:
             return
         slot.last_token = token
 
+    def _fail(self, slot: _Slot, error: NbllmError, progress: BatchProgress) -> None:
+        slot.item.usage.finish_reason = "error"
+        slot.item.usage.completion_tokens = slot.produced
+        try:
+            self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        finally:
+            slot.sampler.close()
+            progress.finished += 1
+            slot.item.sink(BatchEvent(slot.item, "error", error=error))
+
     def _finish(self, slot: _Slot, reason: str, progress: BatchProgress, *, at_stop_sequence: bool = False) -> None:
         item = slot.item
         if not at_stop_sequence:  # text held back (a possible stop-sequence start) is real text after all
@@ -264,3 +298,10 @@ class BatchDecoder:
         slot.sampler.close()
         progress.finished += 1
         item.sink(BatchEvent(item, "done"))
+
+
+def _as_generation_error(error: Exception) -> GenerationError:
+    """Any other exception from llama.cpp's side, as the nbllm error the caller expects."""
+    message = GenerationError(f"llama.cpp failed in a batch: {type(error).__name__}: {error}.")
+    message.__cause__ = error
+    return message

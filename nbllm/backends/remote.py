@@ -269,9 +269,16 @@ class RemoteModel:
                 for piece in self.generate(prompt, item.params, item.seed, item.usage, item.cancel):
                     progress.tokens += 1
                     item.sink(BatchEvent(item, "piece", piece))
-            except NbllmError as error:
+            except Exception as error:  # every item gets its end, or its caller waits forever
+                failure = (
+                    error
+                    if isinstance(error, NbllmError)
+                    else GenerationError(
+                        f"The answer from {self.url} could not be read: {type(error).__name__}: {error}."
+                    )
+                )
                 item.usage.finish_reason = "error"
-                item.sink(BatchEvent(item, "error", error=error))
+                item.sink(BatchEvent(item, "error", error=failure))
                 return
             progress.finished += 1
             item.sink(BatchEvent(item, "done"))
@@ -344,14 +351,20 @@ def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
         yield event
 
 
+# Lines read after ``[DONE]`` before giving up on the connection: a server ends the body there
+# (a blank line at most); one that keeps sending must not hold the answer, and the model, open.
+_DRAIN_LINES = 4
+
+
 def _drain(lines: Iterator[str]) -> None:
     """Read what is left of a body after ``[DONE]`` (its end, at once): a connection read to
-    the end of its answer is kept for the next request, one left mid-answer has to be closed.
-    The answer is complete, so an error here is no error: llama-cpp-python's server, for one,
-    ends a stream it interrupts for a newer request with ``[DONE]`` and then cuts the body off."""
+    the end of its answer is kept for the next request, one left mid-answer is closed by the
+    caller. The answer is complete, so an error here is no error: llama-cpp-python's server, for
+    one, ends a stream it interrupts for a newer request with ``[DONE]`` and then cuts the body off."""
     try:
-        for _ in lines:
-            pass
+        for count, _ in enumerate(lines, start=1):
+            if count >= _DRAIN_LINES:
+                return
     except httpx.HTTPError:
         pass
 

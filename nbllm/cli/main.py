@@ -220,16 +220,18 @@ def cmd_lab(args: argparse.Namespace) -> int:
     os.execv(sys.executable, command)  # replaces this process: JupyterLab's exit is ours
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The ``nbllm`` command's parser. ``parser_class``: what every (sub)parser is — the magics
+    pass one whose mistakes are a ``UsageError`` instead of an exit."""
     from nbllm._version import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = parser_class(
         prog="nbllm", description="Local GGUF language models: run, inspect and configure from a terminal."
     )
     parser.add_argument("--version", action="version", version=f"nbllm {__version__}")
     parser.add_argument("--config", "-c", help="config file (default: $NBLLM_CONFIG, ./nbllm.yaml, user file)")
     parser.add_argument("--verbose", "-v", action="count", default=0, help="log lines (-vv: llama.cpp's too)")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=parser_class)
 
     run = commands.add_parser(
         "run", help="stream an answer to a prompt", description="Stream an answer, then the stats line."

@@ -79,9 +79,10 @@ def run_download(args: argparse.Namespace) -> Any:
 
 
 def run_verify(args: argparse.Namespace) -> Any:
+    import nbllm  # the kernel's engine under %llm models: names it was configured with count
     from nbllm.hub.manager import verify
 
-    return verify(args.name, args.quant, progress=not args.quiet)
+    return verify(args.name, args.quant, progress=not args.quiet, engine=nbllm.get_engine())
 
 
 def run_info(args: argparse.Namespace) -> Any:
@@ -113,7 +114,7 @@ RUNNERS: dict[str, Callable[[argparse.Namespace], Any]] = {
 def _configure(parser: argparse.ArgumentParser) -> None:
     """The subcommands and their options, shared by the console script and the magic."""
     parser.set_defaults(models_command="list")
-    commands = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
+    commands = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND", parser_class=type(parser))
 
     commands.add_parser("list", help="the catalog and the models folder: downloaded, size, loaded")
 

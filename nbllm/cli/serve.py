@@ -13,7 +13,7 @@ _DESCRIPTION = (
     "OpenAI-compatible HTTP API on this machine's models: POST /v1/chat/completions, POST /v1/completions "
     "(streaming too), GET /v1/models, GET /health, GET /admin/stats, POST /admin/clear-cache. Defaults come "
     "from the config's server section. Listens on 127.0.0.1 unless told otherwise; any other address needs "
-    "an API key."
+    "an API key. Every request is bounded by tokens (--max-tokens-limit) and by time (--request-timeout)."
 )
 
 

@@ -2,7 +2,7 @@
 
 A base model such as the default Gemma 3 270M has no chat template in its file. Its own turn
 format and llama-cpp-python's fallback both make it loop on garbage; a plain transcript is what
-it continues sensibly (DESIGN.md). Of the transcripts tried on the default model (User/Assistant,
+it continues sensibly. Of the transcripts tried on the default model (User/Assistant,
 the same with a preamble, Question/Answer; three questions, two seeds each) Question/Answer gave
 the most on-topic answers, so that is the fallback. Models that carry a template use it.
 """

@@ -18,11 +18,13 @@ then the per-user file (``~/.config/nbllm/config.yaml``, or ``$NBLLM_HOME/config
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
+import reprlib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,14 @@ from nbllm.core import paths
 from nbllm.core.errors import ConfigError, did_you_mean
 
 DEFAULT_MODEL = "gemma-3-270m"
+# A config file is a few kilobytes; these bound what a hostile or mistaken one can cost.
+MAX_CONFIG_BYTES = 1 << 20
+# Values in the document once YAML aliases are expanded. PyYAML shares an aliased value instead of
+# copying it, so a "billion laughs" file (aliases of aliases, 9 deep, 9 wide) loads in moments
+# as 9**9 references to the same lists, but anything that walks it (a repr in an error message,
+# a deep copy) never ends. A real config has well under a thousand values.
+MAX_YAML_VALUES = 10_000
+SHOWN_VALUE_CHARS = 120  # a value quoted in an error message is cut to this length
 
 
 def _spec(default: Any, help: str, **limits: Any) -> Any:
@@ -89,6 +99,13 @@ class Server:
     port: int = _spec(8000, "TCP port", min=1, max=65535)
     workers: int = _spec(1, "models generating at once, each on a thread (nbllm serve)", min=1, max=256)
     api_key: str | None = _spec(None, "key clients must send; required off loopback")
+    request_timeout: float | None = _spec(
+        600.0,
+        "seconds a request may take in all (queue, prompt, answer), then 504; null = no limit",
+        min=0.0,
+        max=86400.0,
+        exclusive_min=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -171,6 +188,77 @@ def parse_bytes(value: Any) -> int | None:
     return int(number * scale)
 
 
+class _BoundedRepr(reprlib.Repr):
+    """``repr`` that looks at a bounded part of a value: a few items per container, a few levels
+    deep, the ends of a long string or number. An error message must stay short and quick to
+    build whatever was written: a shared or self-containing structure, a megabyte string, an
+    integer too long for ``repr`` (Python refuses to print more than 4,300 digits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel = 3
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = 4
+        self.maxstring = self.maxother = SHOWN_VALUE_CHARS
+        self.maxlong = 40
+
+    def repr1(self, x: Any, level: int) -> str:
+        # By kind, where reprlib goes by exact type name: a subclass of dict or str (or another
+        # Mapping) gets the same bounds instead of its full repr.
+        if isinstance(x, bool) or x is None:
+            return repr(x)
+        if isinstance(x, str):
+            return self.repr_str(x, level)
+        if isinstance(x, int):
+            return self.repr_int(x, level)
+        if isinstance(x, (bytes, bytearray)):  # YAML's !!binary
+            return self.repr_instance(bytes(x[: self.maxother]), level)
+        if isinstance(x, Mapping):
+            pairs = (f"{self.repr1(k, level - 1)}: {self.repr1(v, level - 1)}" for k, v in x.items())
+            return self._items("{", pairs, len(x), level, "}") if x else "{}"
+        if isinstance(x, (list, tuple, set, frozenset)):  # sets: YAML's !!set
+            if isinstance(x, (set, frozenset)) and not x:
+                return repr(x)
+            left, right = ("[", "]") if isinstance(x, list) else ("(", ",)" if len(x) == 1 else ")")
+            if isinstance(x, (set, frozenset)):
+                left, right = "{", "}"
+            return self._items(left, (self.repr1(item, level - 1) for item in x), len(x), level, right)
+        return self.repr_instance(x, level)
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4000:  # beyond sys.get_int_max_str_digits(): repr would raise
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1:,} digits>"
+        return super().repr_int(x, level)
+
+    def _items(self, left: str, pieces: Iterator[str], count: int, level: int, right: str) -> str:
+        # Unlike reprlib, keys and set items are not sorted first (a cost that grows with the
+        # container): they come as written, which reads better in a message anyway.
+        if count and level <= 0:
+            return f"{left}...{right}"
+        first = list(itertools.islice(pieces, self.maxlist))
+        return left + ", ".join(first + (["..."] if count > len(first) else [])) + right
+
+
+_BOUNDED_REPR = _BoundedRepr()
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message, at most about ``SHOWN_VALUE_CHARS`` characters however large
+    or deeply shared the value is."""
+    try:
+        text = _BOUNDED_REPR.repr(value)
+    except Exception:  # a hostile __repr__ (Python callers can pass anything)
+        text = f"<a {type(value).__name__}>"
+    if len(text) > SHOWN_VALUE_CHARS:
+        half = SHOWN_VALUE_CHARS // 2 - 2
+        text = f"{text[:half]}...{text[-half:]}"
+    return text
+
+
+def _key_name(key: Any) -> str:
+    """A mapping key as written in a dotted name (``performance.threads``), cut short if huge."""
+    return key if isinstance(key, str) and len(key) <= SHOWN_VALUE_CHARS else shown(key)
+
+
 def _describe(name: str, hint: Any, meta: Mapping[str, Any]) -> str:
     nullable = type(None) in typing.get_args(hint)
     base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
@@ -211,7 +299,8 @@ def check_value(
     def fail() -> Exception:
         described = _describe(label, hint, meta)
         help_text = meta.get("help", "")
-        return error(f"{label} = {value!r}{where}: must be {described}" + (f" ({help_text})." if help_text else "."))
+        told = f" ({help_text})." if help_text else "."
+        return error(f"{label} = {shown(value)}{where}: must be {described}{told}")
 
     args = typing.get_args(hint)
     nullable = type(None) in args
@@ -264,9 +353,9 @@ def _validate_section(name: str, cls: type, data: Any, source: str) -> Any:
     values: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields:
-            hint = did_you_mean(str(key), fields)
+            hint = did_you_mean(key, fields) if isinstance(key, str) and len(key) <= SHOWN_VALUE_CHARS else ""
             raise ConfigError(
-                f"Unknown key {name}.{key} in {source}.{hint} Keys allowed in {name}: {', '.join(fields)}."
+                f"Unknown key {name}.{_key_name(key)} in {source}.{hint} Keys allowed in {name}: {', '.join(fields)}."
             )
         values[key] = check_value(f"{name}.{key}", value, hints[key], fields[key].metadata, f" in {source}")
     return cls(**values)
@@ -282,10 +371,10 @@ def _validate_models(data: Any, source: str) -> dict[str, str]:
         if isinstance(value, Mapping) and set(value) == {"path"}:
             value = value["path"]
         if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"models in {source}: model name {name!r} must be a non-empty string.")
+            raise ConfigError(f"models in {source}: model name {shown(name)} must be a non-empty string.")
         if not isinstance(value, str) or not value.strip():
             raise ConfigError(
-                f"models.{name} = {value!r} in {source}: must be the path of a .gguf file "
+                f"models.{_key_name(name)} = {shown(value)} in {source}: must be the path of a .gguf file "
                 "(or a mapping with the single key 'path')."
             )
         models[name] = value
@@ -302,15 +391,15 @@ def _validate_remote_models(data: Any, source: str) -> dict[str, RemoteModel]:
     remotes: dict[str, RemoteModel] = {}
     for name, value in data.items():
         if not isinstance(name, str) or not name.strip():
-            raise ConfigError(f"remote_models in {source}: model name {name!r} must be a non-empty string.")
+            raise ConfigError(f"remote_models in {source}: model name {shown(name)} must be a non-empty string.")
         if isinstance(value, RemoteModel):
             remotes[name] = value
             continue
-        remote = _validate_section(f"remote_models.{name}", RemoteModel, value, source)
+        remote = _validate_section(f"remote_models.{_key_name(name)}", RemoteModel, value, source)
         if not remote.url.startswith(("http://", "https://")):
             raise ConfigError(
-                f"remote_models.{name}.url = {remote.url!r} in {source}: must be an http(s) URL such as "
-                "http://localhost:8080/v1."
+                f"remote_models.{_key_name(name)}.url = {shown(remote.url)} in {source}: must be an http(s) URL "
+                "such as http://localhost:8080/v1."
             )
         remotes[name] = remote
     return remotes
@@ -326,13 +415,13 @@ def validate(data: Any, source: str = "overrides") -> Settings:
         )
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            hint = did_you_mean(str(key), TOP_LEVEL_KEYS)
+            hint = did_you_mean(key, TOP_LEVEL_KEYS) if isinstance(key, str) and len(key) <= SHOWN_VALUE_CHARS else ""
             raise ConfigError(
-                f"Unknown config section {key!r} in {source}.{hint} Sections: {', '.join(TOP_LEVEL_KEYS)}."
+                f"Unknown config section {shown(key)} in {source}.{hint} Sections: {', '.join(TOP_LEVEL_KEYS)}."
             )
     default_model = data.get("default_model", DEFAULT_MODEL)
     if not isinstance(default_model, str) or not default_model.strip():
-        raise ConfigError(f"default_model = {default_model!r} in {source}: must be a model name or a .gguf path.")
+        raise ConfigError(f"default_model = {shown(default_model)} in {source}: must be a model name or a .gguf path.")
     sections = {name: _validate_section(name, cls, data.get(name), source) for name, cls in SECTIONS.items()}
     return Settings(
         default_model=default_model,
@@ -378,12 +467,59 @@ def load_settings(explicit: str | os.PathLike[str] | None = None) -> Settings:
     return load_file(path)
 
 
-def _unique_keys_loader() -> Any:
-    """PyYAML's safe loader, except that a key given twice in one mapping is an error: YAML
-    would silently keep the last one, and the first is then a setting that seems to apply."""
+def _config_loader() -> Any:
+    """PyYAML's safe loader, stricter in two ways that a config file never needs:
+
+    - a key given twice in one mapping is an error: YAML would silently keep the last one, and
+      the first is then a setting that seems to apply;
+    - aliases are bounded: a document whose values, with every alias expanded, number more than
+      ``MAX_YAML_VALUES``, or an alias inside the value it names, is refused before anything is
+      built. Aliases stay usable (``<<: *defaults`` merges in ``remote_models``).
+    """
     import yaml
 
-    class UniqueKeyLoader(yaml.SafeLoader):
+    def refusal(problem: str, advice: str, mark: Any) -> yaml.constructor.ConstructorError:
+        error = yaml.constructor.ConstructorError(None, None, problem, mark)
+        error.advice = advice  # type: ignore[attr-defined]  # read by _parse_yaml
+        return error
+
+    def check_expansion(root: yaml.Node) -> None:
+        # Counted over the node graph the composer built, each node once (its expanded size is
+        # remembered): linear in the file, however many times an alias multiplies it.
+        sizes: dict[int, int] = {}
+        open_nodes: set[int] = set()
+
+        def expanded(node: yaml.Node) -> int:
+            if isinstance(node, yaml.ScalarNode):
+                return 1
+            if id(node) in sizes:
+                return sizes[id(node)]
+            if id(node) in open_nodes:
+                raise refusal(
+                    "an alias refers to the value that contains it",
+                    "Write the value out instead of making it contain itself.",
+                    node.start_mark,
+                )
+            open_nodes.add(id(node))
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+            total = 1 + sum(expanded(child) for child in children)
+            open_nodes.discard(id(node))
+            if total > MAX_YAML_VALUES:
+                raise refusal(
+                    f"with its aliases expanded, this value holds more than {MAX_YAML_VALUES:,} values",
+                    "A config file needs no nested aliases of aliases: write the values out.",
+                    node.start_mark,
+                )
+            sizes[id(node)] = total
+            return total
+
+        expanded(root)
+
+    class ConfigLoader(yaml.SafeLoader):
+        def construct_document(self, node: yaml.Node) -> Any:
+            check_expansion(node)
+            return super().construct_document(node)
+
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             # The mapping's own plain keys, compared as written (before "<<" merges, whose keys
             # the mapping may override on purpose; and without constructing unhashable keys).
@@ -393,40 +529,61 @@ def _unique_keys_loader() -> Any:
                     continue
                 key = (key_node.tag, key_node.value)
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(
-                        None,
-                        None,
-                        f"{key_node.value!r} is given twice (also at line {seen[key].line + 1})",
+                    raise refusal(
+                        f"{shown(key_node.value)} is given twice (also at line {seen[key].line + 1})",
+                        "Keep one of them.",
                         key_node.start_mark,
                     )
                 seen[key] = key_node.start_mark
             return super().construct_mapping(node, deep=deep)
 
-    return UniqueKeyLoader
+    return ConfigLoader
 
 
-def load_file(path: Path) -> Settings:
+def _parse_yaml(text: str, what: str) -> Any:
+    """``text`` as YAML (``_config_loader``), or a ``ConfigError`` about ``what`` that says where
+    and what to do. Every failure of the parser is one: a syntax error, a refused alias, a
+    constructor's own check (a date such as 2024-13-45, a number of 5,000 digits), deep nesting."""
     import yaml  # deferred: keeps ``import nbllm`` fast for the common no-config case
 
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"Cannot read config file {path}: {error}.") from error
-    try:
-        data = yaml.load(text, Loader=_unique_keys_loader())  # a SafeLoader subclass
+        return yaml.load(text, Loader=_config_loader())  # a SafeLoader subclass
     except yaml.YAMLError as error:
         where = ""
         mark = getattr(error, "problem_mark", None)
         if mark is not None:
             where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(error, "problem", None) or str(error)
-        advice = (
-            "Keep one of them."
-            if "given twice" in problem
-            else "Fix the YAML syntax (indent with spaces, 'key: value' pairs)."
+        problem = _cut(getattr(error, "problem", None) or str(error))
+        advice = getattr(error, "advice", None) or "Fix the YAML syntax (indent with spaces, 'key: value' pairs)."
+        raise ConfigError(f"Cannot parse {what}{where}: {problem}. {advice}") from error
+    except RecursionError:
+        raise ConfigError(
+            f"Cannot parse {what}: its values are nested too deeply. A config is a few levels of 'key: value'."
+        ) from None
+    except ValueError as error:
+        raise ConfigError(f"Cannot parse {what}: {_cut(str(error))}. Fix that value.") from None
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def load_file(path: Path) -> Settings:
+    try:
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
+    except OSError as error:
+        raise ConfigError(f"Cannot read config file {path}: {error}.") from error
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"Config file {path} is over {MAX_CONFIG_BYTES:,} bytes; a config file is a few kilobytes. "
+            "Check that it is the right file."
         )
-        raise ConfigError(f"Cannot parse config file {path}{where}: {problem}. {advice}") from error
-    return validate(data, source=str(path))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Cannot read config file {path}: {error}.") from error
+    return validate(_parse_yaml(text, f"config file {path}"), source=str(path))
 
 
 def describe_settings(settings: Settings) -> list[tuple[str, Any, str]]:
@@ -448,16 +605,11 @@ def describe_settings(settings: Settings) -> list[tuple[str, Any, str]]:
 
 def parse_assignment(text: str) -> dict[str, Any]:
     """``"cache.model_cache_size=3"`` -> ``{"cache": {"model_cache_size": 3}}`` (value read as YAML)."""
-    import yaml
-
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"Expected KEY=VALUE such as cache.model_cache_size=3, got {text!r}.")
-    try:
-        value = yaml.safe_load(raw.strip()) if raw.strip() else None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"Cannot read the value in {text!r}: {error}.") from error
+        raise ConfigError(f"Expected KEY=VALUE such as cache.model_cache_size=3, got {shown(text)}.")
+    value = _parse_yaml(raw.strip(), f"the value in {shown(text)}") if raw.strip() else None
     section, dot, name = key.partition(".")
     if not dot:
         return {section: value}

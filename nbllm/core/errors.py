@@ -40,6 +40,11 @@ class GpuOutOfMemoryError(ModelLoadError):
     """The GPU ran out of memory (loading or generating); fewer GPU layers may fit."""
 
 
+class ChatTemplateError(ModelLoadError):
+    """A model file's chat template cannot be used: it does not compile (raised at load), or a
+    chat made it break nbllm's limits on templates (time, size; raised at that request)."""
+
+
 class ParameterError(NbllmError, ValueError):
     """A generation parameter is out of range or of the wrong type."""
 

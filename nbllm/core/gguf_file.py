@@ -157,6 +157,7 @@ class _Reader:
 
     def __init__(self, buffer: Any, path: Path, size: int) -> None:
         self.buffer, self.path, self.size, self.pos = buffer, path, size, 0
+        self.vocab: set[bytes] = set()  # the texts of tokenizer.ggml.tokens, for the checks below
 
     def fail(self, what: str) -> InvalidModelFileError:
         return InvalidModelFileError(
@@ -189,10 +190,11 @@ class _Reader:
         self.pos += length
         return raw.decode("utf-8", errors="replace")
 
-    def skip_strings(self, n: int, what: str) -> None:
+    def skip_strings(self, n: int, what: str, *, unique: bool = False) -> None:
         # The hot loop of the gate: a 262k-token vocabulary is 262k strings. Bounds are checked
         # once at the end; a read past the end raises struct.error, turned into a clear message.
         unpack, buffer, pos = _U64.unpack_from, self.buffer, self.pos
+        seen: set[bytes] = set()
         try:
             for _ in range(n):
                 (length,) = unpack(buffer, pos)
@@ -200,6 +202,12 @@ class _Reader:
                     self.pos = pos
                     raise self.fail(f"implausible string length in {what}")
                 pos += 8 + length
+                if unique:  # ~0.1 s once per file for 262k tokens; the header is then kept on disk
+                    seen.add(buffer[pos - length : pos])  # an mmap slice is bytes: hashable
+            if unique and len(seen) < n:
+                raise self.fail(f"{what} lists {n - len(seen)} token(s) twice (llama.cpp would abort on it)")
+            if unique:
+                self.vocab = seen
         except struct.error:
             self.pos = self.size
             raise self.fail(f"the file ends inside the {what}") from None
@@ -215,9 +223,16 @@ class _Reader:
             item_type = int(self.scalar("<I", f"array type of {key}"))
             length = self.count(f"array length of {key}")
             if item_type == _STRING:
-                if length <= SMALL_ARRAY:
+                # A vocabulary that names a token twice makes llama.cpp abort the whole process
+                # (GGML_ASSERT in llama_vocab::load), so its tokens are checked, not just skipped.
+                unique = key == "tokenizer.ggml.tokens"
+                if length <= SMALL_ARRAY and not unique:
                     return [self.string(f"array {key}") for _ in range(length)]
-                self.skip_strings(length, f"array {key}")
+                start = self.pos
+                self.skip_strings(length, f"array {key}", unique=unique)
+                if length <= SMALL_ARRAY:
+                    self.pos = start
+                    return [self.string(f"array {key}") for _ in range(length)]
                 return ArrayInfo(item_type, length)
             if item_type not in _SCALARS:
                 raise self.fail(f"unknown array element type {item_type} in {key}")
@@ -231,6 +246,33 @@ class _Reader:
             self.pos += width * length
             return ArrayInfo(item_type, length)
         raise self.fail(f"unknown metadata value type {value_type} for {key}")
+
+
+# Byte-fallback tokenizers (SentencePiece, Unigram) turn any character missing from the
+# vocabulary into byte tokens, looked up with std::map::at: a missing byte token is an uncaught
+# C++ exception, which ends the process at the first such character.
+_BYTE_FALLBACK_TOKENIZERS = ("llama", "t5")
+
+
+def _check_what_llama_cpp_trusts(reader: _Reader, metadata: dict[str, Any], n_tensors: int) -> None:
+    """Metadata llama.cpp acts on without checking, found by fuzzing: each case below made it
+    abort or spin instead of failing a load (tests/test_gguf_fuzz.py)."""
+    arch = metadata["general.architecture"]
+    layers = metadata.get(f"{arch}.block_count")
+    # Every layer has tensors of its own; a count beyond the tensors made llama.cpp loop for ever.
+    if layers is not None and (not isinstance(layers, int) or not 0 <= layers <= n_tensors):
+        raise reader.fail(f"{arch}.block_count {layers!r} does not match its {n_tensors} tensors")
+    if metadata.get("tokenizer.ggml.model") in _BYTE_FALLBACK_TOKENIZERS and reader.vocab:
+        missing = [
+            byte
+            for byte in range(256)
+            if f"<0x{byte:02X}>".encode() not in reader.vocab and bytes([byte]) not in reader.vocab
+        ]
+        if missing:
+            raise reader.fail(
+                f"its vocabulary lacks the byte token <0x{missing[0]:02X}> ({len(missing)} of 256 missing), "
+                "so llama.cpp would crash on text it cannot spell"
+            )
 
 
 def _type_sizes() -> dict[int, tuple[int, int]]:
@@ -272,6 +314,7 @@ def _parse(path: Path, buffer: Any, size: int, mtime_ns: int) -> GGUFInfo:
         )
     if n_tensors == 0:
         raise InvalidModelFileError(f"{path} contains no tensors: it is not a usable model file.")
+    _check_what_llama_cpp_trusts(reader, metadata, n_tensors)
 
     sizes = _type_sizes()
     raw_tensors = []

@@ -116,21 +116,25 @@ class BatchSession:
             return False
 
     def _drive(self) -> None:
+        # Whatever goes wrong, every queued item gets an nbllm error and the model is checked in:
+        # an exception that escaped this thread left its callers waiting forever (a chat template
+        # that did not compile hung generate_many and every server request for the model).
         registry = self._engine.registry
         owner = _SessionOwner()
         try:
             resident = registry.checkout(self.model, owner)
-        except NbllmError as error:
-            self._fail_queued(error)
+        except Exception as error:
+            self._fail_queued(as_nbllm_error(error, f"Loading {self.model or 'the default model'}"))
             return
         self.resident_name = resident.name
         try:
             resident.model.run_batch(
                 self._feed, self.stop, self.progress, self._idle, parallel=self.parallel, seq_context=self.seq_context
             )
-        except NbllmError as error:
-            log.warning("A batch on %s failed: %s", resident.name, error)
-            self._fail_queued(error)
+        except Exception as error:
+            failure = as_nbllm_error(error, f"A batch on {resident.name}")
+            log.warning("A batch on %s failed: %s", resident.name, failure)
+            self._fail_queued(failure)
         finally:
             with self._lock:
                 self._open = False
@@ -224,6 +228,15 @@ class BatchScheduler:
                 stream.cancel.set()  # the loop drops it within a step
 
 
+def as_nbllm_error(error: Exception, doing: str) -> NbllmError:
+    """``error`` if it is an nbllm error, else a ``GenerationError`` naming it (the cause kept)."""
+    if isinstance(error, NbllmError):
+        return error
+    failure = GenerationError(f"{doing} failed: {type(error).__name__}: {error}.")
+    failure.__cause__ = error
+    return failure
+
+
 def _batch_prompt(request: Request) -> FormattedPrompt | list[dict[str, str]]:
     # A chat stays messages: the loop has the model format it (its template or the transcript).
     return FormattedPrompt(request.prompt) if request.prompt is not None else [dict(m) for m in request.messages or ()]
@@ -264,9 +277,11 @@ def run_many(
         if on_result is not None:
             on_result(result)
 
-    for answer, ticket in zip(answers, tickets, strict=True):
+    for index, (answer, ticket) in enumerate(zip(answers, tickets, strict=True)):
         if ticket.cached is not None:
-            for _ in pipeline.replay(engine, ticket, answer):
+            # Timed from here, not from before every prompt was looked up (as at submission below).
+            tickets[index] = ticket = dataclasses.replace(ticket, started=time.perf_counter())
+            for _ in pipeline.replay(engine, ticket, answer, quiet=True):
                 pass
             assert answer.stats is not None
             deliver(ManyResult(answer.index, "".join(answer.pieces), answer.stats))

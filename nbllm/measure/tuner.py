@@ -106,11 +106,6 @@ def save_result(result: TuneResult) -> None:
     tuned_settings.save(result.machine, result.model_sha256, {**entry, "tuned_at": time.time()})
 
 
-# The store lives in host/tuned_settings.py; these names stay here for the tuner's callers.
-saved_settings = tuned_settings.saved_settings
-iter_saved = tuned_settings.iter_saved
-
-
 # ---------------------------------------------------------------------------- the sweep
 
 

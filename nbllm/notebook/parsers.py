@@ -15,7 +15,7 @@ import argparse
 import keyword
 import shlex
 from argparse import Namespace
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from IPython.core.error import UsageError
@@ -178,27 +178,12 @@ def generation_params(args: Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------- %llm SUBCOMMAND arguments
 
 
-def parse_terminal_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Namespace:
-    """``argv`` parsed by a parser that ``nbllm.cli`` built (``build_parser()``), its subcommands'
-    included, each acting as a ``TerminalParser`` meanwhile: a mistake is a one-line UsageError."""
-    tree = list(_parser_tree(parser))
-    classes = [each.__class__ for each in tree]
-    for each in tree:
-        each.__class__ = TerminalParser
-    try:
-        return parser.parse_args(list(argv))
-    finally:
-        for each, cls in zip(tree, classes, strict=True):
-            each.__class__ = cls
+def parse_terminal_args(argv: Sequence[str]) -> Namespace:
+    """``argv`` parsed by the ``nbllm`` command's own parser (``nbllm.cli``), built of
+    ``TerminalParser``s: the terminal's wording, but a mistake is a one-line UsageError."""
+    from nbllm.cli.main import build_parser
 
-
-def _parser_tree(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
-    """``parser`` and every subcommand's parser below it, each once (aliases share one)."""
-    yield parser
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for subparser in {id(each): each for each in action.choices.values()}.values():
-                yield from _parser_tree(subparser)
+    return build_parser(TerminalParser).parse_args(list(argv))
 
 
 def words(rest: str) -> list[str]:

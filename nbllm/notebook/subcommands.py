@@ -51,9 +51,9 @@ def _models(magics: NbllmMagics, rest: str) -> Any:
 
 def _bench(magics: NbllmMagics, rest: str) -> Any:
     """The terminal's ``nbllm bench`` options; results as a table, plus a figure when several."""
-    from nbllm.cli.main import bench_with_args, build_parser, check_bench_args
+    from nbllm.cli.main import bench_with_args, check_bench_args
 
-    args = parse_terminal_args(build_parser(), ["bench", *words(rest)])
+    args = parse_terminal_args(["bench", *words(rest)])
     if args.compare:
         from nbllm.measure.bench import compare, load_results
 

@@ -20,10 +20,10 @@ from nbllm.server.errors import add_error_handlers
 from nbllm.server.options import ServerOptions, missing_server_extra, server_options
 from nbllm.server.routes import add_monitoring_routes, add_openai_routes
 from nbllm.server.scheduler import Scheduler
-from nbllm.server.security import BodyLimit, access_guard
+from nbllm.server.security import AccessGuard, BodyLimit
 
 try:
-    from fastapi import Depends, FastAPI
+    from fastapi import FastAPI
 except ImportError as missing:  # the server's libraries are an optional extra
     raise missing_server_extra(missing) from missing
 
@@ -40,14 +40,20 @@ def create_app(options: ServerOptions | None = None, *, scheduler: Scheduler | N
         yield
         scheduler.shutdown()
 
+    keyed = options.api_key is not None
     app = FastAPI(
         title="nbllm",
         version=__version__,
         summary="OpenAI-compatible API on the local GGUF models of nbllm's engine.",
         lifespan=lifespan,
-        dependencies=[Depends(access_guard(options))],
+        # With a key, the browser pages are off: the page fetches /openapi.json without the key
+        # (a browser cannot add it), so it could only show an error. /openapi.json itself stays,
+        # behind the key like everything else.
+        docs_url=None if keyed else "/docs",
+        redoc_url=None if keyed else "/redoc",
     )
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(AccessGuard, options=options)  # added last: runs first, before any body is read
     add_error_handlers(app)
     add_openai_routes(app, options, scheduler)
     add_monitoring_routes(app, options, scheduler)

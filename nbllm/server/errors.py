@@ -1,6 +1,7 @@
 """How failures reach a client: always as OpenAI's ``{"error": {...}}`` JSON, never as a web
 framework's own page. An ``ApiError`` becomes its response, Starlette's 404 and 405 name the
-endpoints this server has, and an unexpected exception is a 500 (with the traceback in the log).
+endpoints this server has, and an unexpected exception is a 500 that names only its type: its
+text may hold local paths or a prompt, and belongs in the server's log (with the traceback).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def error_response(error: ApiError) -> JSONResponse:
 def internal_error(error: BaseException) -> ApiError:
     return ApiError(
         500,
-        f"Internal server error ({type(error).__name__}: {error}). The server log has the details.",
+        f"Internal server error ({type(error).__name__}). The server log has the details.",
         type="server_error",
     )
 
@@ -41,8 +42,9 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: Exception) -> Response:
         assert isinstance(error, StarletteHTTPException)
         if error.status_code in (404, 405):
+            path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
             message = (
-                f"Invalid URL ({request.method} {request.url.path}). This server answers POST /v1/chat/completions, "
+                f"Invalid URL ({request.method} {path}). This server answers POST /v1/chat/completions, "
                 "POST /v1/completions, GET /v1/models, GET /health, GET /admin/stats and POST /admin/clear-cache."
             )
         else:

@@ -92,6 +92,9 @@ _UNSUPPORTED_COMPLETION: dict[str, Callable[[Any], bool]] = {
     "suffix": _absent,
 }
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+# Longer than any real model name (a Hugging Face "org/repo:quant" is well under 100 characters)
+# and short enough that a name is never more than a line in an error message or a log.
+MAX_MODEL_NAME_CHARS = 256
 
 
 class ApiError(Exception):
@@ -156,6 +159,8 @@ def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_t
     model = body.get("model")
     if model is not None and (not isinstance(model, str) or not model.strip()):
         raise _bad("model must be the name of a model; GET /v1/models lists them.", "model")
+    if model is not None:
+        check_model_name(model)
     stream = body.get("stream") or False
     if not isinstance(stream, bool):
         raise _bad(f"stream = {stream!r}: must be true or false.", "stream")
@@ -165,6 +170,19 @@ def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_t
     if kind == "chat":
         return ParsedRequest(kind, model, params, stream, include_usage, messages=_messages(body.get("messages")))
     return ParsedRequest(kind, model, params, stream, include_usage, prompt=_prompt(body.get("prompt")))
+
+
+def check_model_name(name: str) -> None:
+    """A 400 for a name no model can have. Checked before the name goes anywhere near the
+    registry: a 100,000-character name once reached the file system (a 500 that printed the
+    models folder)."""
+    if len(name) > MAX_MODEL_NAME_CHARS:
+        raise _bad(
+            f"model is {len(name):,} characters long; model names have at most {MAX_MODEL_NAME_CHARS}. "
+            "GET /v1/models lists the names this server has.",
+            "model",
+            "model_name_too_long",
+        )
 
 
 def _unsupported_message(name: str, value: Any) -> str:
@@ -256,15 +274,35 @@ def _prompt(value: Any) -> str:
 
 
 _PARAM = re.compile(r"^([a-z_]+)\b")
+# A local path in a message: absolute, home-relative or Windows-style, starting where a path can
+# start (not inside a URL such as http://host:8080/v1, nor a word such as t/s), up to a blank or
+# a quote. Kept: its last part, the file's name.
+_LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/[^\s'\"`<>|]+|(?<![\w])[A-Za-z]:\\[^\s'\"`<>|]+")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every local path cut to its file name (``.../tiny.gguf``): an answer to a
+    client must not tell it where the server keeps its models, config or home folder. The
+    server's own log keeps the whole message."""
+
+    def name_only(match: re.Match[str]) -> str:
+        path = match.group(0)
+        tail = path[len(path.rstrip(".,;:)")) :]  # the sentence's punctuation, not the path's
+        path = path[: len(path) - len(tail)]
+        name = re.split(r"[/\\]", path.rstrip("/\\"))[-1]
+        return f".../{name}{tail}" if name not in ("", "~", ".", "..") else f"...{tail}"
+
+    return _LOCAL_PATH.sub(name_only, text)
 
 
 def api_error(error: NbllmError, *, input_param: str | None = None) -> ApiError:
     """An engine error as the HTTP status and OpenAI error a client should see.
 
     What the client can fix is a 4xx (wrong model, parameter, prompt too long); what only the
-    server's owner can fix (a broken model file, no memory) is a 5xx, still with nbllm's message.
+    server's owner can fix (a broken model file, no memory) is a 5xx, still with nbllm's message
+    (its local paths cut to file names: ``redact_paths``).
     """
-    message = str(error)
+    message = redact_paths(str(error))
     if isinstance(error, ModelNotFoundError):
         return ApiError(404, message, param="model", code="model_not_found")
     if isinstance(error, ContextLengthError):

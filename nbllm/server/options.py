@@ -20,6 +20,7 @@ from nbllm.server.addresses import is_loopback
 DEFAULT_MAX_TOKENS_LIMIT = 4096  # per answer; the config's default_max_tokens (2048) fits under it
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a long prompt is a few hundred KiB
 DEFAULT_MAX_WAITING = 64  # queued requests beyond this get a 503 at once instead of a long wait
+MAX_REQUEST_TIMEOUT = 86400.0  # a day: the config's own bound
 API_KEY_ENV = "NBLLM_API_KEY"  # keeps the key out of the command line (visible to `ps`)
 
 
@@ -34,6 +35,9 @@ class ServerOptions:
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_waiting: int = DEFAULT_MAX_WAITING
+    # Seconds one request may take in all: waiting for its model, reading its prompt, answering.
+    # Then it is stopped (504, or an error event in a stream that has begun). None: no limit.
+    request_timeout: float | None = 600.0
     # Requests for one model decode together (``Engine.stream(batched=True)``, up to
     # performance.parallel of them) instead of one after the other.
     batched: bool = True
@@ -50,8 +54,10 @@ def server_options(
     max_body_bytes: int | None = None,
     max_waiting: int | None = None,
     batched: bool = True,
+    request_timeout: float | None = None,
 ) -> ServerOptions:
     """Arguments over the config's ``server`` section; the API key also from ``$NBLLM_API_KEY``.
+    ``request_timeout``: None takes the config's ``server.request_timeout``, 0 means no limit.
 
     Raises ``ConfigError`` for values that cannot work, and for a non-loopback address without
     an API key: anyone who can reach the machine could otherwise use (and stop) its models.
@@ -66,6 +72,7 @@ def server_options(
         max_tokens_limit=DEFAULT_MAX_TOKENS_LIMIT if max_tokens_limit is None else max_tokens_limit,
         max_body_bytes=DEFAULT_MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes,
         max_waiting=DEFAULT_MAX_WAITING if max_waiting is None else max_waiting,
+        request_timeout=section.request_timeout if request_timeout is None else (request_timeout or None),
         batched=batched,
     )
     _check_options(options)
@@ -79,6 +86,12 @@ def _check_options(options: ServerOptions) -> None:
         value = getattr(options, name)
         if not low <= value <= high:
             raise ConfigError(f"{name} = {value}: must be from {low} to {high}.")
+    timeout = options.request_timeout
+    if timeout is not None and not (0 < timeout <= MAX_REQUEST_TIMEOUT):  # NaN fails this too
+        raise ConfigError(
+            f"request_timeout = {timeout:g}: must be seconds above 0 and at most {MAX_REQUEST_TIMEOUT:g} "
+            "(0 on the command line: no limit)."
+        )
     if options.max_body_bytes < 1024:
         raise ConfigError(f"max_body_bytes = {options.max_body_bytes}: must be at least 1024.")
     if options.api_key is not None and not options.api_key.strip():
@@ -118,6 +131,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens-limit", type=int, help="largest max_tokens a request may ask for (default: 4096)")
     parser.add_argument("--max-body-bytes", type=int, help="largest request body accepted (default: 1 MiB)")
     parser.add_argument(
+        "--request-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="longest a request may take in all (waiting, reading the prompt, answering); then it is stopped "
+        "with a 504 (default: server.request_timeout, 600; 0 = no limit)",
+    )
+    parser.add_argument(
         "--no-batching",
         dest="batched",
         action="store_false",
@@ -138,4 +158,6 @@ def serve_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "max_body_bytes": args.max_body_bytes,
         "batched": args.batched,
         "log_requests": not args.quiet,
+        # Only when given: None takes the config's value either way.
+        **({"request_timeout": args.request_timeout} if args.request_timeout is not None else {}),
     }

@@ -6,7 +6,7 @@ events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models
 ``POST /admin/clear-cache``. Requests name their model; it comes from the same registry, prompt
 cache and stats as the notebook's ``%%llm``, because it is the same engine.
 
-A front end (DESIGN.md): it parses (``openai_format``), calls the one generation path
+A front end: it parses (``openai_format``), calls the one generation path
 (``Engine.stream``, run by the ``scheduler``) and shows the result.
 """
 
@@ -21,13 +21,23 @@ from typing import Any
 import nbllm
 from nbllm._version import __version__
 from nbllm.backends.base import ModelSpec
-from nbllm.core.errors import NbllmError
+from nbllm.core.errors import NbllmError, did_you_mean
 from nbllm.engine import Engine, Stream
 from nbllm.server import openai_format
 from nbllm.server.errors import internal_error
 from nbllm.server.openai_format import ApiError, Kind, ParsedRequest, Reply
 from nbllm.server.options import ServerOptions, missing_server_extra
-from nbllm.server.scheduler import ClientWatch, Event, Failed, Finished, Generation, Scheduler
+from nbllm.server.scheduler import (
+    ClientWatch,
+    Deadline,
+    Event,
+    Failed,
+    Finished,
+    Generation,
+    Scheduler,
+    TimedOut,
+    before,
+)
 from nbllm.server.security import admin_guard
 
 try:
@@ -58,6 +68,7 @@ def add_openai_routes(app: FastAPI, options: ServerOptions, scheduler: Scheduler
 
     @app.get("/v1/models/{model_id}")
     def get_model(model_id: str) -> dict[str, Any]:
+        openai_format.check_model_name(model_id)
         engine = nbllm.get_engine()
         spec = _resolve_model(engine, model_id)
         resident = any(r.spec.key == spec.key for r in engine.registry.resident())
@@ -105,39 +116,58 @@ def _model_card(name: str, path: str, resident: bool) -> dict[str, Any]:
 
 
 async def _answer(request: Request, kind: Kind, options: ServerOptions, scheduler: Scheduler) -> Response:
+    # One deadline for the whole request, from its arrival: reading the body, waiting for the
+    # model, reading the prompt, generating (server.request_timeout).
+    deadline = Deadline.after(options.request_timeout)
     engine = nbllm.get_engine()
     parsed = openai_format.parse_request(
         kind,
-        await _json_body(request),
+        await _json_body(request, deadline),
         max_tokens_limit=options.max_tokens_limit,
         default_max_tokens=engine.settings.generation.default_max_tokens,
     )
     spec = _resolve_model(engine, parsed.model)
     stream = _open_stream(engine, parsed, batched=options.batched)
     reply = Reply(kind, spec.name, include_usage=parsed.include_usage)
-    async with ClientWatch(request.receive) as client:
-        generation = await scheduler.start(spec.key, stream, client)
+    async with ClientWatch(request.receive, deadline) as client:
+        try:
+            generation = await scheduler.start(spec.key, stream, client)
+        except TimedOut:  # it waited for the model all this time: nothing was started
+            raise _timed_out(options) from None
         if generation is None:
             return _client_gone()
         # The first event decides the status code: a prompt too long for the context (or any
         # failure before the first token) must be a 4xx, not an error inside a 200 stream.
-        first = await client.first_of(generation.next_event())
+        # Until then the generation may be reading a long prompt: a client that leaves, or the
+        # deadline, stops that too (llama.cpp's abort callback, within a graph node).
+        try:
+            first = await client.first_of(generation.next_event())
+        except TimedOut:
+            generation.stop()
+            raise _timed_out(options) from None
         if first is None:
             generation.stop()
             return _client_gone()
         if isinstance(first, Failed):
             raise _failure(first.error, parsed)
         if not parsed.stream:
-            return await _whole_answer(reply, generation, first, client, parsed)
+            return await _whole_answer(reply, generation, first, client, parsed, options)
     return StreamingResponse(
-        _sse(reply, generation, first, parsed),
+        _sse(reply, generation, first, parsed, deadline, options),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 
-async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+async def _json_body(request: Request, deadline: Deadline) -> Any:
+    try:
+        raw = await before(deadline, request.body())
+    except TimedOut:
+        raise ApiError(
+            408,
+            "The request body did not arrive in time (server.request_timeout). Send it again.",
+            code="request_timeout",
+        ) from None
     if not raw.strip():
         raise ApiError(400, 'The request body is empty: send a JSON object such as {"model": ..., "messages": [...]}.')
     try:
@@ -150,27 +180,36 @@ async def _json_body(request: Request) -> Any:
 
 
 def _resolve_model(engine: Engine, name: str | None) -> ModelSpec:
-    """The model a request names, by name only: a client must not open files by their path."""
-    if name is not None and name not in engine.settings.models and _looks_like_path(name):
-        raise _path_refused(name)
+    """The model a request names, by name only: a client must not open files by their path.
+
+    A name is served if ``GET /v1/models`` lists it (configured, remote, in the models folder,
+    resident); every other name gets the same 404, whatever is on disk under that name:
+    ``config.yaml``, ``..`` or ``/etc/passwd`` must not answer differently from a name that
+    exists nowhere (that would tell a client which files exist). Only the listed names reach the
+    registry, so a client's text never becomes a path that is looked up."""
+    if name is None:  # the default model: the config's choice, not the client's
+        try:
+            return engine.registry.resolve(None)
+        except NbllmError as error:
+            raise openai_format.api_error(error) from None
+    known = engine.registry.known_names()
+    if name.strip() not in known:
+        raise _unknown_model(name, known)
     try:
         spec = engine.registry.resolve(name)
     except NbllmError as error:
         raise openai_format.api_error(error) from None
-    if spec.source == "path" and name not in {r.name for r in engine.registry.resident()}:
-        raise _path_refused(name or "")
+    if spec.source == "path":  # a models-folder file removed since the listing: resolve fell back to the disk
+        raise _unknown_model(name, known)
     return spec
 
 
-def _looks_like_path(name: str) -> bool:
-    return "/" in name or os.sep in name or "$" in name or name.startswith("~") or name.endswith(".gguf")
-
-
-def _path_refused(name: str) -> ApiError:
+def _unknown_model(name: str, known: list[str]) -> ApiError:
     return ApiError(
         404,
-        f"Model {name!r}: this server serves models by name, not by file path. Name the file in the config's "
-        "models section or put it in the models folder, then ask for that name (GET /v1/models lists them).",
+        f"Unknown model {name!r}.{did_you_mean(name, known)} This server serves models by name, not by file path: "
+        "GET /v1/models lists them. To serve another model, name its file in the config's models section or put it "
+        "in the models folder.",
         param="model",
         code="model_not_found",
     )
@@ -188,7 +227,10 @@ def _open_stream(engine: Engine, parsed: ParsedRequest, *, batched: bool) -> Str
 
 def _failure(error: Exception, parsed: ParsedRequest) -> ApiError:
     if isinstance(error, NbllmError):
-        return openai_format.api_error(error, input_param=parsed.input_param)
+        answer = openai_format.api_error(error, input_param=parsed.input_param)
+        if answer.status >= 500:  # the owner's to fix: the whole message (paths too) in the log
+            log.warning("Request failed: %s", error)
+        return answer
     log.error("Generation failed", exc_info=error)
     return internal_error(error)
 
@@ -202,18 +244,42 @@ def _cut_short() -> ApiError:
     )
 
 
+def _timed_out(options: ServerOptions) -> ApiError:
+    """The answer to a request that ran out of time: a 504, as a gateway whose upstream (here, the
+    model) did not answer in time. 408 would blame the client's sending, which was done. Not
+    worth retrying as it is: ``x-should-retry: false`` tells the OpenAI clients so."""
+    return ApiError(
+        504,
+        f"The request took longer than this server allows ({options.request_timeout:g} s, server.request_timeout) "
+        "and was stopped. Ask for fewer tokens (max_tokens) or send a shorter prompt; the server's owner can raise "
+        "--request-timeout.",
+        type="server_error",
+        code="request_timeout",
+        headers={"x-should-retry": "false"},
+    )
+
+
 def _client_gone() -> Response:
     return Response(status_code=499)  # nginx's "client closed request": nobody reads it
 
 
 async def _whole_answer(
-    reply: Reply, generation: Generation, first: Event, client: ClientWatch, parsed: ParsedRequest
+    reply: Reply,
+    generation: Generation,
+    first: Event,
+    client: ClientWatch,
+    parsed: ParsedRequest,
+    options: ServerOptions,
 ) -> Response:
     pieces: list[str] = []
     event: Event | None = first
     while isinstance(event, str):
         pieces.append(event)
-        event = await client.first_of(generation.next_event())
+        try:
+            event = await client.first_of(generation.next_event())
+        except TimedOut:
+            generation.stop()
+            raise _timed_out(options) from None
         if event is None:
             generation.stop()
             return _client_gone()
@@ -229,9 +295,17 @@ def _sse_data(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _sse(reply: Reply, generation: Generation, first: Event, parsed: ParsedRequest) -> AsyncIterator[str]:
+async def _sse(
+    reply: Reply,
+    generation: Generation,
+    first: Event,
+    parsed: ParsedRequest,
+    deadline: Deadline,
+    options: ServerOptions,
+) -> AsyncIterator[str]:
     """OpenAI's server-sent events. On a disconnect Starlette cancels this generator; ``finally``
-    then stops the generation, so the model is free again within a token."""
+    then stops the generation, so the model is free again within a token. Past the deadline the
+    stream ends with a ``request_timeout`` error event (the status line has been sent)."""
     try:
         opening = reply.opening()
         if opening is not None:
@@ -239,7 +313,12 @@ async def _sse(reply: Reply, generation: Generation, first: Event, parsed: Parse
         event = first
         while isinstance(event, str):
             yield _sse_data(reply.piece(event))
-            event = await generation.next_event()
+            try:
+                event = await before(deadline, generation.next_event())
+            except TimedOut:
+                yield _sse_data(_timed_out(options).body())  # the OpenAI client raises on it
+                yield "data: [DONE]\n\n"
+                return
         if isinstance(event, Failed):
             yield _sse_data(_failure(event.error, parsed).body())  # the OpenAI client raises on it
         elif event.stats.finish_reason == "cancelled":

@@ -182,6 +182,7 @@ def serve_in_background(
     max_body_bytes: int | None = None,
     max_waiting: int | None = None,
     batched: bool = True,
+    request_timeout: float | None = None,
     log_requests: bool = False,
 ) -> ServerHandle:
     """Serve from this process in a background thread and return at once (``nbllm.serve()``).
@@ -198,6 +199,7 @@ def serve_in_background(
         max_body_bytes=max_body_bytes,
         max_waiting=max_waiting,
         batched=batched,
+        request_timeout=request_timeout,
     )
     return ServerHandle(options, log_requests=log_requests).start()
 
@@ -217,6 +219,7 @@ def run_server(
     max_tokens_limit: int | None = None,
     max_body_bytes: int | None = None,
     batched: bool = True,
+    request_timeout: float | None = None,
     log_requests: bool = True,
 ) -> int:
     """Serve in the foreground until Ctrl-C or SIGTERM (``nbllm serve``); returns the exit code."""
@@ -228,6 +231,7 @@ def run_server(
         max_tokens_limit=max_tokens_limit,
         max_body_bytes=max_body_bytes,
         batched=batched,
+        request_timeout=request_timeout,
     )
     scheduler = make_scheduler(options)
     app = create_app(options, scheduler=scheduler)
@@ -237,9 +241,10 @@ def run_server(
     if log_requests and nbllm_log.getEffectiveLevel() > logging.INFO:
         nbllm_log.setLevel(logging.INFO)  # a server console is where the guide's log lines belong
     access = "API key required" if options.api_key else "no API key: this machine only"
+    limit = f"requests stop after {options.request_timeout:g} s" if options.request_timeout else "no time limit"
     print(
         f"nbllm: serving at {url} (OpenAI base URL {url}/v1; default model {nbllm.settings().default_model}; "
-        f"{options.workers} worker(s){', batched' if options.batched else ''}; {access}). Ctrl-C stops.",
+        f"{options.workers} worker(s){', batched' if options.batched else ''}; {limit}; {access}). Ctrl-C stops.",
         file=sys.stderr,
         flush=True,
     )

@@ -1,5 +1,5 @@
-"""Who runs when, for the server: a queue per model, a bounded set of worker threads, and a
-watch on clients that hang up.
+"""Who runs when, for the server: a queue per model, a bounded set of worker threads, a watch on
+clients that hang up, and each request's deadline (``server.request_timeout``).
 
 No web framework here: the server (``nbllm.server.routes``) hands over the ASGI ``receive`` callable
 and gets ``Generation`` objects back, whose events it turns into HTTP responses.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +36,33 @@ class Failed:
 
 
 Event: TypeAlias = "str | Finished | Failed"
+
+
+class TimedOut(Exception):
+    """A request's deadline passed while it waited (for a model, a worker, a token, its body)."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be over (``time.monotonic()`` seconds); ``at`` None: never."""
+
+    at: float | None = None
+
+    @classmethod
+    def after(cls, seconds: float | None) -> Deadline:
+        return cls(None if seconds is None else time.monotonic() + seconds)
+
+    def remaining(self) -> float | None:
+        """Seconds left (0 once passed), or None without a deadline."""
+        return None if self.at is None else max(self.at - time.monotonic(), 0.0)
+
+
+async def before(deadline: Deadline, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or ``TimedOut`` (and ``awaitable`` cancelled) once ``deadline`` passes."""
+    try:
+        return await asyncio.wait_for(awaitable, deadline.remaining())
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        raise TimedOut from None
 
 
 class Generation:
@@ -91,11 +119,14 @@ class Generation:
 
 class ClientWatch:
     """Notices a client that hangs up before its response starts: while its request waits for a
-    model or a worker, or while a whole (non-streamed) answer is generated. Once a stream has
-    started, Starlette's StreamingResponse watches the connection and cancels the stream."""
+    model or a worker, while the model reads its prompt, or while a whole (non-streamed) answer
+    is generated. Once a stream has started, Starlette's StreamingResponse watches the connection
+    and cancels the stream. Also keeps the request's ``deadline``: ``first_of`` raises
+    ``TimedOut`` once it has passed."""
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, deadline: Deadline | None = None) -> None:
         self._receive = receive
+        self.deadline = deadline if deadline is not None else Deadline()
         self.gone = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -116,16 +147,21 @@ class ClientWatch:
         self.gone.set()
 
     async def first_of(self, awaitable: Awaitable[T]) -> T | None:
-        """``awaitable``'s result, or None if the client left first (``awaitable`` is cancelled)."""
+        """``awaitable``'s result, or None if the client left first, or ``TimedOut`` if the
+        deadline passed first (either way ``awaitable`` is cancelled)."""
         work = asyncio.ensure_future(awaitable)
         gone = asyncio.ensure_future(self.gone.wait())
         try:
-            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({work, gone}, timeout=self.deadline.remaining(), return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
             if not work.done():
                 work.cancel()  # asyncio's locks give back what a cancelled acquire was granted
-        return work.result() if work.done() and not work.cancelled() else None
+        if work.done() and not work.cancelled():
+            return work.result()
+        if self.gone.is_set():
+            return None
+        raise TimedOut
 
 
 class Scheduler:

@@ -3,7 +3,10 @@
 Safe by default:
 - it listens on 127.0.0.1; any other address needs an API key (``options``: it refuses to start
   without one);
-- with a key, every endpoint wants ``Authorization: Bearer KEY`` (401 otherwise);
+- with a key, every request wants ``Authorization: Bearer KEY`` (401 otherwise), whatever its
+  path: the endpoints, ``/openapi.json``, and URLs that do not exist (``AccessGuard``, which
+  wraps the whole app, so that no route can be added without it). The browser pages ``/docs``
+  and ``/redoc`` are off then: a browser cannot send the key with the schema request they make;
 - without one, admin endpoints answer loopback clients only, and requests that a web page could
   send (a foreign ``Origin``, or a ``Host`` that is not a loopback name: DNS rebinding) get a 403;
 - request bodies are bounded (1 MiB: 413, ``BodyLimit``), answers too (``max_tokens`` above the
@@ -26,19 +29,20 @@ from nbllm.server.options import ServerOptions, missing_server_extra
 
 try:
     from fastapi import Request
+    from starlette.requests import HTTPConnection
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 except ImportError as missing:  # the server's libraries are an optional extra
     raise missing_server_extra(missing) from missing
 
 
-def _presented_key(request: Request) -> str | None:
+def _presented_key(request: HTTPConnection) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
 
 
-def _check_key(request: Request, key: str) -> None:
+def _check_key(request: HTTPConnection, key: str) -> None:
     presented = _presented_key(request)
     if presented is None:
         raise ApiError(
@@ -56,7 +60,7 @@ def _check_key(request: Request, key: str) -> None:
         )
 
 
-def _check_local_caller(request: Request, options: ServerOptions) -> None:
+def _check_local_caller(request: HTTPConnection, options: ServerOptions) -> None:
     """Without a key the server is for this machine's programs; web pages must not reach it.
 
     A browser sends an ``Origin`` header with requests a page makes to another site, and a page
@@ -82,16 +86,31 @@ def _check_local_caller(request: Request, options: ServerOptions) -> None:
         )
 
 
-def access_guard(options: ServerOptions) -> Callable[[Request], None]:
-    """The check every request passes: the API key if there is one, else a local caller."""
+class AccessGuard:
+    """The check every HTTP request passes before anything else runs: the API key if there is
+    one, else a local caller. ASGI middleware rather than a FastAPI dependency: dependencies
+    apply only to the routes declared with them, and FastAPI's own ``/docs`` and ``/openapi.json``
+    (or an unknown URL's 404) were answered without the key."""
 
-    def guard(request: Request) -> None:
-        if options.api_key is not None:
-            _check_key(request, options.api_key)
-        else:
-            _check_local_caller(request, options)
+    def __init__(self, app: ASGIApp, options: ServerOptions) -> None:
+        self.app = app
+        self.options = options
 
-    return guard
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):  # not "lifespan": the server's own start and stop
+            caller = HTTPConnection(scope)
+            try:
+                if self.options.api_key is not None:
+                    _check_key(caller, self.options.api_key)
+                else:
+                    _check_local_caller(caller, self.options)
+            except ApiError as refused:
+                if scope["type"] == "websocket":  # none today; refused before any could accept
+                    await send({"type": "websocket.close", "code": 1008})
+                else:
+                    await _send_error(scope, receive, send, refused)
+                return
+        await self.app(scope, receive, send)
 
 
 def admin_guard(options: ServerOptions) -> Callable[[Request], None]:
