@@ -28,12 +28,15 @@ from nbllm.core.errors import (
     ContextLengthError,
     DownloadError,
     GenerationError,
+    IncompleteAnswerError,
     InsufficientMemoryError,
     InvalidModelFileError,
     ModelLoadError,
     ModelNotFoundError,
     NbllmError,
     ParameterError,
+    SchemaError,
+    StructuredOutputError,
 )
 from nbllm.core.table import Table
 from nbllm.core.units import format_age, format_bytes
@@ -60,6 +63,7 @@ __all__ = [
     "ContextLengthError",
     "DownloadError",
     "GenerationError",
+    "IncompleteAnswerError",
     "InsufficientMemoryError",
     "InvalidModelFileError",
     "ModelLoadError",
@@ -67,7 +71,9 @@ __all__ = [
     "ModelsPanel",
     "NbllmError",
     "ParameterError",
+    "SchemaError",
     "Settings",
+    "StructuredOutputError",
     "bench",
     "catalog",
     "chat",
@@ -183,6 +189,11 @@ def chat(
 
     Uses the model's own chat template when its file has one, else a plain
     ``User:/Assistant:`` transcript (what base models such as the default continue sensibly).
+
+    Structured output: ``schema=`` (a pydantic model class, a JSON Schema dict, a type such as
+    ``list[str]``, or ``"json"`` for any JSON object) or ``choices=["yes", "no"]`` constrains
+    decoding with a grammar, so the answer always parses; ``result.data`` holds it as data.
+    The same works for ``generate``, ``generate_many`` and ``chat_many``.
     """
     result: Completion | Stream = get_engine().chat(messages, model=model, stream=stream, cache=cache, **params)
     return result
@@ -202,7 +213,8 @@ def generate_many(
     one model (continuous batching), several times the throughput of one at a time on a CPU.
 
     Results come back in input order (``.text``, ``.stats``, or ``.error`` for a prompt that
-    could not run while the others completed). ``per_item`` gives each prompt its own
+    could not run while the others completed; with ``schema=`` also ``.data``, and an answer cut
+    off by ``max_tokens`` is that row's error). ``per_item`` gives each prompt its own
     parameters (e.g. seeds); ``on_result`` receives each result as soon as it is done. Prompt-
     cache hits never enter the batch. Ctrl-C raises ``BatchInterrupted`` holding what finished.
     """

@@ -68,3 +68,16 @@ def test_chat_text_is_trimmed_at_both_ends_and_utf8_is_joined_across_tokens() ->
     text = TextAssembler([], trim=True)
     shown = [text.feed(piece)[0] for piece in (b"  ", b"caf", b"\xc3", b"\xa9", b" ", b"ok", b"\n\n")]
     assert "".join(shown) + text.finish() == "café ok"
+
+
+def test_blank_space_before_a_stop_sequence_is_not_shown_in_a_trimmed_answer() -> None:
+    from nbllm.core.stop import TextAssembler
+
+    # Gemma, through the transcript format, ends an answer with "\n\n" then "Question:".
+    text = TextAssembler(["\nQuestion:"], trim=True)
+    shown = [text.feed(piece) for piece in (b"\n", b"Docker", b" runs", b".", b"\n\n", b"Question", b":")]
+    assert "".join(part for part, _ in shown) == "Docker runs."
+    assert shown[-1][1] is True
+    ended = TextAssembler(["\nQuestion:"], trim=True)
+    pieces = [ended.feed(piece)[0] for piece in (b"Yes", b" \n", b"\n")]
+    assert "".join(pieces) + ended.finish() == "Yes"

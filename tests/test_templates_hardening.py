@@ -472,7 +472,7 @@ def test_real_templates_render_exactly_as_llama_cpp_python_renders_them(name: st
         conversation = conversation[1:]
     theirs = Jinja2ChatFormatter(template=source, eos_token="</s>", bos_token="<s>")(messages=conversation)
     ours = ChatTemplate(source, name=f"{name}.gguf", bos_token="<s>", eos_token="</s>").format(conversation)
-    assert ours == FormattedPrompt(theirs.prompt, ("</s>",), special=True, add_bos=False)
+    assert ours == FormattedPrompt(theirs.prompt, ("</s>",), special=True, add_bos=False, trim_whitespace=True)
 
 
 # ---------------------------------------------------------------------------------- fuzzing

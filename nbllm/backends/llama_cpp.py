@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ import numpy as np
 from llama_cpp import _internals as internals
 
 from nbllm.backends.base import BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
+from nbllm.backends.compute_thread import ComputeThreads
 from nbllm.backends.llama_cpp_batch import BatchDecoder
+from nbllm.backends.llama_cpp_grammar import GrammarSampler, grammar_text
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.chat_template import ChatTemplate
@@ -303,14 +305,14 @@ class LlamaCppModel:
             llm.close()
             raise
         # Llama.generate builds its sampler through this method: ours puts top-k first.
-        llm._init_sampler = lambda **options: sampler_chain(llm._n_vocab, llm.last_n_tokens_size, llm._seed, **options)
+        llm._init_sampler = lambda **options: self._sampler(llm._seed, options)
         self._vocab = llm._model.vocab
         self._add_bos = bool(llm._model.add_bos_token())
         self._pieces: dict[int, bytes] = {}
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._longest_token: int | None = None  # bytes; see _refuse_what_cannot_fit
         self._prefixes = PrefixCache(settings.prefix_cache_bytes)
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"nbllm-{path.stem}")
+        self._worker = ComputeThreads(f"nbllm-{path.stem}")
         self._batcher: BatchDecoder | None = None
         self._abort_callback: Any = None  # see _set_abort
 
@@ -461,20 +463,16 @@ class LlamaCppModel:
             raise ContextLengthError("The prompt is empty after tokenization; give the model some text.")
         usage.prompt_tokens = len(tokens)
         _recent_problems.clear()
+        if params.constraint is not None:  # a schema the grammar cannot take fails here, before any decode
+            grammar_text(params.constraint)
         max_tokens = min(params.max_tokens, n_ctx - len(tokens))
         return self._on_worker(lambda: self._stream(tokens, params, seed, max_tokens, prompt, usage, cancel), cancel)
 
-    # ------------------------------------------------------------ the model's own thread
+    # ------------------------------------------------------------ the request's compute thread
 
     def _on_worker(self, make_steps: Callable[[], Iterator[str]], cancel: threading.Event) -> Iterator[str]:
-        """Run a stream on this model's worker thread and hand its pieces over through a queue.
-
-        Why a thread of its own: llama.cpp here is built with OpenMP, which keeps one team of
-        threads per calling thread. Once a model has decoded on two threads (the kernel's main
-        thread for ``%%llm``, a worker for the chat panel), every later decode runs 10-30 %
-        slower (measured on Gemma 3 270M and on tiny models). Decoding always on the same thread
-        keeps the speed; the hand-over costs microseconds per token.
-        """
+        """Run a stream on a compute thread of its own (compute_thread.py says why) and hand its
+        pieces over through a queue; the hand-over costs microseconds per token."""
         pieces: queue.SimpleQueue[object] = queue.SimpleQueue()
 
         def produce() -> None:
@@ -516,7 +514,7 @@ class LlamaCppModel:
         cancel: threading.Event,
     ) -> Iterator[str]:
         llm = self._llm
-        # Here, on the model's thread, no signal lands: a Ctrl-C between restoring a KV snapshot
+        # Here, on the compute thread, no signal lands: a Ctrl-C between restoring a KV snapshot
         # and updating llama-cpp-python's record of the KV content would leave them disagreeing.
         self._prepare_kv(tokens)
         usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
@@ -700,7 +698,7 @@ class LlamaCppModel:
         parallel: int,
         seq_context: int,
     ) -> None:
-        """Run the continuous-batching loop (llama_cpp_batch.py) on this model's thread until
+        """Run the continuous-batching loop (llama_cpp_batch.py) on a compute thread until
         ``idle()``; the extra context is built once per (parallel, seq_context) and kept."""
 
         def loop() -> None:
@@ -731,7 +729,19 @@ class LlamaCppModel:
     def _make_sampler(self, params: GenerationParams, seed: int) -> Any:
         # The very chain single streams use (see sampler_chain), so a batched answer is
         # sampled exactly as a one-at-a-time answer with the same seed would be.
-        return sampler_chain(self._llm._n_vocab, self._llm.last_n_tokens_size, seed, **sampling_options(params))
+        return self._sampler(seed, sampling_options(params))
+
+    def _sampler(self, seed: int, options: dict[str, Any]) -> Any:
+        """nbllm's sampler chain; with a constraint (passed as ``grammar``), the chain with a
+        grammar beside it (llama_cpp_grammar.py)."""
+        llm = self._llm
+        chain = sampler_chain(llm._n_vocab, llm.last_n_tokens_size, seed, **options)
+        constraint = options.get("grammar")
+        if constraint is None:
+            return chain
+        return GrammarSampler(
+            chain, self._vocab, llm._n_vocab, grammar_text(constraint), options, llm.last_n_tokens_size, self._piece
+        )
 
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()
@@ -740,7 +750,7 @@ class LlamaCppModel:
         return self._prefixes.describe()
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        self._worker.wait_idle()
         if self._batcher is not None:
             self._batcher.close()
         self._prefixes.clear()
@@ -757,6 +767,7 @@ def sampling_options(params: GenerationParams) -> dict[str, Any]:
         "repeat_penalty": params.repeat_penalty,
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,
+        "grammar": params.constraint,  # Llama.generate hands it to _init_sampler (LlamaCppModel._sampler)
     }
 
 
@@ -781,8 +792,8 @@ def sampler_chain(
     262,144 tokens against 0.8 ms with top-k first (measured), i.e. 8 % of a 270M model's
     generation time, and more in a batch. Penalties only lower logits, so the only difference is
     at the edge: a penalized token among the k most likely stays a candidate with its lowered
-    logit instead of possibly giving its place to the (k+1)-th. Mirostat and grammars, which
-    nbllm does not offer, are not built.
+    logit instead of possibly giving its place to the (k+1)-th. Mirostat, which nbllm does not
+    offer, is not built; a grammar goes beside the chain, not into it (llama_cpp_grammar.py).
     """
     chain = internals.LlamaSampler()
     if top_k > 0:

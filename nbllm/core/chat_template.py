@@ -667,4 +667,6 @@ class ChatTemplate:
             )
             return transcript(messages)
         stops = (self._eos,) if self._eos else ()
-        return FormattedPrompt(text, stops, special=True, add_bos=False)
+        # A chat answer is a message: blank space around it (Gemma often ends with a newline
+        # before its end-of-turn token) is trimmed, as for the transcript format.
+        return FormattedPrompt(text, stops, special=True, add_bos=False, trim_whitespace=True)

@@ -57,6 +57,25 @@ class GenerationError(NbllmError):
     """llama.cpp failed while generating."""
 
 
+class SchemaError(ParameterError):
+    """A schema (or ``choices``) that structured output cannot honour: the message names the
+    keyword and where it is. Raised before any model work."""
+
+
+class StructuredOutputError(GenerationError):
+    """An answer that should fit a schema does not (a remote server that ignored it, a stop
+    sequence inside the value). ``text`` keeps what was generated; ``stats`` what it cost."""
+
+    def __init__(self, message: str, text: str = "", stats: object = None) -> None:
+        super().__init__(message)
+        self.text = text
+        self.stats = stats
+
+
+class IncompleteAnswerError(StructuredOutputError):
+    """A structured answer stopped before its value was complete (``max_tokens``, a cancel)."""
+
+
 class CacheError(NbllmError):
     """The prompt cache cannot be used."""
 

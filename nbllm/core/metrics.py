@@ -22,6 +22,7 @@ class RequestStats:
     finish_reason: str = "unknown"  # stop | length | cancelled | error
     cached: bool = False  # the whole answer came from the prompt cache
     seed: int | None = None
+    schema: str | None = None  # what the answer had to fit (structured output), by name
     model_hash: str | None = None
 
     @property

@@ -10,6 +10,7 @@ from typing import Any
 
 from nbllm.core.config import Generation, check_value
 from nbllm.core.errors import ParameterError, did_you_mean
+from nbllm.core.schema import Constraint, make_constraint
 
 # Per-call name -> the config field that gives its default, range and help text.
 _CONFIG_FIELD = {
@@ -23,7 +24,7 @@ _CONFIG_FIELD = {
     "frequency_penalty": "frequency_penalty",
     "seed": "seed",
 }
-PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos")
+PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos", "schema", "choices")
 MAX_STOPS = 16
 
 
@@ -42,10 +43,17 @@ class GenerationParams:
     # Keep generating past end-of-sequence tokens, up to max_tokens: for throughput benchmarks
     # (llama.cpp's own tools decode fixed token counts), not for answers.
     ignore_eos: bool = False
+    # Structured output (core/schema.py): what the answer must be, or None for free text.
+    constraint: Constraint | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        """Plain data (cache keys, provenance): a constraint by its kind, name and hash."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["stop"] = list(self.stop)
+        if self.constraint is None:
+            del data["constraint"]  # keys of answers cached before structured output stay valid
+        else:
+            data["constraint"] = self.constraint.describe()
         return data
 
 
@@ -82,4 +90,7 @@ def resolve_params(defaults: Generation, overrides: Mapping[str, Any]) -> Genera
     ignore_eos = overrides.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ParameterError(f"ignore_eos = {ignore_eos!r}: must be true or false.")
-    return GenerationParams(stop=_check_stop(overrides.get("stop")), ignore_eos=ignore_eos, **values)
+    constraint = make_constraint(overrides.get("schema"), overrides.get("choices"))
+    return GenerationParams(
+        stop=_check_stop(overrides.get("stop")), ignore_eos=ignore_eos, constraint=constraint, **values
+    )

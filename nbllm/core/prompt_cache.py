@@ -63,7 +63,8 @@ from nbllm.core import paths
 
 log = logging.getLogger("nbllm")
 
-CACHE_FORMAT = 2
+# 3: answers record the schema they had to fit (structured output); older entries are misses.
+CACHE_FORMAT = 3
 _FORMAT_1_FUNC = ("nbllm", "core", "prompt_cache", "_cached_answer")  # pickles: deleted, never read
 _BACKEND_NAME = "nbllm-signed-json"
 _ITEM_FILE = "output.pkl"  # joblib's name for an entry's file (see the module's docstring)
@@ -148,6 +149,7 @@ _ANSWER_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "cached": (_is_flag, "true or false"),
     "seed": (_is_seed, "an integer or null"),
     "model_hash": (_is_optional_text, "a string or null"),
+    "schema": (_is_optional_text, "a string or null"),
 }
 
 

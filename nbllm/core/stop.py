@@ -63,16 +63,26 @@ class TextAssembler:
     def feed(self, piece: bytes) -> tuple[str, bool]:
         """(text to show now, whether a stop sequence was reached)."""
         text = self._decoder.decode(piece)
-        if text and self._trim:
-            text = self._held + text if self._emitted else text.lstrip()
-            stripped = text.rstrip()
-            self._held, text = text[len(stripped) :], stripped
-            self._emitted = self._emitted or bool(text)
         if not text:
             return "", False
-        return self._matcher.feed(text)
+        # Stop sequences first, trimming after: trimming first would hold back "\n\n" and then
+        # release it in front of "Question", where the matcher shows the "\n" it cannot yet
+        # tell from the start of "\nQuestion:" (a blank line at the end of chat answers).
+        shown, stopped = self._matcher.feed(text)
+        return self._trimmed(shown, final=stopped), stopped
 
     def finish(self) -> str:
         """The rest, once the stream ended without a stop sequence."""
         tail = self._matcher.flush() + self._decoder.decode(b"", final=True)
-        return tail.rstrip() if self._trim else tail
+        return self._trimmed(tail, final=True)
+
+    def _trimmed(self, text: str, *, final: bool) -> str:
+        """With ``trim``: no blank space before the first text, and trailing blank space held
+        back until something follows it (dropped at the end)."""
+        if not self._trim:
+            return text
+        text = self._held + text if self._emitted else text.lstrip()
+        shown = text.rstrip()
+        self._held = "" if final else text[len(shown) :]
+        self._emitted = self._emitted or bool(shown)
+        return shown

@@ -18,11 +18,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress, ModelSpec, Usage
 from nbllm.core.chat_format import FormattedPrompt
-from nbllm.core.errors import GenerationError, InsufficientMemoryError, NbllmError
+from nbllm.core.errors import GenerationError, InsufficientMemoryError, NbllmError, StructuredOutputError
 from nbllm.core.fit import kv_cache_bytes
 from nbllm.core.gguf_file import read_gguf
 from nbllm.core.metrics import RequestStats
@@ -44,12 +44,14 @@ DEFAULT_PARALLEL = 8  # llama-batched-bench on the default model: 45 t/s at 1, 1
 
 @dataclass
 class ManyResult:
-    """One prompt's answer from ``generate_many``: ``text`` and ``stats``, or ``error``."""
+    """One prompt's answer from ``generate_many``: ``text`` and ``stats`` (and ``data`` with a
+    schema), or ``error`` (an answer that did not fit its schema keeps its ``text``)."""
 
     index: int
     text: str = ""
     stats: RequestStats | None = None
     error: NbllmError | None = None
+    data: Any = None
 
     @property
     def ok(self) -> bool:
@@ -284,7 +286,7 @@ def run_many(
             for _ in pipeline.replay(engine, ticket, answer, quiet=True):
                 pass
             assert answer.stats is not None
-            deliver(ManyResult(answer.index, "".join(answer.pieces), answer.stats))
+            deliver(_finished(ticket.request, answer.index, "".join(answer.pieces), answer.stats))
     events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
     items: dict[int, BatchItem] = {}
     sessions: dict[int, BatchSession] = {}
@@ -314,7 +316,7 @@ def run_many(
                 continue
             stats = pipeline.finish(engine, ticket, answer, quiet=True)
             pipeline.store(engine, ticket, answer)
-            deliver(ManyResult(answer.index, "".join(answer.pieces), stats))
+            deliver(_finished(ticket.request, answer.index, "".join(answer.pieces), stats))
     except KeyboardInterrupt:
         for item in items.values():
             item.cancel.set()  # ours only: other users may share the session
@@ -322,6 +324,14 @@ def run_many(
     finally:
         bar.close()
     return [r if r is not None else ManyResult(i) for i, r in enumerate(results)]
+
+
+def _finished(request: Request, index: int, text: str, stats: RequestStats) -> ManyResult:
+    """A finished answer's result; one that does not fit its schema is this row's error."""
+    try:
+        return ManyResult(index, text, stats, data=pipeline.structured_data(request, text, stats))
+    except StructuredOutputError as error:
+        return ManyResult(index, text, stats, error)
 
 
 def _interrupted(results: list[ManyResult | None], answers: Sequence[_Answer]) -> list[ManyResult]:

@@ -284,7 +284,7 @@ class Engine:
                 raise
             raise failure from error
         finally:
-            # The backend's own cleanup first (it waits for the model's thread to be idle), then
+            # The backend's own cleanup first (it waits for the model's compute thread to be idle), then
             # the lock: the next user must find the model free of this answer.
             close = getattr(steps, "close", None)
             if close is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from nbllm.backends import answer_identity
 from nbllm.backends.base import ModelSpec, Usage
 from nbllm.core import identity
-from nbllm.core.errors import ModelNotFoundError
+from nbllm.core.errors import IncompleteAnswerError, ModelNotFoundError, StructuredOutputError
 from nbllm.core.metrics import RequestStats
 from nbllm.core.prompt_cache import CACHE_FORMAT
 from nbllm.engine.request import Request
@@ -116,6 +116,7 @@ def finish(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool =
         finish_reason=usage.finish_reason,
         seed=ticket.seed,
         model_hash=ticket.model_hash,
+        schema=_schema_name(ticket.request),
     )
     if usage.first_token_at is not None:
         stats.time_to_first_token = usage.first_token_at - ticket.started
@@ -126,6 +127,38 @@ def finish(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool =
             log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
         log.info("%s", stats.summary())
     return stats
+
+
+def _schema_name(request: Request) -> str | None:
+    constraint = request.params.constraint
+    return constraint.name if constraint is not None else None
+
+
+def structured_data(request: Request, text: str, stats: RequestStats | None) -> Any:
+    """The answer as data when the request had a schema or choices (None without one).
+
+    An answer cut off before its value was complete is an ``IncompleteAnswerError`` that keeps
+    the text; one that does not fit (possible only when a remote server ignored the schema) a
+    ``StructuredOutputError``."""
+    constraint = request.params.constraint
+    if constraint is None:
+        return None
+    reason = stats.finish_reason if stats is not None else "unknown"
+    if reason == "length":
+        raise IncompleteAnswerError(
+            f"The answer reached max_tokens ({request.params.max_tokens}) before {constraint.name} was complete. "
+            f"Raise max_tokens (e.g. max_tokens={max(request.params.max_tokens * 2, 256)}); the partial text is in "
+            "the error's .text.",
+            text,
+            stats,
+        )
+    if reason in ("cancelled", "error"):
+        raise IncompleteAnswerError(f"The answer was {reason} before {constraint.name} was complete.", text, stats)
+    try:
+        return constraint.parse(text)
+    except StructuredOutputError as error:
+        error.stats = stats
+        raise
 
 
 def _answered_by(engine: Engine, ticket: Ticket, receiver: Answering) -> str:
@@ -227,4 +260,5 @@ def cached_stats(answer: Mapping[str, Any], key: Mapping[str, Any], model: str) 
         seed=answer["seed"],
         cached=True,
         model_hash=key["model_sha256"],
+        schema=answer["schema"],
     )

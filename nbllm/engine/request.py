@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from nbllm.core.metrics import RequestStats
 from nbllm.core.params import GenerationParams
@@ -23,10 +24,14 @@ class Request:
 
 @dataclass(frozen=True)
 class Completion:
-    """A finished answer: ``text`` plus what it cost (``stats``). ``str(c)`` is the text."""
+    """A finished answer: ``text`` plus what it cost (``stats``). ``str(c)`` is the text.
+
+    With ``schema=`` or ``choices=``, ``data`` is the answer as data: the pydantic instance, the
+    parsed JSON value, or the chosen string."""
 
     text: str
     stats: RequestStats
+    data: Any = None
 
     def __str__(self) -> str:
         return self.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import threading
 from collections.abc import Generator, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nbllm.backends.base import Usage
 from nbllm.core.cancel import Cancel
@@ -69,7 +69,14 @@ class Stream:
         for _ in self:
             pass
         assert self.stats is not None
-        return Completion(self.text, self.stats)
+        return Completion(self.text, self.stats, self.data)
+
+    @property
+    def data(self) -> Any:
+        """With ``schema=`` / ``choices=``: the finished answer as data (see ``Completion.data``)."""
+        if self.stats is None:
+            raise RuntimeError("The stream has not finished: iterate it (or call result()) first.")
+        return pipeline.structured_data(self.request, self.text, self.stats)
 
     # LockOwner protocol (see registry.py): lets the registry recover from abandoned streams.
     def is_suspended(self) -> bool:
