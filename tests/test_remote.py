@@ -411,3 +411,20 @@ def test_a_request_the_server_received_is_never_sent_twice(settings: Settings, t
         assert tiny_server.completions == 2, "a generation is not idempotent: no retry once it was sent"
     finally:
         engine.close()
+
+
+def test_schemas_reach_a_server_that_knows_only_json_object_with_a_schema(remote_engine: Engine) -> None:
+    """llama-cpp-python's own server refuses OpenAI's json_schema (422): nbllm asks again in the
+    form it takes, {"type": "json_object", "schema": ...}, and keeps that form for the model."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pick(BaseModel):
+        color: Literal["red", "green"]
+        size: int
+        tags: list[Literal["a", "b"]] = Field(max_length=2)
+
+    for seed in (1, 2):
+        result = remote_engine.chat("Pick one.", model="far", schema=Pick, max_tokens=200, seed=seed, cache=False)
+        assert isinstance(result.data, Pick), result.text

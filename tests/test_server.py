@@ -305,7 +305,21 @@ def test_max_tokens_above_the_server_limit_is_a_400(client: openai.OpenAI, field
         ({"n": 2}, "n", "one answer per request"),
         ({"logprobs": True}, "logprobs", "not supported"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"response_format": {"type": "xml"}}, "response_format", "not supported"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "needs"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}},
+                    },
+                }
+            },
+            "response_format",
+            "'maximum'",
+        ),
         ({"mirostat": 2}, "mirostat", "Unrecognized request argument"),
         ({"temperature": 9}, "temperature", "must be a number from 0.0 to 5.0"),
         ({"seed": -1}, "seed", "seed = -1"),

@@ -59,7 +59,7 @@ def _endpoint_error(url: str, error: httpx.RequestError) -> ModelLoadError:
     )
 
 
-def _status_error(url: str, response: httpx.Response) -> GenerationError:
+def _status_error(url: str, response: httpx.Response) -> _StatusError:
     """An answer with an HTTP error status; reads its body (the server's explanation) and closes it."""
     try:
         body = json.loads(response.read().decode("utf-8", "replace"))
@@ -69,7 +69,15 @@ def _status_error(url: str, response: httpx.Response) -> GenerationError:
     finally:
         response.close()
     hint = " Check remote_models' api_key." if response.status_code in (401, 403) else ""
-    return GenerationError(f"The server at {url} answered {response.status_code}: {detail}.{hint}")
+    return _StatusError(f"The server at {url} answered {response.status_code}: {detail}.{hint}", response.status_code)
+
+
+class _StatusError(GenerationError):
+    """The server answered with an HTTP error ``status`` (RemoteModel.generate reads it)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _client(url: str, config: RemoteConfig) -> httpx.Client:
@@ -116,6 +124,7 @@ class RemoteModel:
         self.model = config.model or name
         self.path = Path(f"remote/{name}")  # no file: a stable stand-in for displays
         self._client = _client(self.url, config)
+        self._schema_in_json_object = False  # see generate: the form this server takes schemas in
 
     @property
     def context_size(self) -> int:
@@ -181,17 +190,40 @@ class RemoteModel:
             payload.update(top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty)
             if params.ignore_eos:
                 payload["ignore_eos"] = True
+        if params.constraint is not None:
+            payload["response_format"] = self._response_format(params)
         if isinstance(prompt, RemotePrompt):
             payload["messages"] = list(prompt.messages)
             return "/chat/completions", payload
         payload["prompt"] = prompt.text
         return "/completions", payload
 
+    def _response_format(self, params: GenerationParams) -> dict[str, Any]:
+        constraint = params.constraint
+        assert constraint is not None
+        if self._schema_in_json_object and constraint.kind != "json":
+            return {"type": "json_object", "schema": dict(constraint.schema)}
+        return constraint.response_format()
+
     def generate(
         self, prompt: FormattedPrompt, params: GenerationParams, seed: int, usage: Usage, cancel: threading.Event
     ) -> Iterator[str]:
         endpoint, payload = self._payload(prompt, params, seed)
-        response = self._request(endpoint, payload)  # errors here, at the call: like a local prompt check
+        try:
+            response = self._request(endpoint, payload)  # errors here, at the call: like a local prompt check
+        except _StatusError as error:
+            # OpenAI's "json_schema" is what llama-server, vLLM and Ollama take; llama-cpp-python's
+            # server knows only {"type": "json_object", "schema": ...} and refuses it (a 500 that
+            # names response_format, in 0.3; others answer 400 or 422). Asked once
+            # in that form, and the form that worked is kept for this model.
+            rejected = error.status in (400, 422) or "response_format" in str(error)
+            if not (rejected and params.constraint is not None and params.constraint.kind != "json"):
+                raise
+            if self._schema_in_json_object:
+                raise
+            self._schema_in_json_object = True
+            endpoint, payload = self._payload(prompt, params, seed)
+            response = self._request(endpoint, payload)
         return self._stream(response, params, prompt, usage, cancel)
 
     def _stream(

@@ -70,6 +70,12 @@ class Constraint:
         """The answer as data: the pydantic instance, the parsed JSON, or the choice."""
         if self.kind == "choices":
             answer = text.strip()
+            if answer not in self.choices and answer.startswith('"'):
+                # From a remote server, given the choices as a JSON string enum: "positive".
+                try:
+                    answer = str(json.loads(answer))
+                except ValueError:
+                    pass
             if answer not in self.choices:
                 raise StructuredOutputError(f"The answer {answer[:80]!r} is not one of the choices.", text)
             return answer

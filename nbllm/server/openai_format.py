@@ -23,6 +23,7 @@ from nbllm.core.errors import (
     ModelNotFoundError,
     NbllmError,
     ParameterError,
+    SchemaError,
 )
 from nbllm.core.metrics import RequestStats
 
@@ -76,7 +77,6 @@ _UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "tool_choice": _no_tool_choice,
     "functions": _absent,
     "function_call": _no_tool_choice,
-    "response_format": _plain_text_format,
     "modalities": _text_only,
     "audio": _absent,
     "prediction": _absent,
@@ -150,7 +150,10 @@ def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_t
         raise _bad(f"The request body must be a JSON object, not {type(body).__name__}.")
     unsupported = _UNSUPPORTED_CHAT if kind == "chat" else _UNSUPPORTED_COMPLETION
     required = "messages" if kind == "chat" else "prompt"
-    known = {"model", "stream", "max_tokens", "max_completion_tokens", required, *SAMPLING, *IGNORED, *unsupported}
+    known = {
+        "model", "stream", "max_tokens", "max_completion_tokens", "response_format", required, *SAMPLING, *IGNORED,
+        *unsupported,
+    }  # fmt: skip
     for name, value in body.items():
         if name not in known:
             raise _bad(f"Unrecognized request argument supplied: {name}. Remove it from the request.", name)
@@ -166,10 +169,47 @@ def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_t
         raise _bad(f"stream = {stream!r}: must be true or false.", "stream")
     params = {name: body[name] for name in SAMPLING if body.get(name) is not None}
     params["max_tokens"] = _max_tokens(body, max_tokens_limit, default_max_tokens)
+    schema = response_format_schema(body.get("response_format"))
+    if schema is not None:
+        params["schema"] = schema
     include_usage = stream and _include_usage(body)
     if kind == "chat":
         return ParsedRequest(kind, model, params, stream, include_usage, messages=_messages(body.get("messages")))
     return ParsedRequest(kind, model, params, stream, include_usage, prompt=_prompt(body.get("prompt")))
+
+
+def response_format_schema(value: Any) -> Any:
+    """OpenAI's ``response_format`` as nbllm's ``schema=``: None for plain text, ``"json"`` for
+    ``json_object``, the JSON Schema for ``json_schema`` (and for llama-cpp-python's and LM
+    Studio's ``{"type": "json_object", "schema": ...}``). The schema itself is checked by the
+    engine (an unsupported keyword is a 400 naming it)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise _bad('response_format must be an object with a "type": "text", "json_object" or "json_schema".',
+                   "response_format")  # fmt: skip
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema = value.get("schema")
+        if schema is None:
+            return "json"
+        if not isinstance(schema, dict):
+            raise _bad("response_format.schema must be a JSON Schema object.", "response_format")
+        return schema
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+            raise _bad(
+                'response_format of type "json_schema" needs "json_schema": {"name": ..., "schema": {...}}.',
+                "response_format",
+            )
+        return spec["schema"]
+    raise _bad(
+        f'response_format type {kind[:40]!r} is not supported: use "text", "json_object" or "json_schema".',
+        "response_format",
+    )
 
 
 def check_model_name(name: str) -> None:
@@ -307,6 +347,8 @@ def api_error(error: NbllmError, *, input_param: str | None = None) -> ApiError:
         return ApiError(404, message, param="model", code="model_not_found")
     if isinstance(error, ContextLengthError):
         return ApiError(400, message, param=input_param, code="context_length_exceeded")
+    if isinstance(error, SchemaError):  # only response_format carries a schema here
+        return ApiError(400, message, param="response_format", code="invalid_schema")
     if isinstance(error, ParameterError):
         match = _PARAM.match(message)
         param = match.group(1) if match else None
