@@ -36,7 +36,14 @@ from nbllm.notebook.live_output import (
     stats_line,
 )
 from nbllm.notebook.map_cell import run_map_cell
-from nbllm.notebook.parsers import FORMATS, CellOptionParser, check_options, generation_params, llm_options
+from nbllm.notebook.parsers import (
+    FORMATS,
+    CellOptionParser,
+    check_options,
+    generation_params,
+    llm_options,
+    structure_params,
+)
 from nbllm.notebook.subcommands import run_subcommand
 
 
@@ -97,6 +104,11 @@ class NbllmMagics(Magics, Configurable):
         followed by a stats line: tokens, time, t/s, model, first token, cache.
           --format code also puts the first fenced code block (else the whole
             answer) into a new cell below.
+          --schema NAME answers as data that fits NAME (a pydantic class or a JSON
+            Schema dict from the notebook; 'json' for any JSON object), guaranteed
+            by a grammar; --out keeps the data. --choices a,b,c answers with exactly
+            one of them. --format json is JSON mode. With --map, one typed column
+            per field.
           --chat keeps a conversation across cells; %llm reset forgets it.
           {name}, {obj.attr} and {d[key]} in the prompt and the options are filled
             from the notebook's variables. Braces that name no variable stay as
@@ -117,6 +129,12 @@ class NbllmMagics(Magics, Configurable):
 
           %%llm --format code
           Write a Python function that reverses a string.
+
+          %%llm --schema Person --out person
+          Invent a person who lives in Lima.
+
+          %%llm --map reviews --choices positive,negative,neutral
+          Is this review positive, negative or neutral? {item}
 
         %llm SUBCOMMAND
           help              this text (also %llm?)
@@ -178,27 +196,32 @@ class NbllmMagics(Magics, Configurable):
         prompt = cell.strip("\n") if args.raw else cell.strip()
         if not prompt.strip():
             raise UsageError("The cell is empty: write the prompt in the cell, below the %%llm line.")
-        fmt = args.format or self.default_format
-        stream = self._start(args, prompt)
+        # With --schema the answer is JSON, with --choices one word: shown as such unless asked.
+        fmt = args.format or ("json" if args.schema else "text" if args.choices else self.default_format)
+        structure = structure_params(args, namespace, fmt)
+        stream = self._start(args, prompt, structure)
         live = LiveOutput(self.ipython, fmt, self.stream_updates_per_second, self.show_stats)
         stopped = consume(stream, live)
         text = stream.text
         if args.chat and text:  # a question stopped before any answer leaves no trace
             self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
-        if args.out:
-            namespace[args.out] = text
         bundle, note = render_answer(text, fmt)
         metadata = {"nbllm": provenance(stream, fmt, stopped)}
         live.finish(stream, bundle, metadata, stats_line(stream.stats, stopped, note))
-        if fmt == "code" and text.strip() and not stopped:
-            self.ipython.set_next_input(extract_code(text), replace=False)
         if stopped:
             raise AnswerInterrupted("Interrupted: the answer so far stays above; nothing was cached.")
+        # With a schema, the answer as data (a pydantic object, a dict, the choice): one that did
+        # not complete (max_tokens) stays above, and its error is the cell's one line.
+        data = stream.data if structure else None
+        if args.out:
+            namespace[args.out] = data if structure else text
+        if fmt == "code" and text.strip():
+            self.ipython.set_next_input(extract_code(text), replace=False)
 
-    def _start(self, args: Namespace, prompt: str) -> Stream:
+    def _start(self, args: Namespace, prompt: str, structure: dict[str, Any]) -> Stream:
         engine = nbllm.get_engine()
         model = args.model or self.default_model
-        params = generation_params(args)
+        params = {**generation_params(args), **structure}
         cache = not args.no_cache
         if args.raw:
             stream: Stream = engine.generate(prompt, model=model, stream=True, cache=cache, **params)

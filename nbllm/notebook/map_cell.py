@@ -18,7 +18,7 @@ from nbllm.engine import BatchInterrupted
 from nbllm.notebook.display import display, display_widget
 from nbllm.notebook.interpolation import interpolate
 from nbllm.notebook.live_output import AnswerInterrupted
-from nbllm.notebook.parsers import generation_params
+from nbllm.notebook.parsers import generation_params, structure_params
 
 
 def run_map_cell(
@@ -40,9 +40,11 @@ def run_map_cell(
     prompts = prompts_for(data, cell.strip(), names, interpolate_text=interpolate)
     engine = nbllm.get_engine()
     model = args.model or default_model
-    params = generation_params(args)
+    fmt = args.format or ("json" if args.schema else "")
+    structure = structure_params(args, namespace, fmt)
+    params = {**generation_params(args), **structure}
     engine.registry.resolve(model)  # mistakes are one line, before the chart appears
-    resolve_params(engine.settings.generation, params)
+    constraint = resolve_params(engine.settings.generation, params).constraint
     chart = AggregateChart(engine, model) if prompts else None
     try:
         if args.raw:
@@ -58,10 +60,46 @@ def run_map_cell(
         if chart is not None:
             chart.close()
     target = args.out or (args.map if _is_dataframe(data) else "answers")
-    namespace[target] = answers_into(data, results, args.column)
+    if constraint is not None:
+        fields = list(constraint.schema.get("properties") or {}) if constraint.kind == "schema" else []
+        namespace[target] = structured_into(data, results, args.column, fields)
+    else:
+        namespace[target] = answers_into(data, results, args.column)
     display(map_summary(results, target, stopped), raw=True)
     if stopped:
         raise AnswerInterrupted(f"Interrupted: the answers that finished are in {target!r}; the others are None.")
+
+
+def structured_into(data: Any, results: Sequence[Any], column: str, fields: Sequence[str] = ()) -> Any:
+    """Structured answers as typed columns: one per field of the schema (a single ``column``
+    for answers that are not objects, such as --choices), with pandas' nullable dtypes, so an
+    integer field stays integers where a row failed (<NA>). A DataFrame gets the columns added
+    (a field named like an existing column becomes ``{column}_{field}``); a Series or a list
+    gives a new DataFrame (on the Series' index). ``fields``: the schema's, so that each has its
+    column even when every row failed."""
+    import pandas as pd
+
+    values = [_record(r.data) if r.ok else None for r in results]
+    if all(v is None or isinstance(v, dict) for v in values):
+        frame = pd.DataFrame([v or {} for v in values])
+        frame = frame.reindex(columns=[*fields, *(c for c in frame.columns if c not in fields)])
+    else:
+        frame = pd.DataFrame({column: [v if not isinstance(v, dict) else str(v) for v in values]})
+    frame = frame.convert_dtypes()
+    if _is_dataframe(data):
+        frame.index = data.index
+        out = data.copy()
+        for name in frame.columns:
+            out[f"{column}_{name}" if name in data.columns else name] = frame[name]
+        return out
+    if hasattr(data, "index") and hasattr(data, "to_list"):  # a Series
+        frame.index = data.index
+    return frame
+
+
+def _record(data: Any) -> Any:
+    dump = getattr(data, "model_dump", None)  # a pydantic instance
+    return dump() if callable(dump) else data
 
 
 def _is_dataframe(data: Any) -> bool:

@@ -119,7 +119,13 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
     answer.add_argument(
         "--format", "-f", choices=FORMATS, metavar="FORMAT", help="markdown (default), text, code, json or html"
     )
-    answer.add_argument("--out", "-o", metavar="NAME", help="also store the answer's text in the variable NAME")
+    answer.add_argument("--out", "-o", metavar="NAME", help="also store the answer (its data with --schema) in NAME")
+    answer.add_argument(
+        "--schema",
+        metavar="NAME",
+        help="answer as data fitting NAME: a pydantic class or JSON Schema dict; 'json': any",
+    )
+    answer.add_argument("--choices", metavar="A,B,C", help="answer with exactly one of these (classification)")
     answer.add_argument("--chat", action="store_true", help="continue the conversation of earlier --chat cells")
     answer.add_argument(
         "--raw", action="store_true", help="continue the text as a plain completion instead of chatting"
@@ -168,6 +174,27 @@ def check_options(args: Namespace) -> None:
         raise UsageError("--system applies to a chat; with --raw, write the instructions into the text itself.")
     if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
         raise UsageError(f"--out {args.out!r} is not a valid variable name.")
+
+
+def structure_params(args: Namespace, namespace: Mapping[str, Any], fmt: str) -> dict[str, Any]:
+    """``schema=`` / ``choices=`` from --schema NAME (looked up in the notebook), --choices and
+    --format json (JSON mode: a grammar, so the answer always parses)."""
+    if args.schema is not None and args.choices is not None:
+        raise UsageError("--schema and --choices do not go together: give one of them.")
+    if args.choices is not None:
+        return {"choices": [choice.strip() for choice in args.choices.split(",")]}
+    if args.schema is not None:
+        name = args.schema.strip()
+        if name.lower() == "json":
+            return {"schema": "json"}
+        if name not in namespace:
+            known = [key for key in namespace if not key.startswith("_")]
+            raise UsageError(
+                f"--schema {name}: no variable {name!r} in this notebook.{did_you_mean(name, known)} Define a pydantic "
+                "class or a JSON Schema dict first, or use --schema json."
+            )
+        return {"schema": namespace[name]}
+    return {"schema": "json"} if fmt == "json" else {}
 
 
 def generation_params(args: Namespace) -> dict[str, Any]:

@@ -223,6 +223,8 @@ class ChatPanel:
         }
         if seed is not None:
             params["seed"] = seed
+        if self.json_mode.value:  # a grammar: every reply is one JSON object
+            params["schema"] = "json"
         return params
 
     def _run(self, job: _Job) -> None:
@@ -330,6 +332,11 @@ class ChatPanel:
             value=generation.default_max_tokens, min=1, max=1 << 20, description="max_tokens",
             style=slider_style, layout=slider_layout,
         )  # fmt: skip
+        self.json_mode = widgets.Checkbox(
+            value=False, description="JSON mode: every reply is one JSON object", indent=False,
+            layout=widgets.Layout(width="320px"),
+        )  # fmt: skip
+        self.json_mode.add_class("nbllm-json-mode")
 
         self.history_box = widgets.VBox(layout=widgets.Layout(width="100%", padding="4px 8px"))
         self.history_box.add_class("nbllm-history")
@@ -371,7 +378,7 @@ class ChatPanel:
             [
                 self.system_prompt,
                 widgets.GridBox(
-                    [self.temperature, self.top_p, self.top_k, self.repeat_penalty, self.max_tokens],
+                    [self.temperature, self.top_p, self.top_k, self.repeat_penalty, self.max_tokens, self.json_mode],
                     layout=widgets.Layout(grid_template_columns="repeat(2, 320px)", grid_gap="2px 16px"),
                 ),
             ]
