@@ -22,7 +22,7 @@ import statistics
 import time
 
 import llama_cpp
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import nbllm
 from nbllm.host import machine
@@ -33,14 +33,14 @@ class Person(BaseModel):
     name: str
     age: int
     city: str
-    hobbies: list[str]
+    hobbies: list[str] = Field(max_length=4)  # bounded: a small model can list hobbies forever
 
 
 PROMPTS = [
     f"Invent a fictional person who lives in {city}. Answer with their name, age, city and hobbies."
     for city in ("Paris", "Lagos", "Lima", "Oslo", "Osaka", "Cairo", "Quito", "Perth")
 ]
-MAX_TOKENS = 160
+MAX_TOKENS = 200
 
 
 def nbllm_rate(prompt: str, seed: int, schema: bool) -> tuple[float, int, bool]:

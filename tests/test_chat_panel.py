@@ -298,6 +298,21 @@ def test_the_sampling_controls_decide_the_request_parameters(panel: ChatPanel) -
     assert params.seed is None, "a normal message lets the engine draw (and record) the seed"
 
 
+def test_json_mode_makes_every_reply_one_json_object(panel: ChatPanel) -> None:
+    panel.json_mode.value = True
+    panel.max_tokens.value = 400
+    type_and_send(panel, "Describe a cat.")
+    finish(panel)
+    assert panel.last_stream is not None
+    constraint = panel.last_stream.request.params.constraint
+    assert constraint is not None
+    assert constraint.kind == "json"
+    panel.json_mode.value = False
+    type_and_send(panel, "hello")
+    finish(panel)
+    assert panel.last_stream.request.params.constraint is None
+
+
 # --------------------------------------------------------------------- stop, regenerate, clear, models
 
 

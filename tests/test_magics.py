@@ -222,10 +222,20 @@ def test_default_format_applies_when_a_cell_names_none(ip: InteractiveShell) -> 
     assert "text/markdown" in final_answer(ask(ip, "-n 12 --seed 1 -f markdown")).data
 
 
-def test_json_format_shows_text_with_a_note_when_the_answer_is_not_json(ip: InteractiveShell) -> None:
+def test_json_format_is_json_mode_and_a_cut_off_object_stays_shown_with_a_one_line_error(
+    ip: InteractiveShell,
+) -> None:
+    """--format json constrains the answer to one JSON object (a grammar). A random tiny model
+    closes it at once with seed 1; with seed 2 it runs past 12 tokens, which is the cell's
+    one-line error while the text so far stays shown."""
     captured = ask(ip, "-n 12 --seed 1 -f json")
-    assert set(final_answer(captured).data) == {"text/plain"}
-    assert "not valid JSON" in status_lines(captured)[-1]
+    assert final_answer(captured).data["application/json"] == {}
+    assert provenance(captured)["parameters"]["constraint"]["kind"] == "json"
+    with capture_output() as captured:
+        result = ip.run_cell(f"%%llm -n 12 --seed 2 -f json\n{QUESTION}")
+    assert result.error_in_exec is not None
+    assert "Raise max_tokens" in str(result.error_in_exec)
+    assert final_answer(captured).data["text/plain"].startswith('{ "')
 
 
 def test_json_format_renders_json_even_inside_a_code_fence() -> None:

@@ -30,12 +30,12 @@ import pytest
 from nbllm.core import prompt_cache
 from nbllm.core.config import Settings
 from nbllm.core.metrics import RequestStats
-from nbllm.core.prompt_cache import PromptCache, key_file
+from nbllm.core.prompt_cache import CACHE_FORMAT, PromptCache, key_file
 from nbllm.engine import Engine
 
 REQUEST = {"max_tokens": 12, "seed": 3}
 FUNC_ID = "nbllm/core/prompt_cache/_signed_answer"
-MAGIC = b"nbllm-prompt-cache 2 "
+MAGIC = f"nbllm-prompt-cache {CACHE_FORMAT} ".encode()
 
 # A fresh process asks one question of a cache folder and says whether it came from the cache.
 RUNNER = textwrap.dedent(
@@ -274,7 +274,7 @@ def test_an_entry_changed_since_it_was_signed_or_signed_by_someone_else_is_refus
     assert again.text == first.text
     assert "FORGED" not in again.text
     [warning] = damaged_warnings(caplog)
-    assert "signature" in warning or "format-2" in warning
+    assert "signature" in warning or f"format-{CACHE_FORMAT}" in warning
     assert cached_engine.generate("the model", **REQUEST).stats.cached
 
 
