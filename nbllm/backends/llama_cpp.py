@@ -31,7 +31,7 @@ from llama_cpp import _internals as internals
 from nbllm.backends.base import BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
 from nbllm.backends.compute_thread import ComputeThreads
 from nbllm.backends.llama_cpp_batch import BatchDecoder
-from nbllm.backends.llama_cpp_grammar import GrammarSampler, grammar_text
+from nbllm.backends.llama_cpp_grammar import GrammarSampler, KnownSets, grammar_text, known_sets
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.chat_template import ChatTemplate
@@ -45,6 +45,7 @@ from nbllm.core.errors import (
 )
 from nbllm.core.params import GenerationParams
 from nbllm.core.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
+from nbllm.core.schema import Constraint
 from nbllm.core.stop import TextAssembler
 from nbllm.core.waiting import next_item
 from nbllm.host import build_flags
@@ -314,6 +315,8 @@ class LlamaCppModel:
         self._prefixes = PrefixCache(settings.prefix_cache_bytes)
         self._worker = ComputeThreads(f"nbllm-{path.stem}")
         self._batcher: BatchDecoder | None = None
+        self._grammar_sets: dict[str, KnownSets] = {}  # per schema: see llama_cpp_grammar.known_sets
+        self._end_tokens: np.ndarray | None = None
         self._abort_callback: Any = None  # see _set_abort
 
     @property
@@ -739,9 +742,25 @@ class LlamaCppModel:
         constraint = options.get("grammar")
         if constraint is None:
             return chain
-        return GrammarSampler(
-            chain, self._vocab, llm._n_vocab, grammar_text(constraint), options, llm.last_n_tokens_size, self._piece
+        grammar = grammar_text(constraint)
+        sampler = GrammarSampler(
+            chain, self._vocab, llm._n_vocab, grammar, options, llm.last_n_tokens_size, self._piece
         )
+        sampler.know(self._known_sets(constraint, grammar))
+        return sampler
+
+    def _known_sets(self, constraint: Constraint, grammar: str) -> KnownSets:
+        key = f"{constraint.kind}:{constraint.digest}"
+        known = self._grammar_sets.get(key)
+        if known is None:
+            if self._end_tokens is None:
+                is_eog, vocab = llama_cpp.llama_vocab_is_eog, self._vocab
+                self._end_tokens = np.array([t for t in range(self._llm._n_vocab) if is_eog(vocab, t)], dtype=np.int32)
+            known = known_sets(self._vocab, self._llm._n_vocab, grammar, constraint, self._end_tokens)
+            self._grammar_sets[key] = known
+            while len(self._grammar_sets) > 32:
+                self._grammar_sets.pop(next(iter(self._grammar_sets)))
+        return known
 
     def clear_prefix_cache(self) -> None:
         self._prefixes.clear()

@@ -69,10 +69,21 @@ def _convert(constraint: Constraint) -> str:
     # llama.cpp's current converter excludes them the same way.
     if "\nchar ::=" in f"\n{text}" and _LOOSE_CHAR not in text:
         raise SchemaError("The JSON grammar converter changed: nbllm cannot check its string rule.")
-    return text.replace(_LOOSE_CHAR, _JSON_CHAR)
+    # Its space rule allows one space between tokens; models write JSON pretty-printed, with a
+    # newline and indentation, and every such token was refused and sampled again (a quarter
+    # of all tokens on the default model). llama.cpp's current converter allows what follows.
+    text = text.replace(_LOOSE_CHAR, _JSON_CHAR).replace(_TIGHT_SPACE, _JSON_SPACE)
+    # No blank space after the value: once it is complete the answer ends (end of turn). With
+    # space allowed there, a model that wants to go on ("\n\nQuestion:") wrote whitespace
+    # until the rule's limit, one refused token after another.
+    return "\n".join(
+        line.removesuffix(" space") if line.startswith("root ::= ") else line for line in text.splitlines()
+    )
 
 
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_TIGHT_SPACE = 'space ::= " "?'
+_JSON_SPACE = 'space ::= | " " | "\\n"{1,2} [ \\t]{0,20}'
 _JSON_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
 
 
@@ -128,6 +139,13 @@ class GrammarSampler:
         self._one = (llama_cpp.llama_token_data * 1)()
         self._one_array = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
         self.rejections = 0  # sampled tokens the grammar refused (then sampled again)
+        self._known: KnownSets | None = None
+        self._text = b""  # the answer so far, for knowing when a JSON object or array is complete
+        self._steps = 0
+
+    def know(self, known: KnownSets) -> None:
+        """Where the allowed tokens are known without a search: at the start, and at the end."""
+        self._known = known
 
     def sample(self, ctx: Any, idx: int = -1) -> int:
         pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
@@ -150,6 +168,9 @@ class GrammarSampler:
                 if tail is not None:
                     break
         self._pending = tail
+        self._steps += 1
+        if self._known is not None and self._known.closes:
+            self._text += self._piece_of(token)
         llama_cpp.llama_sampler_accept(self._grammar, token)
         llama_cpp.llama_sampler_accept(chain, token)
         return token
@@ -178,10 +199,28 @@ class GrammarSampler:
 
     def _fill_allowed(self, logits: np.ndarray, refused: list[int]) -> None:
         """The candidates the grammar allows among the most likely ones (see the class)."""
-        n_vocab, look = self._n_vocab, self.FIRST_LOOK
+        exact = self._exact_candidates()
+        if exact is not None:  # the whole allowed set, known: nothing to search
+            self._fill(exact, logits[exact])
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._array))
+            kept = self._columns[: self._array.size, 1]
+            if refused:
+                kept[np.isin(exact, refused)] = -np.inf
+            if np.isfinite(kept).any():
+                return
+        n_vocab, look = self._n_vocab, 0
+        # First look: the candidates the chain's top-k just kept, the first k entries of the
+        # array it sorted, so the usual refusal costs no pass over the vocabulary. Only when
+        # they are k different tokens: min_p compacts the survivors to the front, which can
+        # overwrite some of the k with copies of others (then the set is not known to be whole).
+        first = self._columns[: min(self._keep, self.FIRST_LOOK, n_vocab), 0].view(np.int32).copy()
+        if self._keep >= n_vocab or len(np.unique(first)) < len(first):
+            look = self.FIRST_LOOK
         while True:
-            look = min(look, n_vocab)
-            if look < n_vocab:
+            if look == 0:
+                ids = first
+                rest_below = float(logits[ids].min())
+            elif look < n_vocab:
                 ids = np.argpartition(logits, n_vocab - look)[n_vocab - look :].astype(np.int32)
                 rest_below = float(logits[ids].min())  # every candidate not looked at is at most this
             else:
@@ -198,11 +237,29 @@ class GrammarSampler:
                 margin = self._margin_base + abs(best) * self._margin_per_logit
                 if count >= self._keep or rest_below < best - margin:
                     return
-            if look == n_vocab:
+            if look >= n_vocab:
                 if count:
                     return
                 raise GenerationError("No token fits the schema's grammar here; the answer cannot be completed.")
-            look *= 8
+            look = min(max(look * 8, self.FIRST_LOOK), n_vocab)
+
+    def _exact_candidates(self) -> np.ndarray | None:
+        """All the tokens the grammar can allow now, when that is known without asking it about
+        every token: at the first token (computed once per schema and model), and once a JSON
+        object or array at the root has closed (only end-of-generation tokens: the root rule has
+        nothing after its value)."""
+        known = self._known
+        if known is None:
+            return None
+        if self._steps == 0:
+            return known.first
+        if known.closes and self._text.rstrip().endswith((b"}", b"]")):
+            try:
+                json.loads(self._text)
+            except ValueError:
+                return None
+            return known.end
+        return None
 
     def _selected(self) -> int:
         index = self._array.selected
@@ -244,3 +301,37 @@ def _margins(options: dict[str, Any], last_n: int) -> tuple[float, float]:
     if temp > 0 and 0.0 < min_p <= 1.0:
         return math.log(1.0 / min_p) + lowered, repeat - 1.0
     return GrammarSampler.FAR + lowered, repeat - 1.0
+
+
+class KnownSets:
+    """Allowed-token sets of one grammar on one model that need no search (GrammarSampler)."""
+
+    def __init__(self, first: np.ndarray, end: np.ndarray, closes: bool) -> None:
+        self.first = first  # allowed as the first token
+        self.end = end  # the end-of-generation tokens
+        self.closes = closes  # the root is a JSON object or array: complete when it parses
+
+
+def known_sets(vocab: Any, n_vocab: int, grammar: str, constraint: Constraint, end: np.ndarray) -> KnownSets:
+    """The grammar asked once about every token at its start (tens of milliseconds, once per
+    schema and model: the caller keeps the result)."""
+    sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+    if not sampler:
+        raise SchemaError("llama.cpp could not parse the grammar made from the schema.")
+    try:
+        data = (llama_cpp.llama_token_data * n_vocab)()
+        columns = np.frombuffer(data, dtype=np.float32).reshape(n_vocab, 3)
+        columns[:, 0] = np.arange(n_vocab, dtype=np.int32).view(np.float32)
+        columns[:, 1] = 0.0
+        array = llama_cpp.llama_token_data_array(data, n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        kept = columns[: array.size]
+        first = kept[np.isfinite(kept[:, 1]), 0].view(np.int32).copy()
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+    root = constraint.schema
+    closes = constraint.kind == "json" or (
+        constraint.kind == "schema" and root.get("type") in ("object", "array") and "$ref" not in root
+        and not any(k in root for k in ("anyOf", "oneOf", "allOf"))
+    )  # fmt: skip
+    return KnownSets(first, end, closes)
