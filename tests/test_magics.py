@@ -235,7 +235,7 @@ def test_json_format_is_json_mode_and_a_cut_off_object_stays_shown_with_a_one_li
         result = ip.run_cell(f"%%llm -n 12 --seed 2 -f json\n{QUESTION}")
     assert result.error_in_exec is not None
     assert "Raise max_tokens" in str(result.error_in_exec)
-    assert final_answer(captured).data["text/plain"].startswith('{ "')
+    assert final_answer(captured).data["text/plain"].startswith("{")
 
 
 def test_json_format_renders_json_even_inside_a_code_fence() -> None:

@@ -189,3 +189,10 @@ def test_the_default_model_fills_a_schema_and_classifies(default_engine: Engine)
     free_json = default_engine.chat("Describe a cat as a JSON object.", schema="json", max_tokens=300, seed=2)
     assert isinstance(free_json.data, dict)
     assert free_json.text.lstrip().startswith("{")
+
+
+def test_choices_with_quotes_backslashes_control_characters_and_unicode(engine: Engine) -> None:
+    choices = ['say "hi"', "back\\slash", "two\nlines", "ünïcode ✓", "bell\x07"]
+    for seed in range(3):
+        result = engine.generate("Pick:", choices=choices, seed=seed, temperature=1.0)
+        assert result.data in choices

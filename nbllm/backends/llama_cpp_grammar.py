@@ -57,7 +57,7 @@ def grammar_text(constraint: Constraint) -> str:
 def _convert(constraint: Constraint) -> str:
     if constraint.kind == "choices":
         # Plain text, exactly one of the choices (a GBNF string literal is a JSON string).
-        return "root ::= " + " | ".join(json.dumps(choice, ensure_ascii=False) for choice in constraint.choices)
+        return "root ::= " + " | ".join(_literal(choice) for choice in constraint.choices)
     try:
         text = str(json_schema_to_gbnf(json.dumps(dict(constraint.schema))))
     except RecursionError as error:
@@ -76,9 +76,23 @@ def _convert(constraint: Constraint) -> str:
     # No blank space after the value: once it is complete the answer ends (end of turn). With
     # space allowed there, a model that wants to go on ("\n\nQuestion:") wrote whitespace
     # until the rule's limit, one refused token after another.
-    return "\n".join(
-        line.removesuffix(" space") if line.startswith("root ::= ") else line for line in text.splitlines()
+    lines = [line.removesuffix(" space") if line.startswith("root ::= ") else line for line in text.splitlines()]
+    if constraint.kind == "tools":
+        # Text or calls: an answer that does not start with "[" is free text, one that does is
+        # a JSON array of calls (core/tools.py).
+        lines = [line.replace("root ::= ", "tool-calls ::= ", 1) if line.startswith("root ::= ") else line
+                 for line in lines]  # fmt: skip
+        lines += ["root ::= tool-calls | free-text", "free-text ::= [^[] [^\\x00]*"]
+    return "\n".join(lines)
+
+
+def _literal(text: str) -> str:
+    """``text`` as a GBNF string literal: quotes and backslashes escaped, control characters as
+    \\xHH (GBNF knows no \\b or \\f, which json.dumps would write)."""
+    escaped = "".join(
+        "\\" + c if c in '"\\' else f"\\x{ord(c):02X}" if ord(c) < 0x20 or c == "\x7f" else c for c in text
     )
+    return f'"{escaped}"'
 
 
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'

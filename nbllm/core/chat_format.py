@@ -9,6 +9,7 @@ the most on-topic answers, so that is the fallback. Models that carry a template
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,17 +43,49 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         raise ParameterError(
             "messages must be a non-empty list of {'role': 'user'|'assistant'|'system', 'content': str}, or a string."
         )
-    result = []
+    result: list[dict[str, str]] = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ParameterError(f"messages[{index}] must be a dict with 'role' and 'content', not {message!r}.")
         role, content = message.get("role"), message.get("content")
+        from_tool = role == "tool"
+        if from_tool or (role == "assistant" and message.get("tool_calls")):
+            role, content = _tool_message_as_text(index, message)
         if role not in ROLES:
-            raise ParameterError(f"messages[{index}]['role'] = {role!r}: must be one of {', '.join(ROLES)}.")
+            raise ParameterError(f"messages[{index}]['role'] = {role!r}: must be one of {', '.join((*ROLES, 'tool'))}.")
         if not isinstance(content, str):
             raise ParameterError(f"messages[{index}]['content'] must be a string, not {type(content).__name__}.")
+        if from_tool and result and result[-1]["role"] == role:
+            # Tool results after one another become one message: chat templates want user and
+            # assistant turns to alternate.
+            result[-1] = {"role": role, "content": f"{result[-1]['content']}\n\n{content}"}
+            continue
         result.append({"role": role, "content": content})
     return result
+
+
+def _tool_message_as_text(index: int, message: Mapping[str, Any]) -> tuple[str, str]:
+    """A tool call or a tool result as the plain turn the model was taught (core/tools.py): the
+    calls as the JSON array it wrote, a result as a user turn naming the tool."""
+    if message.get("role") == "tool":
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise ParameterError(f"messages[{index}]['content'] (a tool result) must be a string.")
+        name = message.get("name") or message.get("tool_call_id") or "the tool"
+        return "user", f"Result of {name}: {content}"
+    calls = []
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(function, Mapping) or not isinstance(function.get("name"), str):
+            raise ParameterError(f"messages[{index}]['tool_calls'] must be OpenAI tool calls with a function name.")
+        arguments = function.get("arguments", "{}")
+        try:
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError as error:
+            raise ParameterError(f"messages[{index}]: a tool call's arguments are not JSON ({error}).") from None
+        calls.append({"name": function["name"], "arguments": parsed})
+    text = message.get("content") or ""
+    return "assistant", (f"{text}\n" if isinstance(text, str) and text else "") + json.dumps(calls)
 
 
 def transcript(messages: Iterable[Mapping[str, str]]) -> FormattedPrompt:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from nbllm.core.config import Generation, check_value
-from nbllm.core.errors import ParameterError, did_you_mean
+from nbllm.core.errors import ParameterError, SchemaError, did_you_mean
 from nbllm.core.schema import Constraint, make_constraint
+from nbllm.core.tools import ToolSet, make_toolset
 
 # Per-call name -> the config field that gives its default, range and help text.
 _CONFIG_FIELD = {
@@ -24,7 +25,7 @@ _CONFIG_FIELD = {
     "frequency_penalty": "frequency_penalty",
     "seed": "seed",
 }
-PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos", "schema", "choices")
+PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos", "schema", "choices", "tools", "tool_choice")
 MAX_STOPS = 16
 
 
@@ -45,6 +46,8 @@ class GenerationParams:
     ignore_eos: bool = False
     # Structured output (core/schema.py): what the answer must be, or None for free text.
     constraint: Constraint | None = None
+    # Tool calls (core/tools.py): the tools the model may call; their grammar is ``constraint``.
+    tools: ToolSet | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data (cache keys, provenance): a constraint by its kind, name and hash."""
@@ -54,6 +57,10 @@ class GenerationParams:
             del data["constraint"]  # keys of answers cached before structured output stay valid
         else:
             data["constraint"] = self.constraint.describe()
+        if self.tools is None:
+            del data["tools"]
+        else:
+            data["tools"] = self.tools.describe()
         return data
 
 
@@ -91,6 +98,11 @@ def resolve_params(defaults: Generation, overrides: Mapping[str, Any]) -> Genera
     if not isinstance(ignore_eos, bool):
         raise ParameterError(f"ignore_eos = {ignore_eos!r}: must be true or false.")
     constraint = make_constraint(overrides.get("schema"), overrides.get("choices"))
+    tools = make_toolset(overrides.get("tools"), overrides.get("tool_choice"))
+    if tools is not None:
+        if constraint is not None:
+            raise SchemaError("Give tools= or schema= / choices=, not both.")
+        constraint = tools.constraint()
     return GenerationParams(
-        stop=_check_stop(overrides.get("stop")), ignore_eos=ignore_eos, constraint=constraint, **values
+        stop=_check_stop(overrides.get("stop")), ignore_eos=ignore_eos, constraint=constraint, tools=tools, **values
     )

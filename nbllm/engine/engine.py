@@ -27,12 +27,14 @@ from nbllm.core.gguf_file import GGUFInfo, read_gguf
 from nbllm.core.metrics import StatsCollector
 from nbllm.core.params import resolve_params
 from nbllm.core.prompt_cache import PromptCache
+from nbllm.core.tools import ToolCall, with_tool_instructions
 from nbllm.core.units import format_bytes
 from nbllm.engine import pipeline
 from nbllm.engine.batching import BatchScheduler, ManyResult, as_nbllm_error, run_many
 from nbllm.engine.registry import Registry, ResidentModel
 from nbllm.engine.request import Request
 from nbllm.engine.stream import Stream
+from nbllm.engine.tool_loop import run_tool_loop
 from nbllm.host import machine, tuned_settings
 from nbllm.host.gpu import GpuInfo, list_gpus
 
@@ -259,7 +261,10 @@ class Engine:
             if not isinstance(prompt, str):
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
             return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
-        return Request(model=model, params=resolved, messages=tuple(normalize_messages(messages)), use_cache=cache)
+        chat = normalize_messages(messages)
+        if resolved.tools is not None and resolved.tools.choice != "none":
+            chat = with_tool_instructions(chat, resolved.tools)
+        return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache)
 
     def stream(self, request: Request, *, batched: bool = False) -> Stream:
         """Answer ``request`` through the one pipeline. ``batched``: decode together with other
@@ -358,8 +363,24 @@ class Engine:
         return result if stream else result.result()
 
     def chat(
-        self, messages: Any, model: str | None = None, stream: bool = False, cache: bool = True, **params: Any
+        self,
+        messages: Any,
+        model: str | None = None,
+        stream: bool = False,
+        cache: bool = True,
+        *,
+        run_tools: bool = False,
+        max_steps: int = 5,
+        confirm: Callable[[ToolCall], bool] | None = None,
+        tool_timeout: float = 60.0,
+        **params: Any,
     ) -> Any:
+        if run_tools:
+            if stream:
+                raise ParameterError("run_tools=True answers after the tools ran: it cannot stream (stream=False).")
+            return run_tool_loop(
+                self, messages, model, params, cache=cache, max_steps=max_steps, confirm=confirm, timeout=tool_timeout
+            )
         request = self.make_request(messages=messages, model=model, params=params, cache=cache)
         result = self.stream(request)
         return result if stream else result.result()

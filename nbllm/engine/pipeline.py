@@ -144,6 +144,8 @@ def structured_data(request: Request, text: str, stats: RequestStats | None) -> 
     if constraint is None:
         return None
     reason = stats.finish_reason if stats is not None else "unknown"
+    if constraint.kind == "tools" and not text.lstrip().startswith("["):
+        return []  # tool_choice auto, answered in text: text may end anywhere, like any answer
     if reason == "length":
         raise IncompleteAnswerError(
             f"The answer reached max_tokens ({request.params.max_tokens}) before {constraint.name} was complete. "

@@ -32,6 +32,12 @@ class Completion:
     text: str
     stats: RequestStats
     data: Any = None
+    # With tools=: the calls this answer made (empty when it answered in text); with
+    # run_tools=True also the whole exchange, each call as it ran, and the model steps taken.
+    tool_calls: tuple[Any, ...] = ()
+    messages: tuple[dict[str, Any], ...] = ()
+    tool_runs: tuple[Any, ...] = ()
+    steps: int = 1
 
     def __str__(self) -> str:
         return self.text

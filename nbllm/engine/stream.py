@@ -69,6 +69,8 @@ class Stream:
         for _ in self:
             pass
         assert self.stats is not None
+        if self.request.params.tools is not None:
+            return Completion(self.text, self.stats, tool_calls=tuple(self.data or ()))
         return Completion(self.text, self.stats, self.data)
 
     @property
