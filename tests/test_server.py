@@ -304,7 +304,8 @@ def test_max_tokens_above_the_server_limit_is_a_400(client: openai.OpenAI, field
     [
         ({"n": 2}, "n", "one answer per request"),
         ({"logprobs": True}, "logprobs", "not supported"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"tools": "f"}, "tools", "must be a list of OpenAI tools"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         ({"response_format": {"type": "xml"}}, "response_format", "not supported"),
         ({"response_format": {"type": "json_schema"}}, "response_format", "needs"),
         (
@@ -324,7 +325,7 @@ def test_max_tokens_above_the_server_limit_is_a_400(client: openai.OpenAI, field
         ({"temperature": 9}, "temperature", "must be a number from 0.0 to 5.0"),
         ({"seed": -1}, "seed", "seed = -1"),
         ({"messages": []}, "messages", "non-empty list"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "tool messages are not supported"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", "function messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content[0]", "image_url"),
     ],
 )

@@ -190,7 +190,13 @@ class RemoteModel:
             payload.update(top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty)
             if params.ignore_eos:
                 payload["ignore_eos"] = True
-        if params.constraint is not None:
+        if params.tools is not None:  # the server formats and constrains the calls itself
+            payload["tools"] = [tool.as_openai() for tool in params.tools.tools]
+            choice = params.tools.choice
+            payload["tool_choice"] = (
+                choice if choice in ("auto", "none", "required") else {"type": "function", "function": {"name": choice}}
+            )
+        elif params.constraint is not None:
             payload["response_format"] = self._response_format(params)
         if isinstance(prompt, RemotePrompt):
             payload["messages"] = list(prompt.messages)
@@ -236,6 +242,7 @@ class RemoteModel:
     ) -> Iterator[str]:
         matcher = StopMatcher([*params.stop, *prompt.stop])
         finish, chunks, at_stop = "stop", 0, False
+        calls: dict[int, dict[str, str]] = {}  # streamed tool calls, by index: name and arguments text
         try:
             for data in _events(response):
                 if cancel.is_set():
@@ -245,6 +252,11 @@ class RemoteModel:
                     usage.prompt_tokens = int(data["usage"].get("prompt_tokens") or 0)
                     usage.completion_tokens = int(data["usage"].get("completion_tokens") or chunks)
                 for choice in data.get("choices", [])[:1]:
+                    for part in (choice.get("delta") or {}).get("tool_calls") or []:
+                        slot = calls.setdefault(int(part.get("index") or 0), {"name": "", "arguments": ""})
+                        function = part.get("function") or {}
+                        slot["name"] += function.get("name") or ""
+                        slot["arguments"] += function.get("arguments") or ""
                     text = (choice.get("delta") or {}).get("content") or choice.get("text") or ""
                     if text:
                         if chunks == 0:
@@ -263,6 +275,9 @@ class RemoteModel:
                         finish = "length" if choice["finish_reason"] == "length" else "stop"
                 if at_stop:
                     break
+            if calls and finish != "cancelled":
+                # As nbllm writes calls (core/tools.py): the pipeline parses and validates them.
+                yield json.dumps([_call(calls[index]) for index in sorted(calls)])
             if not at_stop and finish != "cancelled":
                 tail = matcher.flush()
                 tail = tail.rstrip() if prompt.trim_whitespace else tail
@@ -359,6 +374,14 @@ class RemoteModel:
 
     def close(self) -> None:
         self._client.close()  # its kept-alive connections
+
+
+def _call(call: dict[str, str]) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call["arguments"] or "{}")
+    except ValueError:
+        arguments = call["arguments"]  # not JSON: the pipeline reports it, with the exchange
+    return {"name": call["name"], "arguments": arguments}
 
 
 def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:

@@ -25,6 +25,7 @@ from traitlets.config import Configurable
 import nbllm
 from nbllm.core.errors import NbllmError
 from nbllm.engine import Stream
+from nbllm.notebook.display import display
 from nbllm.notebook.interpolation import interpolate
 from nbllm.notebook.live_output import (
     AnswerInterrupted,
@@ -44,6 +45,7 @@ from nbllm.notebook.parsers import (
     llm_options,
     structure_params,
 )
+from nbllm.notebook.reports import tool_runs_bundle
 from nbllm.notebook.subcommands import run_subcommand
 
 
@@ -199,6 +201,9 @@ class NbllmMagics(Magics, Configurable):
         # With --schema the answer is JSON, with --choices one word: shown as such unless asked.
         fmt = args.format or ("json" if args.schema else "text" if args.choices else self.default_format)
         structure = structure_params(args, namespace, fmt)
+        if args.run_tools:
+            self._run_tools(args, prompt, structure, fmt)
+            return
         stream = self._start(args, prompt, structure)
         live = LiveOutput(self.ipython, fmt, self.stream_updates_per_second, self.show_stats)
         stopped = consume(stream, live)
@@ -217,6 +222,24 @@ class NbllmMagics(Magics, Configurable):
             namespace[args.out] = data if structure else text
         if fmt == "code" and text.strip():
             self.ipython.set_next_input(extract_code(text), replace=False)
+
+    def _run_tools(self, args: Namespace, prompt: str, structure: dict[str, Any], fmt: str) -> None:
+        """--run-tools: the model calls the functions until it answers; each call is shown
+        collapsed with its arguments and result, then the answer."""
+        engine = nbllm.get_engine()
+        model = args.model or self.default_model
+        completion = engine.chat(
+            self._messages(args, prompt), model=model, cache=not args.no_cache, run_tools=True,
+            **{**generation_params(args), **structure},
+        )  # fmt: skip
+        display(tool_runs_bundle(completion.tool_runs), raw=True)
+        bundle, note = render_answer(completion.text, fmt)
+        display(bundle, raw=True, metadata={"nbllm": {"tools": [r.call.name for r in completion.tool_runs],
+                                                       "steps": completion.steps}})  # fmt: skip
+        if self.show_stats:
+            print(stats_line(completion.stats, False, note))
+        if args.out:
+            self.ipython.user_ns[args.out] = completion
 
     def _start(self, args: Namespace, prompt: str, structure: dict[str, Any]) -> Stream:
         engine = nbllm.get_engine()

@@ -126,6 +126,10 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
         help="answer as data fitting NAME: a pydantic class or JSON Schema dict; 'json': any",
     )
     answer.add_argument("--choices", metavar="A,B,C", help="answer with exactly one of these (classification)")
+    answer.add_argument("--tools", metavar="F,G", help="functions from the notebook the model may call")
+    answer.add_argument(
+        "--run-tools", action="store_true", help="with --tools: run the calls and answer from their results"
+    )
     answer.add_argument("--chat", action="store_true", help="continue the conversation of earlier --chat cells")
     answer.add_argument(
         "--raw", action="store_true", help="continue the text as a plain completion instead of chatting"
@@ -181,6 +185,18 @@ def structure_params(args: Namespace, namespace: Mapping[str, Any], fmt: str) ->
     --format json (JSON mode: a grammar, so the answer always parses)."""
     if args.schema is not None and args.choices is not None:
         raise UsageError("--schema and --choices do not go together: give one of them.")
+    if args.run_tools and not args.tools:
+        raise UsageError("--run-tools needs --tools f,g: the functions the model may call.")
+    if args.tools is not None:
+        if args.schema is not None or args.choices is not None:
+            raise UsageError("--tools does not go with --schema or --choices.")
+        functions = []
+        for name in (part.strip() for part in args.tools.split(",")):
+            if name not in namespace:
+                known = [key for key in namespace if not key.startswith("_") and callable(namespace[key])]
+                raise UsageError(f"--tools: no function {name!r} in this notebook.{did_you_mean(name, known)}")
+            functions.append(namespace[name])
+        return {"tools": functions}
     if args.choices is not None:
         return {"choices": [choice.strip() for choice in args.choices.split(",")]}
     if args.schema is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from typing import Any
@@ -128,3 +129,21 @@ def health_report(data: Mapping[str, Any]) -> Report:
 def settings_table(settings: Settings) -> Table:
     rows = [{"key": key, "value": value, "help": help_text} for key, value, help_text in describe_settings(settings)]
     return Table(rows, columns=["key", "value", "help"], title=f"Settings from {settings.source}")
+
+
+def tool_runs_bundle(runs: Sequence[Any]) -> dict[str, str]:
+    """The calls a --run-tools answer made, each collapsed: arguments, then result or error."""
+    if not runs:
+        return {"text/plain": "(no tool was called)", "text/html": "<i style='color:#6b7280'>no tool was called</i>"}
+    lines, blocks = [], []
+    for run in runs:
+        arguments = ", ".join(f"{key}={value!r}" for key, value in run.call.arguments.items())
+        outcome = f"error: {run.error}" if run.error is not None else repr(run.result)
+        head = f"{run.call.name}({arguments}) -> {outcome[:80]} ({run.seconds:.2f}s)"
+        lines.append(head)
+        blocks.append(
+            f"<details><summary><code>{html.escape(run.call.name)}({html.escape(arguments)})</code> "
+            f"<span style='color:#6b7280'>{run.seconds:.2f}s{' · ' + html.escape(run.error) if run.error else ''}"
+            f"</span></summary><pre>{html.escape(outcome)}</pre></details>"
+        )
+    return {"text/plain": "\n".join(lines), "text/html": "".join(blocks)}

@@ -8,6 +8,7 @@ be read (and tested) on their own.
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import time
@@ -24,8 +25,10 @@ from nbllm.core.errors import (
     NbllmError,
     ParameterError,
     SchemaError,
+    StructuredOutputError,
 )
 from nbllm.core.metrics import RequestStats
+from nbllm.core.tools import ToolCall, ToolSet
 
 Kind = Literal["chat", "completion"]
 
@@ -73,8 +76,6 @@ _UNSUPPORTED_CHAT: dict[str, Callable[[Any], bool]] = {
     "logprobs": _absent,
     "top_logprobs": _absent,
     "logit_bias": _absent,
-    "tools": _absent,
-    "tool_choice": _no_tool_choice,
     "functions": _absent,
     "function_call": _no_tool_choice,
     "modalities": _text_only,
@@ -152,7 +153,7 @@ def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_t
     required = "messages" if kind == "chat" else "prompt"
     known = {
         "model", "stream", "max_tokens", "max_completion_tokens", "response_format", required, *SAMPLING, *IGNORED,
-        *unsupported,
+        *unsupported, *(("tools", "tool_choice") if kind == "chat" else ()),
     }  # fmt: skip
     for name, value in body.items():
         if name not in known:
@@ -172,6 +173,14 @@ def parse_request(kind: Kind, body: Any, *, max_tokens_limit: int, default_max_t
     schema = response_format_schema(body.get("response_format"))
     if schema is not None:
         params["schema"] = schema
+    if kind == "chat" and body.get("tools") not in (None, []):
+        if not isinstance(body["tools"], list):
+            raise _bad("tools must be a list of OpenAI tools.", "tools")
+        params["tools"] = body["tools"]
+        if body.get("tool_choice") is not None:
+            params["tool_choice"] = body["tool_choice"]
+    elif kind == "chat" and body.get("tool_choice") not in (None, "none", "auto"):
+        raise _bad("tool_choice needs tools.", "tool_choice")
     include_usage = stream and _include_usage(body)
     if kind == "chat":
         return ParsedRequest(kind, model, params, stream, include_usage, messages=_messages(body.get("messages")))
@@ -265,21 +274,37 @@ def _include_usage(body: Mapping[str, Any]) -> bool:
     return bool(options.get("include_usage", False))
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise _bad('messages must be a non-empty list such as [{"role": "user", "content": "Hello"}].', "messages")
     return [_message(index, message) for index, message in enumerate(value)]
 
 
-def _message(index: int, message: Any) -> dict[str, str]:
+def _message(index: int, message: Any) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise _bad(f"{where} must be an object with 'role' and 'content'.", where)
     role = message.get("role")
-    if role in ("tool", "function"):
-        raise _bad(f"{where}: {role} messages are not supported (this server has no tool calling).", f"{where}.role")
+    if role == "function":
+        raise _bad(f"{where}: function messages (the old API) are not supported: use tool messages.", f"{where}.role")
+    if role == "tool":  # a tool's result, answering an earlier call
+        return {
+            "role": "tool",
+            "content": _content(message.get("content"), f"{where}.content"),
+            "tool_call_id": str(message.get("tool_call_id") or ""),
+            "name": str(message.get("name") or message.get("tool_call_id") or "the tool"),
+        }
     if role not in _ROLES:
-        raise _bad(f"{where}.role = {role!r}: must be one of system, developer, user, assistant.", f"{where}.role")
+        raise _bad(
+            f"{where}.role = {role!r}: must be one of system, developer, user, assistant, tool.", f"{where}.role"
+        )
+    if role == "assistant" and message.get("tool_calls"):
+        calls = message["tool_calls"]
+        if not isinstance(calls, list):
+            raise _bad(f"{where}.tool_calls must be a list.", f"{where}.tool_calls")
+        content = message.get("content")
+        text = "" if content is None else _content(content, f"{where}.content")
+        return {"role": "assistant", "content": text, "tool_calls": calls}
     return {"role": _ROLES[role], "content": _content(message.get("content"), f"{where}.content")}
 
 
@@ -404,6 +429,7 @@ class Reply:
     kind: Kind
     model: str
     include_usage: bool = False
+    tools: ToolSet | None = None  # the request's tools: an answer may be calls
     id: str = field(default="")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -421,9 +447,27 @@ class Reply:
             "system_fingerprint": _fingerprint(),
         }
 
+    def calls(self, text: str) -> list[ToolCall] | None:
+        """The tool calls an answer made, or None when it is text (or an unfinished call, which
+        goes out as the text it is, with finish_reason "length")."""
+        if self.tools is None or not text.lstrip().startswith("["):
+            return None
+        try:
+            return self.tools.parse(text)
+        except StructuredOutputError:
+            return None
+
     def answer(self, text: str, stats: RequestStats) -> dict[str, Any]:
+        calls = self.calls(text) if self.kind == "chat" else None
+        if calls:
+            message = {
+                "role": "assistant", "content": None, "refusal": None, "tool_calls": [c.as_openai() for c in calls]
+            }  # fmt: skip
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+            head = self._head("chat.completion")
+            return {**head, "choices": [choice], "usage": usage(stats), "nbllm": provenance(stats)}
         if self.kind == "chat":
-            choice: dict[str, Any] = {
+            choice = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": None},
                 "logprobs": None,
@@ -458,10 +502,23 @@ class Reply:
     def piece(self, text: str) -> dict[str, Any]:
         return self._chunk(text)
 
-    def closing(self, stats: RequestStats) -> dict[str, Any]:
-        chunk = self._chunk(None, finish=finish_reason(stats))
+    def closing(self, stats: RequestStats, *, called: bool = False) -> dict[str, Any]:
+        chunk = self._chunk(None, finish="tool_calls" if called else finish_reason(stats))
         chunk["nbllm"] = provenance(stats)
         return chunk
+
+    def call_chunks(self, calls: list[ToolCall]) -> list[dict[str, Any]]:
+        """Streamed tool calls, as OpenAI sends them: each call's id and name, then its arguments."""
+        chunks = []
+        for index, call in enumerate(calls):
+            for delta in (
+                {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}},
+                {"index": index, "function": {"arguments": json.dumps(call.arguments)}},
+            ):
+                chunk = self._chunk(None)
+                chunk["choices"][0]["delta"] = {"tool_calls": [delta]}
+                chunks.append(chunk)
+        return chunks
 
     def usage_chunk(self, stats: RequestStats) -> dict[str, Any]:
         """Sent last when the client asked for ``stream_options: {"include_usage": true}``."""

@@ -128,7 +128,7 @@ async def _answer(request: Request, kind: Kind, options: ServerOptions, schedule
     )
     spec = _resolve_model(engine, parsed.model)
     stream = _open_stream(engine, parsed, batched=options.batched)
-    reply = Reply(kind, spec.name, include_usage=parsed.include_usage)
+    reply = Reply(kind, spec.name, include_usage=parsed.include_usage, tools=stream.request.params.tools)
     async with ClientWatch(request.receive, deadline) as client:
         try:
             generation = await scheduler.start(spec.key, stream, client)
@@ -311,20 +311,41 @@ async def _sse(
         if opening is not None:
             yield _sse_data(opening)
         event = first
+        # With tools, an answer that starts with "[" is calls: held back and sent as tool_calls
+        # deltas once complete. Blank space before the first character is held until it is known.
+        held: list[str] | None = [] if reply.tools is not None and reply.kind == "chat" else None
+        calling = False
         while isinstance(event, str):
-            yield _sse_data(reply.piece(event))
+            if held is not None and not calling:
+                held.append(event)
+                start = "".join(held).lstrip()
+                if start:
+                    calling = start.startswith("[")
+                    if not calling:
+                        yield _sse_data(reply.piece("".join(held)))
+                        held = None
+            elif calling:
+                assert held is not None
+                held.append(event)
+            else:
+                yield _sse_data(reply.piece(event))
             try:
                 event = await before(deadline, generation.next_event())
             except TimedOut:
                 yield _sse_data(_timed_out(options).body())  # the OpenAI client raises on it
                 yield "data: [DONE]\n\n"
                 return
+        calls = reply.calls("".join(held)) if calling and held is not None else None
+        if calling and held is not None and not calls and not isinstance(event, Failed):
+            yield _sse_data(reply.piece("".join(held)))  # an unfinished call: the text it is
         if isinstance(event, Failed):
             yield _sse_data(_failure(event.error, parsed).body())  # the OpenAI client raises on it
         elif event.stats.finish_reason == "cancelled":
             yield _sse_data(_cut_short().body())
         else:
-            yield _sse_data(reply.closing(event.stats))
+            for chunk in reply.call_chunks(calls or []):
+                yield _sse_data(chunk)
+            yield _sse_data(reply.closing(event.stats, called=bool(calls)))
             if reply.include_usage:
                 yield _sse_data(reply.usage_chunk(event.stats))
         yield "data: [DONE]\n\n"
