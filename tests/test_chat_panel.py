@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import nbllm
+from nbllm.core.config import Settings
 from nbllm.core.errors import ModelNotFoundError
 from nbllm.engine import Engine
 from nbllm.notebook.plots import STOPPED_COLOR
@@ -565,3 +566,32 @@ def test_a_stopped_reply_is_marked_in_the_chart(panel: ChatPanel, engine: Engine
     finish(panel)
     assert panel.chart.replies[-1].stopped
     assert list(panel.chart.figure.data[2].marker.color) == [STOPPED_COLOR]
+
+
+def test_tools_run_and_show_collapsed_with_their_results(settings: Settings) -> None:
+    seen: list[tuple[int, int]] = []
+
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        seen.append((a, b))
+        return a + b
+
+    engine = Engine(settings.merged({"performance": {"context_size": 2048}}))
+    panel = ChatPanel(engine, tools=[add], tool_choice="required", max_steps=2)
+    panel.max_tokens.value = 600
+    try:
+        type_and_send(panel, "Add two numbers.")
+        finish(panel)
+        tools = [m for m in panel.messages if m.role == "tool"]
+        assert tools, panel.status_text
+        assert len(seen) == len(tools), "each call ran once"
+        assert tools[0].content == str(sum(seen[0]))
+        assert "<details" in tools[0].view.value
+        calling = [m for m in panel.messages if m.extra.get("tool_calls")]
+        assert "add(" in calling[0].view.value
+        history = panel.history
+        assert history[1]["tool_calls"][0]["function"]["name"] == "add"
+        assert history[2]["role"] == "tool"
+        assert panel.messages[-1].role == "assistant", "the model went on from the results"
+    finally:
+        engine.close()

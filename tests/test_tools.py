@@ -117,6 +117,9 @@ def test_the_loop_runs_the_tools_and_keeps_the_exchange(engine: Engine) -> None:
                     max_tokens=900)  # fmt: skip
     runs, messages = caught.value.runs, caught.value.messages
     assert runs
+    counted = engine.stats.snapshot()
+    assert counted["tool_calls"] == len(runs)
+    assert counted["tool_steps"] == 1
     assert seen == [(r.call.arguments["a"], r.call.arguments["b"]) for r in runs], "the function really ran"
     assert all(r.ok and r.result == r.call.arguments["a"] + r.call.arguments["b"] for r in runs)
     assert messages[1]["role"] == "assistant"

@@ -107,6 +107,10 @@ class StatsCollector:
     prompt_cache_misses: int = 0
     prompt_cache_seconds_saved: float = 0.0
     prefix_seconds_saved: float = 0.0
+    tool_calls: int = 0  # calls run by run_tools=True loops, their model steps and their time
+    tool_errors: int = 0
+    tool_steps: int = 0
+    tool_seconds: float = 0.0
     per_model: dict[str, _ModelTotals] = field(default_factory=dict)
     last: RequestStats | None = None
 
@@ -142,6 +146,15 @@ class StatsCollector:
             totals.completion_tokens += stats.completion_tokens
             totals.generation_seconds += stats.total_seconds
             self.last = stats
+
+    def record_tools(self, calls: int, errors: int, steps: int, seconds: float) -> None:
+        """Count one tool loop: the calls it ran (``errors`` of them failed or were refused),
+        the model steps it took and the time its tools ran."""
+        with self._lock:
+            self.tool_calls += calls
+            self.tool_errors += errors
+            self.tool_steps += steps
+            self.tool_seconds += seconds
 
     def record_error(self, model: str) -> None:
         with self._lock:
@@ -190,6 +203,10 @@ class StatsCollector:
                 "prompt_cache_seconds_saved": self.prompt_cache_seconds_saved,
                 "prefix_seconds_saved": self.prefix_seconds_saved,
                 "time_saved_seconds": self.prompt_cache_seconds_saved + self.prefix_seconds_saved,
+                "tool_calls": self.tool_calls,
+                "tool_errors": self.tool_errors,
+                "tool_steps": self.tool_steps,
+                "tool_seconds": self.tool_seconds,
                 "per_model": per_model,
                 "last_request": self.last.as_dict() if self.last else None,
             }

@@ -262,10 +262,10 @@ class Engine:
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
             return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
         chat = normalize_messages(messages)
-        if resolved.tools is not None and resolved.tools.choice != "none":
-            # A remote server describes the tools to its model itself (they go as OpenAI's tools).
-            if self.registry.resolve(model).remote is None:
-                chat = with_tool_instructions(chat, resolved.tools)
+        tools = resolved.tools
+        # A remote server describes the tools to its model itself (they go as OpenAI's tools).
+        if tools is not None and tools.choice != "none" and self.registry.resolve(model).remote is None:
+            chat = with_tool_instructions(chat, tools)
         return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache)
 
     def stream(self, request: Request, *, batched: bool = False) -> Stream:

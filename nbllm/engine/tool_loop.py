@@ -81,7 +81,30 @@ def run_tool_loop(
                                                         if isinstance(messages, str) else messages)]  # fmt: skip
     normalize_messages(exchange)  # the caller's mistakes, before any model work
     runs: list[ToolRun] = []
-    step_params = dict(params)
+    answered_before = _assistant_turns(exchange)
+    try:
+        return _loop(engine, exchange, model, dict(params), tools, runs, cache, max_steps, confirm, timeout)
+    finally:  # counted however the loop ended: nbllm.stats() shows the calls, steps and tool time
+        steps = _assistant_turns(exchange) - answered_before
+        engine.stats.record_tools(len(runs), sum(1 for r in runs if not r.ok), steps, sum(r.seconds for r in runs))
+
+
+def _assistant_turns(exchange: list[dict[str, Any]]) -> int:
+    return sum(1 for message in exchange if message.get("role") == "assistant")
+
+
+def _loop(
+    engine: Engine,
+    exchange: list[dict[str, Any]],
+    model: str | None,
+    step_params: dict[str, Any],
+    tools: ToolSet,
+    runs: list[ToolRun],
+    cache: bool,
+    max_steps: int,
+    confirm: Callable[[ToolCall], bool] | None,
+    timeout: float,
+) -> Completion:
     for step in range(1, max_steps + 1):
         ran = any(m.get("role") == "tool" for m in exchange)
         try:
@@ -95,9 +118,11 @@ def run_tool_loop(
             {"role": "assistant", "content": "", "tool_calls": [c.as_openai() for c in completion.tool_calls]}
         )
         for call in completion.tool_calls:
-            run = _run(tools, call, confirm, timeout)
+            run = run_call(tools, call, confirm, timeout)
             runs.append(run)
-            exchange.append({"role": "tool", "tool_call_id": call.id, "name": call.name, "content": _for_model(run)})
+            exchange.append(
+                {"role": "tool", "tool_call_id": call.id, "name": call.name, "content": result_for_model(run)}
+            )
         if step_params.get("tool_choice") not in (None, "auto", "none"):
             step_params["tool_choice"] = "auto"  # a forced call is made once; then the model may answer
     raise ToolLoopError(
@@ -108,7 +133,7 @@ def run_tool_loop(
     )
 
 
-def _run(tools: ToolSet, call: ToolCall, confirm: Callable[[ToolCall], bool] | None, timeout: float) -> ToolRun:
+def run_call(tools: ToolSet, call: ToolCall, confirm: Callable[[ToolCall], bool] | None, timeout: float) -> ToolRun:
     tool = tools.by_name(call.name)
     assert tool is not None  # parse() accepts only the set's tools
     assert tool.function is not None  # run_tool_loop checked that each has one
@@ -142,7 +167,8 @@ def _run(tools: ToolSet, call: ToolCall, confirm: Callable[[ToolCall], bool] | N
     return ToolRun(call, result=outcome.get("result"), seconds=seconds)
 
 
-def _for_model(run: ToolRun) -> str:
+def result_for_model(run: ToolRun) -> str:
+    """What the model is told of a call: its result as JSON, or its error."""
     text = json.dumps({"error": run.error}) if run.error is not None else _as_json(run.result)
     return text if len(text) <= MAX_RESULT_CHARS else text[:MAX_RESULT_CHARS] + " ...(cut)"
 

@@ -20,12 +20,15 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from nbllm.core.errors import NbllmError
+from nbllm.core.errors import NbllmError, StructuredOutputError
+from nbllm.core.tools import make_toolset
+from nbllm.engine.tool_loop import result_for_model, run_call
 from nbllm.notebook.plots import ThroughputChart
 from nbllm.notebook.widgets.markdown import to_html
 
@@ -56,12 +59,14 @@ _STATUS_COLORS = {
 class Message:
     """One turn of the conversation and the widget that shows it."""
 
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant" or "tool"
     content: str
     view: Any = field(repr=False)  # an ipywidgets.HTML
     model: str = ""
     stats: RequestStats | None = None
     streaming: bool = False
+    # With tools: an assistant turn's calls (OpenAI's tool_calls), or a tool turn's call and run.
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -86,6 +91,9 @@ class ChatPanel:
         model: str | None = None,
         system_prompt: str = "",
         update_interval: float = 0.1,
+        tools: Sequence[Callable[..., Any]] | None = None,
+        tool_choice: str = "auto",
+        max_steps: int = 5,
     ) -> None:
         if engine is None:
             import nbllm
@@ -93,6 +101,13 @@ class ChatPanel:
             engine = nbllm.get_engine()
         self.engine = engine
         self.update_interval = update_interval
+        # Functions the model may call: each call runs, shows collapsed with its result, and the
+        # reply goes on from there, up to max_steps model turns per message.
+        self.tools = list(tools or [])
+        self.tool_choice = tool_choice  # for a message's first reply; the replies after calls: auto
+        self.max_steps = max_steps
+        if self.tools:
+            make_toolset(self.tools, tool_choice)  # a function that cannot be a tool is refused here, naming it
         self.messages: list[Message] = []
         self.renders = 0  # message redraws while streaming: the throttle's tests read this
         self.chart = ThroughputChart(interval=update_interval, width=CHART_WIDTH)
@@ -123,7 +138,10 @@ class ChatPanel:
     @property
     def history(self) -> list[dict[str, str]]:
         """The conversation as chat messages (without the system prompt)."""
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+        return [
+            {"role": m.role, "content": m.content, **{k: v for k, v in m.extra.items() if k != "run"}}
+            for m in self.messages
+        ]
 
     @property
     def status_text(self) -> str:
@@ -225,12 +243,22 @@ class ChatPanel:
             params["seed"] = seed
         if self.json_mode.value:  # a grammar: every reply is one JSON object
             params["schema"] = "json"
+        elif self.tools:
+            params["tools"] = self.tools
+            params["tool_choice"] = self.tool_choice
         return params
 
     def _run(self, job: _Job) -> None:
-        """The worker thread: consume the stream, redraw now and then, never raise."""
+        """The worker thread: consume the stream, redraw now and then, never raise. With tools,
+        a reply that is calls runs them and the model goes on from their results."""
         try:
             self._consume(job)
+            for _step in range(self.max_steps - 1):
+                follow = self._run_calls(job)
+                if follow is None:
+                    break
+                job = follow
+                self._consume(job)
         except NbllmError as error:
             self._fail(job, str(error))
         except Exception as error:  # a bug must not leave the panel stuck in "busy"
@@ -271,6 +299,38 @@ class ChatPanel:
             self._set_status(f"Stopped: {_final_status(stats)}", "stopped")
         else:
             self._set_status(_final_status(stats), "done")
+
+    def _run_calls(self, job: _Job) -> _Job | None:
+        """Run the calls ``job``'s reply made, if it made any, and start the next reply."""
+        tools = job.stream.request.params.tools
+        stats = job.stream.stats
+        if tools is None or stats is None or stats.finish_reason != "stop":
+            return None
+        try:
+            calls = tools.parse(job.stream.text)
+        except StructuredOutputError:
+            return None
+        if not calls:
+            return None
+        with self._lock:
+            job.message.content = ""
+            job.message.extra = {"tool_calls": [call.as_openai() for call in calls]}
+            self._render(job.message)
+        for call in calls:
+            self._set_status(f"Running {call.name}…", "busy")
+            run = run_call(tools, call, None, 60.0)
+            self._append("tool", result_for_model(run), extra={"tool_call_id": call.id, "name": call.name, "run": run})
+        if job.stream.cancel.is_set():
+            return None
+        model = str(self.model.value)
+        params = {**self._params(None), "tool_choice": "auto"}
+        request = self.engine.make_request(messages=self._conversation(), model=model, params=params)
+        stream = self.engine.stream(request)
+        self.last_stream = stream
+        follow = _Job(stream, self._append("assistant", "", model=model, streaming=True), job.thread)
+        with self._lock:
+            self._job = follow
+        return follow
 
     def _fail(self, job: _Job, error: str) -> None:
         message = job.message
@@ -428,11 +488,13 @@ class ChatPanel:
     def _set_input(self, text: str) -> None:
         self.input.value = text
 
-    def _append(self, role: str, content: str, *, model: str = "", streaming: bool = False) -> Message:
+    def _append(
+        self, role: str, content: str, *, model: str = "", streaming: bool = False, extra: dict[str, Any] | None = None
+    ) -> Message:
         view = widgets.HTML(layout=widgets.Layout(width="100%", margin="2px 0"))
         view.add_class("nbllm-message")
         view.add_class(f"nbllm-{role}")
-        message = Message(role, content, view, model=model, streaming=streaming)
+        message = Message(role, content, view, model=model, streaming=streaming, extra=dict(extra or {}))
         with self._lock:
             self.messages.append(message)
             self._render(message)
@@ -491,7 +553,14 @@ def _without_typed_newline(old: str, new: str) -> str | None:
 
 
 def _bubble(message: Message) -> str:
+    if message.role == "tool":
+        return _tool_bubble(message)
     body = to_html(message.content) if message.content else ""
+    if message.extra.get("tool_calls"):
+        called = ", ".join(
+            f"{c['function']['name']}({c['function']['arguments']})" for c in message.extra["tool_calls"]
+        )
+        body = f"<i>calls</i> <code>{html.escape(called)}</code>"
     if message.streaming:
         body += '<span style="opacity:0.45">▍</span>'
     user = message.role == "user"
@@ -503,6 +572,20 @@ def _bubble(message: Message) -> str:
         'line-height:1.5;font-size:13px;overflow-wrap:anywhere">'
         f'<div style="font-size:11px;opacity:0.6;margin-bottom:1px">{html.escape(name)}</div>'
         f'<div class="nbllm-text">{body}</div>{footer}</div></div>'
+    )
+
+
+def _tool_bubble(message: Message) -> str:
+    """A call and its result, collapsed: one line until opened."""
+    run = message.extra.get("run")
+    name = html.escape(str(message.extra.get("name", "tool")))
+    detail = f"{run.seconds:.2f}s" if run is not None else ""
+    if run is not None and run.error is not None:
+        detail += " · " + html.escape(run.error)
+    return (
+        '<details style="margin:2px 0 2px 12px;font-size:12px;color:var(--jp-content-font-color2,#4b5563)">'
+        f"<summary>tool <code>{name}</code> <span style='opacity:0.7'>{detail}</span></summary>"
+        f"<pre style='white-space:pre-wrap;margin:4px 0'>{html.escape(message.content)}</pre></details>"
     )
 
 
