@@ -738,10 +738,11 @@ class LlamaCppModel:
         """nbllm's sampler chain; with a constraint (passed as ``grammar``), the chain with a
         grammar beside it (llama_cpp_grammar.py)."""
         llm = self._llm
-        chain = sampler_chain(llm._n_vocab, llm.last_n_tokens_size, seed, **options)
         constraint = options.get("grammar")
         if constraint is None:
-            return chain
+            return sampler_chain(llm._n_vocab, llm.last_n_tokens_size, seed, **options)
+        # Top-k goes in front, in the grammar sampler: it remembers the k ids for a refusal.
+        chain = sampler_chain(llm._n_vocab, llm.last_n_tokens_size, seed, **{**options, "top_k": 0})
         grammar = grammar_text(constraint)
         sampler = GrammarSampler(
             chain, self._vocab, llm._n_vocab, grammar, options, llm.last_n_tokens_size, self._piece

@@ -143,6 +143,9 @@ class GrammarSampler:
         self._n_vocab = n_vocab
         top_k = int(options["top_k"])
         self._keep = top_k if 0 < top_k < n_vocab else n_vocab
+        # The chain comes without its top-k (LlamaCppModel._sampler): applied here, first.
+        self._top_k = llama_cpp.llama_sampler_init_top_k(top_k) if self._keep < n_vocab else None
+        self._top_ids: np.ndarray | None = None
         self._margin_base, self._margin_per_logit = _margins(options, last_n)
         self._data = (llama_cpp.llama_token_data * n_vocab)()
         # The candidates as three float32 columns (id, logit, p), filled by numpy, not a loop.
@@ -166,7 +169,7 @@ class GrammarSampler:
         logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
         chain = self._chain.sampler
         self._fill(self._ids, logits)
-        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+        self._apply_chain(chain, remember=True)
         token = self._selected()
         tail = self._utf8_tail(token)
         if tail is None or not self._allowed(token):
@@ -176,7 +179,7 @@ class GrammarSampler:
                 if tail is None:  # a byte token that breaks UTF-8 (the grammar lets those through)
                     refused.append(token)
                 self._fill_allowed(logits, refused)
-                llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+                self._apply_chain(chain, remember=False)
                 token = self._selected()
                 tail = self._utf8_tail(token)
                 if tail is not None:
@@ -223,15 +226,13 @@ class GrammarSampler:
             if np.isfinite(kept).any():
                 return
         n_vocab, look = self._n_vocab, 0
-        # First look: the candidates the chain's top-k just kept, the first k entries of the
-        # array it sorted, so the usual refusal costs no pass over the vocabulary. Only when
-        # they are k different tokens: min_p compacts the survivors to the front, which can
-        # overwrite some of the k with copies of others (then the set is not known to be whole).
-        first = self._columns[: min(self._keep, self.FIRST_LOOK, n_vocab), 0].view(np.int32).copy()
-        if self._keep >= n_vocab or len(np.unique(first)) < len(first):
+        # First look: the k most likely candidates, which top-k just picked for this token (kept
+        # by _apply_chain), so the usual refusal costs no pass over the vocabulary.
+        first = self._top_ids
+        if first is None:
             look = self.FIRST_LOOK
         while True:
-            if look == 0:
+            if look == 0 and first is not None:
                 ids = first
                 rest_below = float(logits[ids].min())
             elif look < n_vocab:
@@ -275,6 +276,15 @@ class GrammarSampler:
             return known.end
         return None
 
+    def _apply_chain(self, chain: Any, *, remember: bool) -> None:
+        """Top-k, then the rest of nbllm's chain (built without its top-k for this sampler): the
+        same chain, with the k most likely ids remembered for a refusal's first look."""
+        if self._top_k is not None:
+            llama_cpp.llama_sampler_apply(self._top_k, ctypes.byref(self._array))
+            if remember:
+                self._top_ids = self._columns[: self._array.size, 0].view(np.int32).copy()
+        llama_cpp.llama_sampler_apply(chain, ctypes.byref(self._array))
+
     def _selected(self) -> int:
         index = self._array.selected
         if not 0 <= index < self._array.size:
@@ -293,6 +303,10 @@ class GrammarSampler:
         if grammar:
             llama_cpp.llama_sampler_free(grammar)
             self._grammar = None
+        top_k = getattr(self, "_top_k", None)
+        if top_k:
+            llama_cpp.llama_sampler_free(top_k)
+            self._top_k = None
 
     def __del__(self) -> None:
         self.close()
