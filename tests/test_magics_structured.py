@@ -109,7 +109,7 @@ def add(a: int, b: int) -> int:
 def test_tools_and_run_tools_in_a_cell(ip: InteractiveShell) -> None:
     ip.user_ns["add"] = add
     with capture_output():
-        run(ip, "%%llm --raw --tools add -n 400 --seed 1\nAdd 2 and 3.")
+        run(ip, "%%llm --tools add -n 400 --seed 1\nAdd 2 and 3.")
     with capture_output() as captured:
         result = ip.run_cell("%%llm --tools add --run-tools -n 400 --seed 1 --out exchange\nAdd 2 and 3.")
     if result.error_in_exec is None:  # the model answered in text after its calls
@@ -119,6 +119,10 @@ def test_tools_and_run_tools_in_a_cell(ip: InteractiveShell) -> None:
         assert all(run_.call.name in shown for run_ in exchange.tool_runs)
     else:  # a random tiny model may call until max_steps: one line that says so
         assert "max_steps" in str(result.error_in_exec)
-    for line, words in [("--run-tools", "needs --tools"), ("--tools ad", "Did you mean 'add'?")]:
+    for line, words in [
+        ("--run-tools", "needs --tools"),
+        ("--tools ad", "Did you mean 'add'?"),
+        ("--raw --tools add", "use chat"),
+    ]:
         failed = ip.run_cell(f"%%llm {line}\nx")
         assert words in str(failed.error_in_exec)

@@ -169,3 +169,5 @@ def test_bad_loop_options_are_clear_errors(engine: Engine) -> None:
         engine.chat("x", tools=[{"type": "function", "function": {"name": "f"}}], run_tools=True)
     with pytest.raises(Exception, match="cannot stream"):
         engine.chat("x", tools=[add], run_tools=True, stream=True)
+    with pytest.raises(Exception, match="use chat"):
+        engine.generate("x", tools=[add])

@@ -260,6 +260,8 @@ class Engine:
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
+            if resolved.tools is not None:
+                raise ParameterError("tools= needs a chat (the tools are described in its messages): use chat().")
             return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
         chat = normalize_messages(messages)
         tools = resolved.tools
