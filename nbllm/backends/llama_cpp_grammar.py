@@ -159,6 +159,7 @@ class GrammarSampler:
         self._known: KnownSets | None = None
         self._text = b""  # the answer so far, for knowing when a JSON object or array is complete
         self._steps = 0
+        self._path: list[int] | None = []  # the tokens so far, while few: the key of known sets
 
     def know(self, known: KnownSets) -> None:
         """Where the allowed tokens are known without a search: at the start, and at the end."""
@@ -186,6 +187,10 @@ class GrammarSampler:
                     break
         self._pending = tail
         self._steps += 1
+        if self._path is not None:
+            self._path.append(token)
+            if len(self._path) > KnownSets.PATH_DEPTH:
+                self._path = None
         if self._known is not None and self._known.closes:
             self._text += self._piece_of(token)
         llama_cpp.llama_sampler_accept(self._grammar, token)
@@ -243,6 +248,8 @@ class GrammarSampler:
             self._fill(ids, logits[ids])
             llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._array))
             kept = self._columns[: self._array.size, 1]
+            if look >= n_vocab:
+                self._remember(ids[np.isfinite(kept)])
             if refused:
                 kept[np.isin(ids, refused)] = -np.inf
             allowed = np.isfinite(kept)
@@ -257,6 +264,18 @@ class GrammarSampler:
                     return
                 raise GenerationError("No token fits the schema's grammar here; the answer cannot be completed.")
             look = min(max(look * 8, self.FIRST_LOOK), n_vocab)
+            if look > 2048 and self._path is not None and self._known is not None:
+                look = n_vocab  # a deep search early in the answer: once in full, then known (_remember)
+
+    def _remember(self, allowed: np.ndarray) -> None:
+        """Keep the whole allowed set found at this point of the answer, for the next answer to
+        the same schema that comes this way (tool names, keys: early positions repeat)."""
+        known = self._known
+        if known is None or self._path is None or len(allowed) > KnownSets.MAX_SET:
+            return
+        if len(known.paths) >= KnownSets.MAX_PATHS:
+            known.paths.clear()
+        known.paths[tuple(self._path)] = allowed.astype(np.int32)
 
     def _exact_candidates(self) -> np.ndarray | None:
         """All the tokens the grammar can allow now, when that is known without asking it about
@@ -268,6 +287,10 @@ class GrammarSampler:
             return None
         if self._steps == 0:
             return known.first
+        if self._path is not None:
+            found = known.paths.get(tuple(self._path))
+            if found is not None:
+                return found
         if known.closes and self._text.rstrip().endswith((b"}", b"]")):
             try:
                 json.loads(self._text)
@@ -332,9 +355,16 @@ def _margins(options: dict[str, Any], last_n: int) -> tuple[float, float]:
 
 
 class KnownSets:
-    """Allowed-token sets of one grammar on one model that need no search (GrammarSampler)."""
+    """Allowed-token sets of one grammar on one model that need no search (GrammarSampler):
+    the first token's, the end's, and those found in full early in earlier answers, by the
+    tokens before them (the grammar's state is a function of those tokens alone)."""
+
+    PATH_DEPTH = 24  # tokens into an answer that its sets are kept for
+    MAX_SET = 4096  # larger sets are cheap to find by sampling: not kept
+    MAX_PATHS = 4096
 
     def __init__(self, first: np.ndarray, end: np.ndarray, closes: bool) -> None:
+        self.paths: dict[tuple[int, ...], np.ndarray] = {}
         self.first = first  # allowed as the first token
         self.end = end  # the end-of-generation tokens
         self.closes = closes  # the root is a JSON object or array: complete when it parses
