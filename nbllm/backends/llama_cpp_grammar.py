@@ -360,8 +360,10 @@ class KnownSets:
     tokens before them (the grammar's state is a function of those tokens alone)."""
 
     PATH_DEPTH = 24  # tokens into an answer that its sets are kept for
-    MAX_SET = 4096  # larger sets are cheap to find by sampling: not kept
-    MAX_PATHS = 4096
+    # Small sets are the costly ones to find (few tokens fit; a larger set is usually found
+    # among the first candidates). At most 256 x 1,024 ids x 4 bytes = 1 MiB per schema.
+    MAX_SET = 1024
+    MAX_PATHS = 256
 
     def __init__(self, first: np.ndarray, end: np.ndarray, closes: bool) -> None:
         self.paths: dict[tuple[int, ...], np.ndarray] = {}
