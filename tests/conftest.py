@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,21 @@ def default_engine(default_model_path: Path, tmp_path_factory: pytest.TempPathFa
     eng = Engine(Settings().merged({"performance": {"context_size": 2048}, "cache": {"enabled": False}}))
     yield eng
     eng.close()
+
+
+@pytest.fixture
+def server(global_engine: Engine) -> Iterator[Any]:
+    """``nbllm serve`` on the global engine, on a free port, with two workers (the server tests')."""
+    from nbllm.server.running import serve_in_background
+
+    handle = serve_in_background(port=0, workers=2)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def client(server: Any) -> Any:
+    """The official OpenAI client, pointed at ``server``."""
+    import openai
+
+    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60.0)

@@ -48,18 +48,6 @@ def settings(settings: Settings) -> Settings:
     return settings.merged({"performance": {"context_size": 2048, "threads": 1}})
 
 
-@pytest.fixture
-def server(global_engine: Engine) -> Iterator[ServerHandle]:
-    handle = serve_in_background(port=0, workers=2)
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def client(server: ServerHandle) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT)
-
-
 def assert_still_serving(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(model="tiny-a", messages=HELLO, max_tokens=4, seed=1)
     assert answer.usage is not None

@@ -5,7 +5,6 @@ and the remote backend passing schemas on to servers that take them."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Literal
 
 import httpx
@@ -17,7 +16,7 @@ pytest.importorskip("fastapi", reason="the server extra is not installed: pip in
 
 from nbllm.core.config import Settings
 from nbllm.engine import Engine
-from nbllm.server.running import ServerHandle, serve_in_background
+from nbllm.server.running import ServerHandle
 
 TIMEOUT = 60.0
 
@@ -32,18 +31,6 @@ class City(BaseModel):
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.merged({"performance": {"context_size": 1024}})
-
-
-@pytest.fixture
-def server(global_engine: Engine) -> Iterator[ServerHandle]:
-    handle = serve_in_background(port=0)
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def client(server: ServerHandle) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT)
 
 
 MESSAGES = [{"role": "user", "content": "Name a city."}]

@@ -4,7 +4,6 @@ tool message sent back, and an agent library (pydantic-ai) completing a tool rou
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import openai
@@ -14,7 +13,7 @@ pytest.importorskip("fastapi", reason="the server extra is not installed: pip in
 
 from nbllm.core.config import Settings
 from nbllm.engine import Engine
-from nbllm.server.running import ServerHandle, serve_in_background
+from nbllm.server.running import ServerHandle
 
 TIMEOUT = 60.0
 WEATHER: list[Any] = [
@@ -37,18 +36,6 @@ ASK: list[Any] = [{"role": "user", "content": "Weather in Lima?"}]
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     return settings.merged({"performance": {"context_size": 2048}})
-
-
-@pytest.fixture
-def server(global_engine: Engine) -> Iterator[ServerHandle]:
-    handle = serve_in_background(port=0)
-    yield handle
-    handle.stop()
-
-
-@pytest.fixture
-def client(server: ServerHandle) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=TIMEOUT)
 
 
 def test_a_required_tool_call_comes_back_as_openai_tool_calls(client: openai.OpenAI) -> None:

@@ -84,7 +84,7 @@ class Constraint:
                 return self._parse(text)
             value = json.loads(text)
         except Exception as error:  # json.JSONDecodeError, pydantic.ValidationError
-            raise StructuredOutputError(f"The answer does not fit {self.name}: {_short(error)}", text) from error
+            raise StructuredOutputError(f"The answer does not fit {self.name}: {short_message(error)}", text) from error
         _validate(value, self.schema, self.name, text)
         return value
 
@@ -137,7 +137,7 @@ def from_json_schema(
     check(plain)
     title = plain.get("title")
     label = name or (title if isinstance(title, str) and title else _schema_label(plain))
-    return Constraint("schema", label, plain, digest=_digest(plain), _parse=parse)
+    return Constraint("schema", label, plain, digest=hashlib.sha256(text.encode()).hexdigest(), _parse=parse)
 
 
 def _from_python(target: Any) -> Constraint:
@@ -353,7 +353,8 @@ def _safe_name(name: str) -> str:
     return cleaned[:64] or "answer"
 
 
-def _short(error: BaseException) -> str:
+def short_message(error: BaseException) -> str:
+    """An error's message on one line, at most 300 characters (pydantic's run to many lines)."""
     text = " ".join(str(error).split())
     return text if len(text) <= 300 else text[:297] + "..."
 

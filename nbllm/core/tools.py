@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbllm.core.errors import SchemaError, StructuredOutputError
-from nbllm.core.schema import Constraint, check
+from nbllm.core.schema import Constraint, check, short_message
 
 MAX_TOOLS = 64
 MAX_CALLS_PER_ANSWER = 4
@@ -132,7 +132,7 @@ class ToolSet:
                 try:
                     arguments = tool.validate(arguments)
                 except Exception as error:  # pydantic.ValidationError
-                    raise StructuredOutputError(f"Call {index} to {tool.name}: {_short(error)}", text) from error
+                    raise StructuredOutputError(f"Call {index} to {tool.name}: {short_message(error)}", text) from error
             calls.append(ToolCall(tool.name, arguments))
         return calls
 
@@ -269,11 +269,6 @@ def _check_name(name: str) -> str:
 
 def _type_name(annotation: Any) -> str:
     return annotation.__name__ if isinstance(annotation, type) else repr(annotation).replace("typing.", "")
-
-
-def _short(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def with_tool_instructions(messages: list[dict[str, str]], tools: ToolSet) -> list[dict[str, str]]:
