@@ -59,7 +59,7 @@ def main() -> None:
     valid, ratios, names = 0, [], []
     for index, prompt in enumerate(prompts):
         try:
-            called = nbllm.chat(prompt, tools=TOOLS, tool_choice="required", max_tokens=200, seed=index)
+            called = nbllm.chat(prompt, tools=TOOLS, tool_choice="required", max_tokens=400, seed=index)
         except nbllm.NbllmError as error:
             print(f"#{index}: {type(error).__name__}: {error}")
             continue

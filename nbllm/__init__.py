@@ -44,7 +44,10 @@ from nbllm.core.units import format_age, format_bytes
 if TYPE_CHECKING:
     from pathlib import Path
 
+    import pandas
+
     from nbllm.engine import Completion, Engine, ManyResult, Stream
+    from nbllm.engine.embedding import Embeddings
     from nbllm.host.machine import HardwareReport
     from nbllm.hub.downloads import Download, Progress
     from nbllm.hub.manager import ModelInfo, VerifyReport
@@ -64,6 +67,7 @@ __all__ = [
     "DownloadError",
     "GenerationError",
     "IncompleteAnswerError",
+    "Index",
     "InsufficientMemoryError",
     "InvalidModelFileError",
     "ModelLoadError",
@@ -74,6 +78,7 @@ __all__ = [
     "SchemaError",
     "Settings",
     "StructuredOutputError",
+    "ask",
     "bench",
     "catalog",
     "chat",
@@ -82,6 +87,7 @@ __all__ = [
     "configure",
     "doctor",
     "download",
+    "embed",
     "generate",
     "generate_many",
     "get_engine",
@@ -95,6 +101,7 @@ __all__ = [
     "remove_model",
     "serve",
     "settings",
+    "similar",
     "stats",
     "tune",
     "unload",
@@ -237,6 +244,58 @@ def chat_many(
     return get_engine().chat_many(
         conversations, model, per_item=per_item, cache=cache, progress=progress, on_result=on_result, **params
     )
+
+
+def embed(
+    texts: Any, model: str | None = None, *, normalize: bool = True, truncate: bool = False, progress: bool = True
+) -> Embeddings:
+    """Vectors for ``texts``: a float32 array, one row per text (a single string: one vector).
+
+    ``model``: an embedding model (default: ``embedding_model`` in the config, the embedded
+    all-MiniLM-L6-v2). Texts are packed into few decodes; vectors are cached on disk per model
+    file, text and options, so embedding the same rows again costs nothing. A text longer than
+    the model reads is an error, or with ``truncate=True`` cut (``result.truncated`` lists them).
+    ``normalize``: unit length, so a dot product is the cosine similarity.
+    """
+    return get_engine().embed(texts, model, normalize=normalize, truncate=truncate, progress=progress)
+
+
+def similar(query: str, texts: Any, k: int = 5, model: str | None = None) -> pandas.DataFrame:
+    """The ``k`` texts (a list, a pandas Series, or an ``Index``) most similar in meaning to
+    ``query``: a DataFrame of text, score (cosine similarity) and index (the text's label).
+    The texts' vectors are cached, so asking again about the same texts is quick."""
+    return get_engine().similar(query, texts, k, model)
+
+
+@overload
+def ask(
+    question: str, docs: Any, model: str | None = ..., *, stream: Literal[False] = ..., k: int = ..., **params: Any
+) -> Completion: ...
+@overload
+def ask(
+    question: str, docs: Any, model: str | None = ..., *, stream: Literal[True], k: int = ..., **params: Any
+) -> Stream: ...
+def ask(
+    question: str,
+    docs: Any,
+    model: str | None = None,
+    *,
+    stream: bool = False,
+    k: int = 4,
+    embedding_model: str | None = None,
+    progress: bool = True,
+    **params: Any,
+) -> Completion | Stream:
+    """Answer ``question`` from your documents: ``docs`` is a text, a list of texts, a pandas
+    Series, a ``{name: text}`` dict, a file or folder path (text, Markdown, Python, notebooks'
+    cells...), or an ``Index``. They are chunked and embedded (cached), the ``k`` passages most
+    like the question go to the chat model ``model`` as numbered sources, and the answer cites
+    them; ``answer.sources`` lists each with where it came from (file and lines, cell, row).
+    Other parameters as for ``chat``; ``stream=True`` streams like every answer."""
+    result: Completion | Stream = get_engine().ask(
+        question, docs, model, embedding_model=embedding_model, k=k, stream=stream, progress=progress, **params
+    )
+    return result
 
 
 def load(name: str | None = None) -> Table:
@@ -469,6 +528,11 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module("nbllm.notebook.plots")
+    if name == "Index":  # loads the engine's modules: only when asked for
+        from nbllm.engine import search
+
+        search.use_engine(get_engine)
+        return search.Index
     if name == "ModelsPanel":
         from nbllm.notebook.widgets.models import ModelsPanel
 

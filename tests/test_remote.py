@@ -23,7 +23,7 @@ from nbllm.core.config import Settings
 from nbllm.core.errors import GenerationError, ModelLoadError, ModelNotFoundError, NbllmError
 from nbllm.engine import Engine
 from nbllm.measure import tuner
-from tests.servers import free_port
+from tests.servers import free_port, serving
 
 
 @pytest.fixture(scope="module")
@@ -282,13 +282,8 @@ class TinyHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def tiny_server() -> Iterator[TinyServer]:
-    server = TinyServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(10)
+    with serving(TinyServer()) as server:
+        yield server
 
 
 def tiny_engine(settings: Settings, server: TinyServer, **config: object) -> Engine:

@@ -341,9 +341,9 @@ def test_harmless_openai_fields_are_accepted_and_text_parts_are_read(client: ope
 
 
 def test_unknown_endpoints_are_404s_in_openai_format(server: ServerHandle) -> None:
-    response = post(server, "/v1/embeddings", json={"input": "x"})
+    response = post(server, "/v1/audio/speech", json={"input": "x"})
     assert response.status_code == 404
-    assert "Invalid URL (POST /v1/embeddings)" in error_of(response)["message"]
+    assert "Invalid URL (POST /v1/audio/speech)" in error_of(response)["message"]
 
 
 # ---------------------------------------------------------------------------------- access

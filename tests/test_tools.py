@@ -171,3 +171,25 @@ def test_bad_loop_options_are_clear_errors(engine: Engine) -> None:
         engine.chat("x", tools=[add], run_tools=True, stream=True)
     with pytest.raises(Exception, match="use chat"):
         engine.generate("x", tools=[add])
+
+
+def test_the_default_model_calls_a_tool_and_answers_from_its_result(default_engine: Engine) -> None:
+    called: list[dict[str, object]] = []
+
+    def weather(city: Literal["Paris", "Lima", "Oslo"], unit: Literal["C", "F"] = "C") -> dict[str, object]:
+        """The current weather in a city."""
+        called.append({"city": city, "unit": unit})
+        return get_weather(city, unit)
+
+    asked = default_engine.chat("What is the weather in Lima?", tools=[weather, add], tool_choice="required",
+                                max_tokens=200, seed=1)  # fmt: skip
+    assert asked.tool_calls
+    for call in asked.tool_calls:
+        assert call.name in ("weather", "add")
+    result = default_engine.chat("What is the weather in Lima?", tools=[weather], tool_choice="weather",
+                                 run_tools=True, max_steps=3, max_tokens=200, seed=1)  # fmt: skip
+    assert called  # the function really ran, with arguments that fit its signature
+    assert called[0]["city"] in ("Paris", "Lima", "Oslo")
+    assert result.tool_runs[0].result == get_weather(called[0]["city"], called[0]["unit"])  # type: ignore[arg-type]
+    assert result.messages[-1]["role"] == "assistant"
+    assert result.text == result.messages[-1]["content"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -58,6 +58,9 @@ class LoadSettings:
     use_mlock: bool
     flash_attention: bool
     prefix_cache_bytes: int = 0  # KV snapshots kept for prefix reuse across requests
+    # An embedding model's pooling ("mean", "cls", "last"; GGUFInfo.pooling): loaded in llama.cpp's
+    # embedding mode, with context_size = batch_size, to embed (LoadedModel.embed), not to generate.
+    pooling: str | None = None
 
 
 @dataclass
@@ -74,12 +77,21 @@ class Usage:
 # ---------------------------------------------------------------------------- batches
 
 
+@dataclass
+class EmbeddedTexts:
+    """Pooled vectors (not normalized), one row per text, and what it took."""
+
+    vectors: Any  # numpy float32 array, (texts, dimensions)
+    tokens: int  # tokens read, all texts together
+    truncated: tuple[int, ...] = ()  # positions of the texts that were cut to fit
+
+
 @dataclass(eq=False)
 class BatchItem:
     """One prompt for a batch loop, with where its results go."""
 
     key: Any  # the caller's name for it (an index, a ticket)
-    prompt: FormattedPrompt | list[dict[str, str]]  # text, or chat messages the model formats
+    prompt: FormattedPrompt | list[dict[str, Any]]  # text, or chat messages the model formats
     params: GenerationParams
     seed: int
     sink: Callable[[BatchEvent], None]
@@ -117,7 +129,9 @@ class LoadedModel(Protocol):
     @property
     def context_size(self) -> int: ...
 
-    def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt: ...
+    def format_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> FormattedPrompt: ...
 
     def count_tokens(self, prompt: FormattedPrompt) -> int: ...
 
@@ -153,6 +167,14 @@ class LoadedModel(Protocol):
     def timed_decode(self, kind: str, n_tokens: int, seed: int = 0) -> float:
         """Seconds to read a prompt of ``n_tokens`` (``kind="pp"``) or to generate ``n_tokens``
         (``"tg"``): llama-bench's two measurements, for the tuner and ``nbllm.bench``."""
+        ...
+
+    def embed(
+        self, texts: Sequence[str], *, truncate: bool, on_progress: Callable[[int], None], cancel: threading.Event
+    ) -> EmbeddedTexts:
+        """Pooled, unnormalized vectors of ``texts`` (an embedding model's); ``on_progress(n)``
+        after each n texts. ``ContextLengthError`` before any work for a text that is too long,
+        unless ``truncate``."""
         ...
 
     def set_threads(self, threads: int) -> None: ...

@@ -19,7 +19,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -28,9 +28,10 @@ import llama_cpp
 import numpy as np
 from llama_cpp import _internals as internals
 
-from nbllm.backends.base import BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
+from nbllm.backends.base import BatchItem, BatchProgress, EmbeddedTexts, LoadSettings, ModelSpec, Usage
 from nbllm.backends.compute_thread import ComputeThreads
 from nbllm.backends.llama_cpp_batch import BatchDecoder
+from nbllm.backends.llama_cpp_embed import POOLING_CODES, embed_token_lists, tokenize_all
 from nbllm.backends.llama_cpp_grammar import GrammarSampler, KnownSets, grammar_text, known_sets
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
@@ -274,6 +275,9 @@ class LlamaCppModel:
                 _interrupts_inside_callbacks() as interrupted,
                 _errors_held() as held,
             ):
+                embedding = (
+                    {"embedding": True, "pooling_type": POOLING_CODES[settings.pooling]} if settings.pooling else {}
+                )
                 self._llm = _Llama(
                     model_path=str(path),
                     n_ctx=settings.context_size,
@@ -286,6 +290,7 @@ class LlamaCppModel:
                     use_mlock=settings.use_mlock,
                     flash_attn=settings.flash_attention,
                     verbose=True,
+                    **embedding,
                 )
         except Exception as error:  # whatever llama-cpp-python raises: ValueError, RuntimeError, OSError...
             if settings.gpu_layers > 0 and _out_of_memory_reported():
@@ -341,14 +346,17 @@ class LlamaCppModel:
     def has_chat_template(self) -> bool:
         return self._template is not None
 
-    def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
+    def format_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> FormattedPrompt:
         """The chat in the model's template (rendered under nbllm's limits; a template that fails
-        on it gives the plain transcript and a warning, see chat_template.py), or the transcript."""
-        from nbllm.core.chat_format import transcript
+        on it gives the plain transcript and a warning, see chat_template.py), or the transcript.
+        ``tools`` go to a template that renders them (GenerationParams.template_tools)."""
+        from nbllm.core.chat_format import plain_turns, transcript
 
         if self._template is None:
-            return transcript(messages)
-        return self._template.format(messages)
+            return transcript(plain_turns(messages))
+        return self._template.format(messages, tools)
 
     def _tokenize(
         self, prompt: FormattedPrompt, capacity: int | None = None, room: str = "the context holds"
@@ -505,6 +513,18 @@ class LlamaCppModel:
 
     def _run_on_worker(self, function: Callable[[], float]) -> float:
         return float(_wait(self._worker.submit(function)))
+
+    def embed(
+        self, texts: Sequence[str], *, truncate: bool, on_progress: Callable[[int], None], cancel: threading.Event
+    ) -> EmbeddedTexts:
+        """Pooled vectors of ``texts`` (llama_cpp_embed.py), on a compute thread of its own."""
+        llm = self._llm
+        if not self.settings.pooling:
+            raise GenerationError(f"{self.path.name} was not loaded as an embedding model.")
+        trained = int(llm._model.n_ctx_train()) or llm.n_batch
+        token_lists, truncated = tokenize_all(llm, texts, min(trained, int(llm.n_batch)), truncate)
+        vectors = _wait(self._worker.submit(lambda: embed_token_lists(llm, token_lists, on_progress, cancel)))
+        return EmbeddedTexts(vectors, sum(len(t) for t in token_lists), tuple(truncated))
 
     def _stream(
         self,
@@ -725,7 +745,7 @@ class LlamaCppModel:
             piece_of=self._piece,
             tokenize=lambda prompt, capacity: self._tokenize(prompt, capacity, "a batched sequence holds"),
             make_sampler=self._make_sampler,
-            format_chat=lambda messages: self.format_chat(messages),
+            format_chat=self.format_chat,
         )
         return self._batcher
 

@@ -73,7 +73,7 @@ class BatchDecoder:
         # the given number of tokens, before tokenizing it.
         tokenize: Callable[[FormattedPrompt, int], list[int]],
         make_sampler: Callable[[GenerationParams, int], Any],
-        format_chat: Callable[[list[dict[str, str]]], FormattedPrompt],
+        format_chat: Callable[[list[dict[str, Any]], list[dict[str, Any]] | None], FormattedPrompt],
     ) -> None:
         self.parallel = parallel
         self.seq_context = seq_context
@@ -192,7 +192,11 @@ class BatchDecoder:
     def _start(self, seq_id: int, item: BatchItem) -> _Slot:
         # A chat is formatted here, by the model (its template or the transcript): stop
         # sequences and trimming come with it.
-        formatted = item.prompt if isinstance(item.prompt, FormattedPrompt) else self._format(item.prompt)
+        formatted = (
+            item.prompt
+            if isinstance(item.prompt, FormattedPrompt)
+            else self._format(item.prompt, item.params.template_tools())
+        )
         stops, trim = formatted.stop, formatted.trim_whitespace
         tokens = self._tokenize(formatted, self.seq_context)
         if not tokens:

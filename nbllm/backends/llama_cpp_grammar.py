@@ -77,13 +77,29 @@ def _convert(constraint: Constraint) -> str:
     # space allowed there, a model that wants to go on ("\n\nQuestion:") wrote whitespace
     # until the rule's limit, one refused token after another.
     lines = [line.removesuffix(" space") if line.startswith("root ::= ") else line for line in text.splitlines()]
+    syntax = constraint.syntax
+    if syntax is None:
+        return "\n".join(lines)
+    # Tool calls (core/tool_syntax.py): the schema's value is one call, framed as the model
+    # writes it (Hermes' <tool_call> blocks, up to ``most`` of them), or the whole answer.
+    lines = [line.replace("root ::= ", "call ::= ", 1) if line.startswith("root ::= ") else line for line in lines]
+    if syntax.framed:
+        block = f"{_literal(syntax.opener)} call {_literal(syntax.closer)}"
+        more = f" ({_literal(syntax.separator)} {block}){{0,{syntax.most - 1}}}" if syntax.most > 1 else ""
+        lines.append(f"tool-calls ::= {block}{more}")
+    else:
+        lines.append("tool-calls ::= call")
     if constraint.kind == "tools":
-        # Text or calls: an answer that does not start with "[" is free text, one that does is
-        # a JSON array of calls (core/tools.py).
-        lines = [line.replace("root ::= ", "tool-calls ::= ", 1) if line.startswith("root ::= ") else line
-                 for line in lines]  # fmt: skip
-        lines += ["root ::= tool-calls | free-text", "free-text ::= [^[] [^\\x00]*"]
+        # Text or calls (tool_choice auto): an answer that does not start as a call does is text.
+        lines += ["root ::= tool-calls | free-text", f"free-text ::= [^{_class_char(syntax.opener[0])}] [^\\x00]*"]
+    else:
+        lines.append("root ::= tool-calls")
     return "\n".join(lines)
+
+
+def _class_char(character: str) -> str:
+    """``character`` inside a GBNF character class."""
+    return "\\" + character if character in "[]^-\\" else character
 
 
 def _literal(text: str) -> str:
@@ -123,6 +139,8 @@ class GrammarSampler:
 
     FAR = 20.0
     FIRST_LOOK = 256
+    SORTED_LOOK = 2048
+    DEEP_LOOK = 16384
 
     def __init__(
         self,
@@ -236,13 +254,21 @@ class GrammarSampler:
         first = self._top_ids
         if first is None:
             look = self.FIRST_LOOK
+        ranked: np.ndarray | None = None  # the SORTED_LOOK most likely, best first: one pass for two looks
         while True:
             if look == 0 and first is not None:
                 ids = first
                 rest_below = float(logits[ids].min())
+            elif look <= self.SORTED_LOOK:
+                if ranked is None:
+                    size = min(self.SORTED_LOOK, n_vocab)
+                    top = np.argpartition(logits, n_vocab - size)[n_vocab - size :]
+                    ranked = top[np.argsort(-logits[top], kind="stable")].astype(np.int32)
+                ids = ranked[:look]
+                rest_below = float(logits[ids[-1]])  # every candidate not looked at is at most this
             elif look < n_vocab:
                 ids = np.argpartition(logits, n_vocab - look)[n_vocab - look :].astype(np.int32)
-                rest_below = float(logits[ids].min())  # every candidate not looked at is at most this
+                rest_below = float(logits[ids].min())
             else:
                 ids, rest_below = self._ids, -np.inf
             self._fill(ids, logits[ids])
@@ -264,8 +290,12 @@ class GrammarSampler:
                     return
                 raise GenerationError("No token fits the schema's grammar here; the answer cannot be completed.")
             look = min(max(look * 8, self.FIRST_LOOK), n_vocab)
-            if look > 2048 and self._path is not None and self._known is not None:
-                look = n_vocab  # a deep search early in the answer: once in full, then known (_remember)
+            if look > self.DEEP_LOOK and self._path is not None and self._known is not None:
+                # A search this deep early in the answer: once in full, then known (_remember).
+                # Only this deep: a full pass costs ~50 ms on a 262k vocabulary, a look of
+                # DEEP_LOOK a few, and early positions that differ between answers (argument
+                # values) would pay the full pass without ever being met again.
+                look = n_vocab
 
     def _remember(self, allowed: np.ndarray) -> None:
         """Keep the whole allowed set found at this point of the answer, for the next answer to
@@ -390,8 +420,9 @@ def known_sets(vocab: Any, n_vocab: int, grammar: str, constraint: Constraint, e
     finally:
         llama_cpp.llama_sampler_free(sampler)
     root = constraint.schema
+    framed = constraint.syntax is not None and constraint.syntax.framed  # the answer is more than the value
     closes = constraint.kind == "json" or (
         constraint.kind == "schema" and root.get("type") in ("object", "array") and "$ref" not in root
-        and not any(k in root for k in ("anyOf", "oneOf", "allOf"))
+        and not any(k in root for k in ("anyOf", "oneOf", "allOf")) and not framed
     )  # fmt: skip
     return KnownSets(first, end, closes)

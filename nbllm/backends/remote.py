@@ -13,6 +13,7 @@ connecting and on each read.
 
 from __future__ import annotations
 
+import base64
 import json
 import queue
 import ssl
@@ -20,15 +21,16 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
-from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress, LoadSettings, ModelSpec, Usage
+from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress, EmbeddedTexts, LoadSettings, ModelSpec, Usage
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.config import RemoteModel as RemoteConfig
 from nbllm.core.errors import GenerationError, ModelLoadError, NbllmError
@@ -163,7 +165,41 @@ class RemoteModel:
             response.close()
         return [str(entry.get("id")) for entry in listing.get("data", [])]
 
-    def format_chat(self, messages: Sequence[dict[str, str]]) -> FormattedPrompt:
+    def embed(
+        self, texts: Sequence[str], *, truncate: bool, on_progress: Callable[[int], None], cancel: threading.Event
+    ) -> EmbeddedTexts:
+        """OpenAI's ``POST /embeddings``, in slices of EMBED_SLICE texts (a server limits a
+        request's inputs). The server decides about texts too long for its model."""
+        rows: list[list[float]] = []
+        tokens = 0
+        for start in range(0, len(texts), EMBED_SLICE):
+            if cancel.is_set():
+                raise KeyboardInterrupt
+            part = list(texts[start : start + EMBED_SLICE])
+            try:
+                response = self._request("/embeddings", {"model": self.model, "input": part})
+            except _StatusError as error:
+                if error.status in (404, 405, 501):
+                    raise GenerationError(
+                        f"The server at {self.url} has no embeddings endpoint ({error.status}): {self.name} cannot "
+                        "embed there. Use a local embedding model (nbllm.embed without model=) or a server with one."
+                    ) from error
+                raise
+            try:
+                body = json.loads(response.read().decode("utf-8"))
+            except ValueError as error:
+                raise GenerationError(f"The server at {self.url} sent embeddings that are not JSON.") from error
+            finally:
+                response.close()
+            rows += _embedding_rows(body, len(part), self.url)
+            tokens += int((body.get("usage") or {}).get("prompt_tokens") or 0)
+            on_progress(len(part))
+        return EmbeddedTexts(np.asarray(rows, dtype=np.float32), tokens)
+
+    def format_chat(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> FormattedPrompt:
+        # The server formats the chat, and is given the tools as OpenAI's tools (_payload).
         return RemotePrompt(text="", messages=tuple(dict(m) for m in messages), trim_whitespace=True)
 
     def count_tokens(self, prompt: FormattedPrompt) -> int:
@@ -199,7 +235,7 @@ class RemoteModel:
         elif params.constraint is not None:
             payload["response_format"] = self._response_format(params)
         if isinstance(prompt, RemotePrompt):
-            payload["messages"] = list(prompt.messages)
+            payload["messages"] = [_wire_message(message) for message in prompt.messages]
             return "/chat/completions", payload
         payload["prompt"] = prompt.text
         return "/completions", payload
@@ -382,6 +418,46 @@ def _call(call: dict[str, str]) -> dict[str, Any]:
     except ValueError:
         arguments = call["arguments"]  # not JSON: the pipeline reports it, with the exchange
     return {"name": call["name"], "arguments": arguments}
+
+
+EMBED_SLICE = 256  # texts per embeddings request
+
+
+def _embedding_rows(body: Any, count: int, url: str) -> list[list[float]]:
+    """The vectors of an OpenAI embeddings answer, in input order, checked: one per input, all of
+    one length, numbers only."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, list) or len(data) != count:
+        raise GenerationError(f"The server at {url} answered with {len(data) if isinstance(data, list) else 'no'} "
+                              f"embeddings for {count} texts.")  # fmt: skip
+    rows: list[list[float]] = [[] for _ in range(count)]
+    for position, entry in enumerate(data):
+        index = entry.get("index", position) if isinstance(entry, dict) else None
+        vector = entry.get("embedding") if isinstance(entry, dict) else None
+        if not isinstance(index, int) or not 0 <= index < count or rows[index]:
+            raise GenerationError(f"The server at {url} sent an embedding with a wrong index ({index!r}).")
+        if isinstance(vector, str):  # base64, if the server ignored encoding_format
+            vector = np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
+        if not isinstance(vector, list) or not vector or not all(isinstance(x, (int, float)) for x in vector):
+            raise GenerationError(f"The server at {url} sent an embedding that is not a list of numbers.")
+        rows[index] = vector
+    if len({len(row) for row in rows}) != 1:
+        raise GenerationError(f"The server at {url} sent embeddings of different lengths.")
+    return rows
+
+
+def _wire_message(message: Mapping[str, Any]) -> dict[str, Any]:
+    """A message as OpenAI's API takes it: a tool call's arguments as JSON text (nbllm keeps
+    them as objects, as chat templates take them)."""
+    calls = message.get("tool_calls")
+    if not calls:
+        return dict(message)
+    wired = [
+        {**call, "function": {**call["function"], "arguments": json.dumps(call["function"]["arguments"])}}
+        if not isinstance(call["function"].get("arguments"), str) else call
+        for call in calls
+    ]  # fmt: skip
+    return {**message, "tool_calls": wired}
 
 
 def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:

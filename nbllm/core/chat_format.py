@@ -35,21 +35,29 @@ class FormattedPrompt:
     trim_whitespace: bool = False
 
 
-def normalize_messages(messages: Any) -> list[dict[str, str]]:
-    """Validated ``[{'role': ..., 'content': ...}]``; a bare string is one user message."""
+def normalize_messages(messages: Any, *, tool_turns: bool = False) -> list[dict[str, Any]]:
+    """Validated ``[{'role': ..., 'content': ...}]``; a bare string is one user message.
+
+    Tool calls and results become plain turns as nbllm's instructions describe them
+    (core/tools.py), unless ``tool_turns``: for a chat template that renders tools itself, they
+    stay OpenAI's messages (role "tool"; an assistant's ``tool_calls`` with their arguments as
+    objects, which templates write with ``tojson``)."""
     if isinstance(messages, str):
         return [{"role": "user", "content": messages}]
     if not isinstance(messages, Sequence) or not messages:
         raise ParameterError(
             "messages must be a non-empty list of {'role': 'user'|'assistant'|'system', 'content': str}, or a string."
         )
-    result: list[dict[str, str]] = []
+    result: list[dict[str, Any]] = []
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ParameterError(f"messages[{index}] must be a dict with 'role' and 'content', not {message!r}.")
         role, content = message.get("role"), message.get("content")
         from_tool = role == "tool"
         if from_tool or (role == "assistant" and message.get("tool_calls")):
+            if tool_turns:
+                result.append(_tool_turn(index, message))
+                continue
             role, content = _tool_message_as_text(index, message)
         if role not in ROLES:
             raise ParameterError(f"messages[{index}]['role'] = {role!r}: must be one of {', '.join((*ROLES, 'tool'))}.")
@@ -64,15 +72,31 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
     return result
 
 
-def _tool_message_as_text(index: int, message: Mapping[str, Any]) -> tuple[str, str]:
-    """A tool call or a tool result as the plain turn the model was taught (core/tools.py): the
-    calls as the JSON array it wrote, a result as a user turn naming the tool."""
+def _tool_turn(index: int, message: Mapping[str, Any]) -> dict[str, Any]:
+    """A tool call or result as a template that renders tools takes it."""
     if message.get("role") == "tool":
-        content = message.get("content")
-        if not isinstance(content, str):
-            raise ParameterError(f"messages[{index}]['content'] (a tool result) must be a string.")
-        name = message.get("name") or message.get("tool_call_id") or "the tool"
-        return "user", f"Result of {name}: {content}"
+        content = _result_text(index, message)
+        name = str(message.get("name") or message.get("tool_call_id") or "the tool")
+        return {"role": "tool", "content": content, "name": name, "tool_call_id": str(message.get("tool_call_id", ""))}
+    text = message.get("content") or ""
+    if not isinstance(text, str):
+        raise ParameterError(f"messages[{index}]['content'] must be a string, not {type(text).__name__}.")
+    calls = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        for call_id, name, arguments in _calls(index, message)
+    ]
+    return {"role": "assistant", "content": text, "tool_calls": calls}
+
+
+def _result_text(index: int, message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if not isinstance(content, str):
+        raise ParameterError(f"messages[{index}]['content'] (a tool result) must be a string.")
+    return content
+
+
+def _calls(index: int, message: Mapping[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, name, arguments) of each OpenAI tool call in an assistant message."""
     calls = []
     for call in message.get("tool_calls") or []:
         function = call.get("function") if isinstance(call, Mapping) else None
@@ -83,9 +107,27 @@ def _tool_message_as_text(index: int, message: Mapping[str, Any]) -> tuple[str, 
             parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
         except ValueError as error:
             raise ParameterError(f"messages[{index}]: a tool call's arguments are not JSON ({error}).") from None
-        calls.append({"name": function["name"], "arguments": parsed})
+        if not isinstance(parsed, Mapping):
+            raise ParameterError(f"messages[{index}]: a tool call's arguments must be a JSON object.")
+        calls.append((str(call.get("id") or ""), function["name"], dict(parsed)))
+    return calls
+
+
+def _tool_message_as_text(index: int, message: Mapping[str, Any]) -> tuple[str, str]:
+    """A tool call or a tool result as the plain turn the model was taught (core/tools.py): the
+    calls as the JSON array it wrote, a result as a user turn naming the tool."""
+    if message.get("role") == "tool":
+        content = _result_text(index, message)
+        name = message.get("name") or message.get("tool_call_id") or "the tool"
+        return "user", f"Result of {name}: {content}"
+    calls = [{"name": name, "arguments": arguments} for _, name, arguments in _calls(index, message)]
     text = message.get("content") or ""
     return "assistant", (f"{text}\n" if isinstance(text, str) and text else "") + json.dumps(calls)
+
+
+def plain_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """Messages with tool turns as plain text (for the transcript, which knows no tools)."""
+    return [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
 
 
 def transcript(messages: Iterable[Mapping[str, str]]) -> FormattedPrompt:

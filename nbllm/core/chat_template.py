@@ -64,7 +64,7 @@ from jinja2 import nodes
 from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from nbllm.core.chat_format import FormattedPrompt, transcript
+from nbllm.core.chat_format import FormattedPrompt, plain_turns, transcript
 from nbllm.core.errors import ChatTemplateError
 
 T = TypeVar("T")
@@ -610,10 +610,18 @@ class ChatTemplate:
                 f"The chat template in {name} does not compile: {_one_line(reason) or type(error).__name__}. {_FIX}"
             ) from None
 
-    def render(self, messages: Sequence[Mapping[str, str]]) -> str:
-        """The prompt text; ``ChatTemplateError`` past a limit, the template's own error if it fails."""
+    def render(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None) -> str:
+        """The prompt text; ``ChatTemplateError`` past a limit, the template's own error if it fails.
+
+        ``tools`` (OpenAI tool dicts) go to templates that describe tools themselves."""
         conversation = [dict(message) for message in messages]
-        allowance = ALLOWANCE + sum(2 * len(m.get("content") or "") + PER_MESSAGE for m in conversation)
+        # What the template may write grows with what it is given: the messages' text, their
+        # tool calls and the tools' descriptions (JSON, maybe indented: counted twice over).
+        given = sum(
+            len(m.get("content") or "") + len(json.dumps(m.get("tool_calls") or "", default=str)) for m in conversation
+        )
+        given += len(json.dumps(list(tools), default=str)) if tools else 0
+        allowance = ALLOWANCE + 2 * given + PER_MESSAGE * len(conversation)
 
         def render_here() -> str:
             _limits.chars = _limits.steps = allowance
@@ -627,7 +635,7 @@ class ChatTemplate:
                 strftime_now=_strftime_now,
                 functions=None,
                 function_call=None,
-                tools=None,
+                tools=[dict(tool) for tool in tools] if tools else None,
                 tool_choice=None,
             ):
                 size += len(piece)
@@ -648,11 +656,13 @@ class ChatTemplate:
         except MemoryError:
             raise ChatTemplateError(f"The chat template in {self.name} ran out of memory. {_FIX}") from None
 
-    def format(self, messages: Sequence[Mapping[str, str]]) -> FormattedPrompt:
+    def format(
+        self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> FormattedPrompt:
         """The chat as this template writes it, or, if the template fails on it, as nbllm's plain
         transcript with a one-line warning (see the module docstring for why)."""
         try:
-            text = self.render(messages)
+            text = self.render(messages, tools)
         except ChatTemplateError:
             raise
         except Exception as error:
@@ -665,7 +675,7 @@ class ChatTemplate:
                 line,
                 registry=self._warned,
             )
-            return transcript(messages)
+            return transcript(plain_turns(messages))
         stops = (self._eos,) if self._eos else ()
         # A chat answer is a message: blank space around it (Gemma often ends with a newline
         # before its end-of-turn token) is trimmed, as for the transcript format.

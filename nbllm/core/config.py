@@ -33,6 +33,7 @@ from nbllm.core import paths
 from nbllm.core.errors import ConfigError, did_you_mean
 
 DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"  # host/default_embedding_model.py, converted at set-up
 # A config file is a few kilobytes; these bound what a hostile or mistaken one can cost.
 MAX_CONFIG_BYTES = 1 << 20
 # Values in the document once YAML aliases are expanded. PyYAML shares an aliased value instead of
@@ -132,6 +133,7 @@ class Logging:
 @dataclass(frozen=True)
 class Settings:
     default_model: str = _spec(DEFAULT_MODEL, "model used when none is named")
+    embedding_model: str = _spec(DEFAULT_EMBEDDING_MODEL, "model nbllm.embed / similar / ask embed with")
     models: dict[str, str] = field(default_factory=dict, metadata={"help": "extra model names: name -> .gguf path"})
     remote_models: dict[str, RemoteModel] = field(
         default_factory=dict, metadata={"help": "models on OpenAI-compatible servers: name -> url, model, api_key"}
@@ -166,7 +168,7 @@ SECTIONS: dict[str, type] = {
     "server": Server,
     "logging": Logging,
 }
-TOP_LEVEL_KEYS = ("default_model", "models", "remote_models", *SECTIONS)
+TOP_LEVEL_KEYS = ("default_model", "embedding_model", "models", "remote_models", *SECTIONS)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
@@ -422,9 +424,15 @@ def validate(data: Any, source: str = "overrides") -> Settings:
     default_model = data.get("default_model", DEFAULT_MODEL)
     if not isinstance(default_model, str) or not default_model.strip():
         raise ConfigError(f"default_model = {shown(default_model)} in {source}: must be a model name or a .gguf path.")
+    embedding_model = data.get("embedding_model", DEFAULT_EMBEDDING_MODEL)
+    if not isinstance(embedding_model, str) or not embedding_model.strip():
+        raise ConfigError(
+            f"embedding_model = {shown(embedding_model)} in {source}: must be a model name or a .gguf path."
+        )
     sections = {name: _validate_section(name, cls, data.get(name), source) for name, cls in SECTIONS.items()}
     return Settings(
         default_model=default_model,
+        embedding_model=embedding_model,
         models=_validate_models(data.get("models"), source),
         remote_models=_validate_remote_models(data.get("remote_models"), source),
         source=source,
@@ -590,6 +598,7 @@ def describe_settings(settings: Settings) -> list[tuple[str, Any, str]]:
     """(dotted key, value, help) for every setting, for display."""
     rows: list[tuple[str, Any, str]] = [
         ("default_model", settings.default_model, "model used when none is named"),
+        ("embedding_model", settings.embedding_model, "model nbllm.embed / similar / ask embed with"),
     ]
     for name in SECTIONS:
         section = getattr(settings, name)

@@ -70,6 +70,12 @@ class TensorInfo:
     nbytes: int
 
 
+# llama.cpp's enum llama_pooling_type (0, none, gives one vector per token: not an embedding
+# nbllm can use; 4, rank, is a reranker's).
+POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
+ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "modern-bert", "neo-bert"})
+
+
 @dataclass(frozen=True)
 class GGUFInfo:
     path: Path
@@ -109,6 +115,16 @@ class GGUFInfo:
     def chat_template(self) -> str | None:
         template = self.metadata.get("tokenizer.chat_template")
         return template if isinstance(template, str) and template.strip() else None
+
+    @property
+    def pooling(self) -> str | None:
+        """How an embedding model pools its token vectors into one ("mean", "cls", "last"), from
+        its metadata; None for a model that generates text. Encoders (BERT and kin) that do not
+        say are pooled by the mean, as sentence-transformers pools most of them."""
+        declared = self.arch_get("pooling_type")
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared in POOLING_TYPES:
+            return POOLING_TYPES[declared]
+        return "mean" if self.architecture in ENCODER_ARCHITECTURES else None
 
     @property
     def vocab_size(self) -> int:

@@ -111,6 +111,10 @@ class StatsCollector:
     tool_errors: int = 0
     tool_steps: int = 0
     tool_seconds: float = 0.0
+    embedded_texts: int = 0  # texts nbllm.embed was given; of them, answered from the cache
+    embedding_cache_hits: int = 0
+    embedding_tokens: int = 0
+    embedding_seconds: float = 0.0
     per_model: dict[str, _ModelTotals] = field(default_factory=dict)
     last: RequestStats | None = None
 
@@ -155,6 +159,15 @@ class StatsCollector:
             self.tool_errors += errors
             self.tool_steps += steps
             self.tool_seconds += seconds
+
+    def record_embeddings(self, texts: int, cached: int, tokens: int, seconds: float) -> None:
+        """Count one embed call: its texts, how many came from the cache, the tokens read for
+        the others and the time it took."""
+        with self._lock:
+            self.embedded_texts += texts
+            self.embedding_cache_hits += cached
+            self.embedding_tokens += tokens
+            self.embedding_seconds += seconds
 
     def record_error(self, model: str) -> None:
         with self._lock:
@@ -207,6 +220,10 @@ class StatsCollector:
                 "tool_errors": self.tool_errors,
                 "tool_steps": self.tool_steps,
                 "tool_seconds": self.tool_seconds,
+                "embedded_texts": self.embedded_texts,
+                "embedding_cache_hits": self.embedding_cache_hits,
+                "embedding_tokens": self.embedding_tokens,
+                "embedding_seconds": self.embedding_seconds,
                 "per_model": per_model,
                 "last_request": self.last.as_dict() if self.last else None,
             }

@@ -49,6 +49,14 @@ class GenerationParams:
     # Tool calls (core/tools.py): the tools the model may call; their grammar is ``constraint``.
     tools: ToolSet | None = None
 
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools for a chat template that renders them itself (None: nbllm describes them)."""
+        return self.tools.for_template() if self.tools is not None else None
+
+    def with_tools(self, tools: ToolSet) -> GenerationParams:
+        """These parameters with ``tools`` written in another call format (and its grammar)."""
+        return dataclasses.replace(self, tools=tools, constraint=tools.constraint())
+
     def as_dict(self) -> dict[str, Any]:
         """Plain data (cache keys, provenance): a constraint by its kind, name and hash."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nbllm.core.errors import SchemaError, StructuredOutputError
+from nbllm.core.tool_syntax import CallSyntax
 
 # Keywords llama.cpp's JSON-schema-to-grammar converter (the one llama-cpp-python ships)
 # enforces, and keywords that only describe (annotations) and constrain nothing.
@@ -61,6 +62,9 @@ class Constraint:
     choices: tuple[str, ...] = ()
     digest: str = ""
     _parse: Callable[[str], Any] | None = field(default=None, compare=False, repr=False)
+    # Tool calls: the model's call format (core/tool_syntax.py), which frames the schema's value
+    # in the grammar; with kind "tools" the answer may be text instead, not starting as a call.
+    syntax: CallSyntax | None = field(default=None, compare=False)
 
     def describe(self) -> dict[str, Any]:
         """For cache keys, stats and provenance: the kind, the name and the schema's hash."""

@@ -2,9 +2,11 @@
 
 A ``ToolSet`` is the tools of one request and how they may be used (``tool_choice``). It turns
 into a ``Constraint`` (core/schema.py) whose grammar lets the model answer either in text or
-with a JSON array of calls, ``[{"name": ..., "arguments": {...}}]``, each naming a real tool
-with arguments that fit its schema: a call always parses. The model learns the format from
-nbllm's instructions (``instructions``), added to the conversation as a system message.
+with calls, each naming a real tool with arguments that fit its schema: a call always parses.
+The calls are written in the model's own format where its chat template has one (Qwen's
+``<tool_call>`` blocks, Llama 3's JSON; the template describes the tools), else in nbllm's, a
+JSON array ``[{"name": ..., "arguments": {...}}]`` that nbllm's instructions (``instructions``)
+describe in a system message (core/tool_syntax.py).
 
 Nothing the model writes is ever evaluated: a call names a function from the set it was given,
 and its arguments are validated (pydantic) before the function runs.
@@ -12,6 +14,7 @@ and its arguments are validated (pydantic) before the function runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -23,9 +26,9 @@ from typing import Any
 
 from nbllm.core.errors import SchemaError, StructuredOutputError
 from nbllm.core.schema import Constraint, check, short_message
+from nbllm.core.tool_syntax import NBLLM, CallSyntax
 
 MAX_TOOLS = 64
-MAX_CALLS_PER_ANSWER = 4
 CHOICES = ("auto", "none", "required")
 _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
 
@@ -65,14 +68,31 @@ class ToolCall:
 class ToolSet:
     tools: tuple[Tool, ...]
     choice: str = "auto"  # auto | none | required | a tool's name
+    syntax: CallSyntax = NBLLM  # how the model writes calls: set per model (Engine.make_request)
 
     @property
     def digest(self) -> str:
-        text = json.dumps([[t.as_openai() for t in self.tools], self.choice], sort_keys=True)
+        text = json.dumps([[t.as_openai() for t in self.tools], self.choice, self.syntax.name], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
-        return {"tools": [t.name for t in self.tools], "choice": self.choice, "sha256": self.digest}
+        described = {"tools": [t.name for t in self.tools], "choice": self.choice, "sha256": self.digest}
+        if self.syntax is not NBLLM:  # keys of answers cached before native formats stay valid
+            described["syntax"] = self.syntax.name
+        return described
+
+    def written_as(self, syntax: CallSyntax) -> ToolSet:
+        return dataclasses.replace(self, syntax=syntax)
+
+    def for_template(self) -> list[dict[str, Any]] | None:
+        """The tools as a chat template that renders them takes them (None: described by nbllm)."""
+        if not self.syntax.native or self.choice == "none":
+            return None
+        return [t.as_openai() for t in self.tools]
+
+    def starts_call(self, text: str) -> bool | None:
+        """Whether an answer beginning with ``text`` is calls (None: too soon to say)."""
+        return self.syntax.starts_call(text)
 
     def by_name(self, name: str) -> Tool | None:
         return next((t for t in self.tools if t.name == name), None)
@@ -85,16 +105,16 @@ class ToolSet:
         one_call = [
             {
                 "type": "object",
-                "properties": {"name": {"const": t.name}, "arguments": dict(t.parameters)},
-                "required": ["name", "arguments"],
+                "properties": {"name": {"const": t.name}, self.syntax.arguments_key: dict(t.parameters)},
+                "required": ["name", self.syntax.arguments_key],
             }
             for t in allowed
         ]
         items = one_call[0] if len(one_call) == 1 else {"anyOf": one_call}
-        schema = {"type": "array", "items": items, "minItems": 1, "maxItems": MAX_CALLS_PER_ANSWER}
+        schema = self.syntax.call_schema(items)
         kind = "tools" if self.choice == "auto" else "schema"
         name = f"calls to {', '.join(t.name for t in allowed)}"
-        return Constraint(kind, name, schema, digest=self.digest, _parse=self._parse_calls)
+        return Constraint(kind, name, schema, digest=self.digest, _parse=self._parse_calls, syntax=self.syntax)
 
     def _parse_calls(self, text: str) -> list[ToolCall]:
         return self.parse(text) or []
@@ -102,19 +122,13 @@ class ToolSet:
     def parse(self, text: str) -> list[ToolCall] | None:
         """The calls in an answer, or None when the answer is text. Arguments that do not fit
         (possible only from a remote server) or an unknown tool are a ``StructuredOutputError``."""
-        stripped = text.strip()
-        if not stripped.startswith("["):
+        if not self.starts_call(text):
             if self.choice not in ("auto", "none"):
                 raise StructuredOutputError(
                     f"The answer is text, but tool_choice={self.choice!r} asks for a call.", text
                 )
             return None
-        try:
-            raw = json.loads(stripped)
-        except ValueError as error:
-            raise StructuredOutputError(f"The tool calls are not valid JSON: {error}.", text) from error
-        if not isinstance(raw, list) or not raw:
-            raise StructuredOutputError("Tool calls must be a non-empty JSON array of calls.", text)
+        raw = self.syntax.entries(text)
         calls = []
         for index, entry in enumerate(raw):
             if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
@@ -125,7 +139,7 @@ class ToolSet:
                 raise StructuredOutputError(
                     f"Call {index} names {entry['name']!r}, which is not a tool ({known}).", text
                 )
-            arguments = entry.get("arguments", {})
+            arguments = self.syntax.arguments_of(entry)
             if not isinstance(arguments, dict):
                 raise StructuredOutputError(f"Call {index} to {tool.name}: arguments must be an object.", text)
             if tool.validate is not None:

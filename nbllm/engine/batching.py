@@ -239,7 +239,7 @@ def as_nbllm_error(error: Exception, doing: str) -> NbllmError:
     return failure
 
 
-def _batch_prompt(request: Request) -> FormattedPrompt | list[dict[str, str]]:
+def _batch_prompt(request: Request) -> FormattedPrompt | list[dict[str, Any]]:
     # A chat stays messages: the loop has the model format it (its template or the transcript).
     return FormattedPrompt(request.prompt) if request.prompt is not None else [dict(m) for m in request.messages or ()]
 

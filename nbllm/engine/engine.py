@@ -21,18 +21,21 @@ from nbllm.backends.base import Backend, BatchProgress, LoadSettings, ModelSpec
 from nbllm.core import identity, paths
 from nbllm.core.chat_format import FormattedPrompt, normalize_messages
 from nbllm.core.config import Settings, load_file, load_settings
+from nbllm.core.embedding_cache import EmbeddingCache
 from nbllm.core.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError, ParameterError
 from nbllm.core.fit import GpuFit, fit_gpu_layers, kv_cache_bytes
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
 from nbllm.core.metrics import StatsCollector
 from nbllm.core.params import resolve_params
 from nbllm.core.prompt_cache import PromptCache
+from nbllm.core.tool_syntax import syntax_for_template
 from nbllm.core.tools import ToolCall, with_tool_instructions
 from nbllm.core.units import format_bytes
-from nbllm.engine import pipeline
+from nbllm.engine import ask, embedding, pipeline, search
 from nbllm.engine.batching import BatchScheduler, ManyResult, as_nbllm_error, run_many
+from nbllm.engine.embedding import Embeddings
 from nbllm.engine.registry import Registry, ResidentModel
-from nbllm.engine.request import Request
+from nbllm.engine.request import Completion, Request
 from nbllm.engine.stream import Stream
 from nbllm.engine.tool_loop import run_tool_loop
 from nbllm.host import machine, tuned_settings
@@ -41,6 +44,9 @@ from nbllm.host.gpu import GpuInfo, list_gpus
 log = logging.getLogger("nbllm")
 log.addHandler(logging.NullHandler())
 DEFAULT_BATCH = 512  # the guide's batch_size, when neither config nor tuner says otherwise
+# An embedding model reads many texts in one decode: this many tokens (also its context: one
+# micro-batch holds whole sequences, as non-causal attention needs).
+EMBEDDING_BATCH = 2048
 
 
 @functools.lru_cache(maxsize=1)
@@ -60,6 +66,7 @@ class Engine:
             gpu_memory=self._gpu_memory,
         )
         self.prompt_cache = self._make_prompt_cache(self._settings)
+        self.embedding_cache = self._make_embedding_cache(self._settings)
         self.batches = BatchScheduler(self)
         self._tuned_cache: dict[str, dict[str, Any] | None] = {}
         self._auto_gpu_layers: dict[tuple[str, int, int], int] = {}
@@ -88,6 +95,11 @@ class Engine:
         if self._cache_location(settings) != self._cache_location(self._settings):
             self.prompt_cache = self._make_prompt_cache(settings)
         self.prompt_cache.max_entries = settings.cache.prompt_cache_size
+        if (settings.cache.enabled, self._cache_location(settings)) != (
+            self._settings.cache.enabled,
+            self._cache_location(self._settings),
+        ):
+            self.embedding_cache = self._make_embedding_cache(settings)
         self._settings = settings
         self._apply_logging()
         # Lower limits apply now; changed load settings reload a model when it is next used.
@@ -109,9 +121,14 @@ class Engine:
     def _make_prompt_cache(self, settings: Settings) -> PromptCache:
         return PromptCache(self._cache_location(settings), settings.cache.prompt_cache_size)
 
+    def _make_embedding_cache(self, settings: Settings) -> EmbeddingCache:
+        # Beside the prompt cache's folder (joblib owns that one), switched by the same setting.
+        return EmbeddingCache(self._cache_location(settings).parent / "embeddings", settings.cache.enabled)
+
     def clear_cache(self) -> None:
-        """Empty the prompt cache and every loaded model's KV prefix snapshots."""
+        """Empty the prompt cache, the embedding cache and every loaded model's KV prefix snapshots."""
         self.prompt_cache.clear()
+        self.embedding_cache.clear()
         for resident in self.registry.resident():
             resident.model.clear_prefix_cache()
 
@@ -135,19 +152,21 @@ class Engine:
     def base_load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
         """The config's load settings with every "auto" given its untuned default."""
         perf = self._settings.performance
-        context = self._context_size(info)
+        # An embedding model packs texts into batches of EMBEDDING_BATCH tokens (engine/embedding.py).
+        context = EMBEDDING_BATCH if info.pooling is not None else self._context_size(info)
         gpu_layers = perf.gpu_layers
         if gpu_layers == -1:
             gpu_layers = self._estimated_gpu_layers(spec, info, context, perf.batch_size or DEFAULT_BATCH)
         return LoadSettings(
             context_size=context,
-            batch_size=min(perf.batch_size or DEFAULT_BATCH, context),
+            batch_size=context if info.pooling is not None else min(perf.batch_size or DEFAULT_BATCH, context),
             threads=perf.threads or _auto_threads(),
             gpu_layers=gpu_layers,
             use_mmap=perf.use_mmap,
             use_mlock=perf.use_mlock,
             flash_attention=bool(perf.flash_attention),
-            prefix_cache_bytes=self._settings.cache.prefix_cache_bytes,
+            prefix_cache_bytes=self._settings.cache.prefix_cache_bytes if info.pooling is None else 0,
+            pooling=info.pooling,
         )
 
     def _load_settings(self, spec: ModelSpec, info: GGUFInfo) -> LoadSettings:
@@ -257,18 +276,72 @@ class Engine:
     ) -> Request:
         """Validate everything that can be checked without the model (fails fast, at the call)."""
         resolved = resolve_params(self._settings.generation, params or {})
+        self._refuse_embedding_model(model)
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
             if resolved.tools is not None:
                 raise ParameterError("tools= needs a chat (the tools are described in its messages): use chat().")
             return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
-        chat = normalize_messages(messages)
         tools = resolved.tools
-        # A remote server describes the tools to its model itself (they go as OpenAI's tools).
-        if tools is not None and tools.choice != "none" and self.registry.resolve(model).remote is None:
-            chat = with_tool_instructions(chat, tools)
+        if tools is None or tools.choice == "none":
+            chat = normalize_messages(messages)
+        elif (spec := self.registry.resolve(model)).remote is not None:
+            # The server describes the tools (sent as OpenAI's tools) and reads calls and results
+            # as OpenAI's messages.
+            chat = normalize_messages(messages, tool_turns=True)
+        else:
+            # The model's own call format where its chat template has one (the template then
+            # describes the tools and renders calls and results), else nbllm's, described here.
+            tools = tools.written_as(syntax_for_template(read_gguf(spec.path).chat_template))
+            resolved = resolved.with_tools(tools)
+            chat = normalize_messages(messages, tool_turns=tools.syntax.native)
+            if not tools.syntax.native:
+                chat = with_tool_instructions(chat, tools)
         return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache)
+
+    def _refuse_embedding_model(self, model: str | None) -> None:
+        """An embedding model cannot write answers: said before any work, from its metadata."""
+        spec = self.registry.resolve(model)
+        if spec.is_local and (pooling := read_gguf(spec.path).pooling) is not None:
+            raise ParameterError(
+                f"{spec.name} is an embedding model ({pooling} pooling): it turns texts into vectors and cannot "
+                f"write answers. Use it with nbllm.embed / similar / ask, and a chat model (such as "
+                f"{self._settings.default_model}) for generate and chat."
+            )
+
+    def embed(
+        self,
+        texts: Any,
+        model: str | None = None,
+        *,
+        normalize: bool = True,
+        truncate: bool = False,
+        progress: bool = True,
+    ) -> Embeddings:
+        """Vectors for ``texts`` (engine/embedding.py); cached on disk per model, text and options."""
+        return embedding.embed(self, texts, model=model, normalize=normalize, truncate=truncate, progress=progress)
+
+    def ask(
+        self,
+        question: str,
+        docs: Any,
+        model: str | None = None,
+        *,
+        embedding_model: str | None = None,
+        k: int = 4,
+        stream: bool = False,
+        progress: bool = True,
+        **params: Any,
+    ) -> Completion | Stream:
+        """Answer ``question`` from ``docs`` (engine/ask.py): the ``k`` most similar passages go
+        to the chat model as numbered sources; the answer carries them as ``.sources``."""
+        return ask.ask(self, question, docs, model=model, embedding_model=embedding_model, k=k, stream=stream,
+                       progress=progress, params=params)  # fmt: skip
+
+    def similar(self, query: str, texts: Any, k: int = 5, model: str | None = None) -> Any:
+        """The ``k`` texts most like ``query``, as a DataFrame (text, score, index)."""
+        return search.similar(self, query, texts, k, model)
 
     def stream(self, request: Request, *, batched: bool = False) -> Stream:
         """Answer ``request`` through the one pipeline. ``batched``: decode together with other
@@ -346,7 +419,7 @@ class Engine:
         if request.prompt is not None:
             return FormattedPrompt(request.prompt)
         assert request.messages is not None
-        formatted: FormattedPrompt = model.format_chat(list(request.messages))
+        formatted: FormattedPrompt = model.format_chat(list(request.messages), request.params.template_tools())
         return formatted
 
     def batch_progress(self, model: str | None) -> BatchProgress | None:

@@ -144,7 +144,8 @@ def structured_data(request: Request, text: str, stats: RequestStats | None) -> 
     if constraint is None:
         return None
     reason = stats.finish_reason if stats is not None else "unknown"
-    if constraint.kind == "tools" and not text.lstrip().startswith("["):
+    tools = request.params.tools
+    if constraint.kind == "tools" and tools is not None and not tools.starts_call(text):
         return []  # tool_choice auto, answered in text: text may end anywhere, like any answer
     if reason == "length":
         raise IncompleteAnswerError(

@@ -32,7 +32,7 @@ from nbllm.core.fit import GPU_MARGIN, MemoryEstimate, estimate_memory, fit_gpu_
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
 from nbllm.core.metrics import StatsCollector
 from nbllm.core.units import format_bytes
-from nbllm.host import default_model, machine
+from nbllm.host import default_embedding_model, default_model, machine
 
 log = logging.getLogger("nbllm")
 
@@ -116,10 +116,11 @@ class Registry:
 
     def known_names(self, settings: Settings | None = None) -> list[str]:
         settings = settings or self._settings()
-        names = [default_model.NAME, *settings.models, *settings.remote_models]
+        names = [default_model.NAME, default_embedding_model.NAME, *settings.models, *settings.remote_models]
         folder = paths.models_dir()
+        embedded = (default_model.FILE_NAME, default_embedding_model.FILE_NAME)
         if folder.is_dir():
-            names += sorted(p.stem for p in folder.glob("*.gguf") if p.name != default_model.FILE_NAME)
+            names += sorted(p.stem for p in folder.glob("*.gguf") if p.name not in embedded)
         with self._lock:
             names += [r.name for r in self._resident.values()]
         return list(dict.fromkeys(names))
@@ -131,6 +132,8 @@ class Registry:
         name = (name or settings.default_model).strip()
         if name == default_model.NAME:
             return ModelSpec(name, default_model.default_model_path(), "default")
+        if name == default_embedding_model.NAME:
+            return ModelSpec(name, default_embedding_model.default_embedding_model_path(), "default")
         if name in settings.models:
             path = Path(os.path.expandvars(settings.models[name])).expanduser()
             if not path.exists():

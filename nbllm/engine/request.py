@@ -14,7 +14,7 @@ class Request:
     model: str | None
     params: GenerationParams
     prompt: str | None = None  # a completion: text the model continues
-    messages: tuple[dict[str, str], ...] | None = None  # a chat
+    messages: tuple[dict[str, Any], ...] | None = None  # a chat (tool turns: see normalize_messages)
     use_cache: bool = True  # consult and fill the prompt cache
 
     @property
@@ -38,9 +38,13 @@ class Completion:
     messages: tuple[dict[str, Any], ...] = ()
     tool_runs: tuple[Any, ...] = ()
     steps: int = 1
+    # nbllm.ask: the passages the answer was given, numbered as the model saw them (engine/ask.py).
+    sources: tuple[Any, ...] = ()
 
     def __str__(self) -> str:
         return self.text
 
     def _repr_markdown_(self) -> str:
-        return f"{self.text}\n\n*{self.stats.details()}*"
+        cited = "".join(f"- {source}\n" for source in self.sources)
+        sources = f"**Sources**\n\n{cited}\n" if cited else ""
+        return f"{self.text}\n\n{sources}*{self.stats.details()}*"

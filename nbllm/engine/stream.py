@@ -35,6 +35,7 @@ class Stream:
         self.load_seconds = 0.0
         self.model_name: str | None = None
         self.thread_id = threading.get_ident()
+        self.sources: tuple[Any, ...] = ()  # nbllm.ask: the passages the answer was given
         self._steps: Generator[str, None, None] = pipeline.answer_stream(engine, request, self, run)
 
     def __iter__(self) -> Iterator[str]:
@@ -71,7 +72,7 @@ class Stream:
         assert self.stats is not None
         if self.request.params.tools is not None:
             return Completion(self.text, self.stats, tool_calls=tuple(self.data or ()))
-        return Completion(self.text, self.stats, self.data)
+        return Completion(self.text, self.stats, self.data, sources=self.sources)
 
     @property
     def data(self) -> Any:

@@ -4,6 +4,11 @@ Data, not code: ``catalog.yaml`` ships with the package, and a user's own
 ``<config dir>/catalog.yaml`` (same format) adds models or replaces them by name. Both are
 validated when loaded, so a typo is a ``ConfigError`` naming the file, the model, the key and
 what is allowed, instead of a ``KeyError`` deep inside a download.
+
+Models are of two kinds: ``chat`` models generate text, ``embedding`` models (``nbllm.embed``)
+turn it into vectors. Iterating a ``Catalog`` yields only the chat models, because that is what
+``recommend`` and every other chooser of a model to chat with iterate; ``all_models()`` and
+``embedding_models()`` include the rest.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from __future__ import annotations
 import functools
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -31,6 +36,22 @@ ESTIMATE_CONTEXT = 4096  # the guide's default context_size
 ESTIMATE_BATCH = 512  # the guide's default batch_size
 BUILTIN = "nbllm/hub/catalog.yaml"
 
+CHAT, EMBEDDING = "chat", "embedding"
+KINDS = (CHAT, EMBEDDING)
+POOLINGS = ("mean", "cls", "last")  # llama.cpp's pooling types an embedding model can be trained with
+# llama.cpp architectures that are encoders, i.e. embedding models, whatever a catalog says: how a
+# file that is in no catalog is told apart in listings. (Decoder-based embedding models, such as
+# Qwen3-Embedding, share their architecture with chat models and cannot be told apart this way.)
+ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "neo-bert"})
+# An embedding model's memory beyond its weights. It keeps no KV cache (nothing is generated:
+# every text is one forward pass, all its tokens in one batch since attention looks both ways),
+# so what it needs is that pass's compute buffer, for a text as long as its context: attention
+# scores (heads x tokens x tokens float32, without flash attention) and a few float32 activation
+# vectors of the hidden size (= `dimensions` for these pooled models) per token. BERT-family
+# encoders from MiniLM to base size have 12 heads. A rough bound, not a measurement.
+ENCODER_HEADS = 12
+ENCODER_ACTIVATIONS = 8  # hidden-size vectors alive per token: Q, K, V, output, the 4x-wide FFN
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _QUANT = re.compile(r"^[A-Z0-9][A-Z0-9_]*$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -39,9 +60,11 @@ _PARAMS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMBT]?)\s*$", re.IGNORECASE)
 _PARAM_SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "T": 10**12}
 
 MODEL_KEYS = (
-    "title", "family", "params", "license", "quality", "best_for", "description", "aliases",
-    "context", "layers", "kv_heads", "head_dim", "vocab", "repo", "pypi", "files",
+    "title", "family", "params", "license", "quality", "best_for", "description", "aliases", "kind",
+    "context", "layers", "kv_heads", "head_dim", "vocab", "dimensions", "pooling", "repo", "pypi", "files",
 )  # fmt: skip
+DECODER_KEYS = ("layers", "kv_heads", "head_dim", "vocab")  # a KV cache's shape: chat models only
+EMBEDDING_KEYS = ("dimensions", "pooling")
 REQUIRED_MODEL_KEYS = ("family", "params", "license", "files")
 FILE_KEYS = ("file", "size", "sha256", "url")
 
@@ -92,12 +115,21 @@ class CatalogModel:
     vocab: int | None = None
     repo: str | None = None
     pypi: str | None = None
+    kind: str = CHAT  # one of KINDS
+    dimensions: int | None = None  # embedding models: the length of their vectors
+    pooling: str | None = None  # embedding models: one of POOLINGS; None: what the GGUF file says
     origin: str = BUILTIN
 
+    @property
+    def is_embedding(self) -> bool:
+        return self.kind == EMBEDDING
+
     def file(self, quant: str | None = None) -> CatalogFile:
-        """The file of ``quant`` (default Q4_K_M, or the only one there is), case-insensitively."""
+        """The file of ``quant``, case-insensitively; without one, Q4_K_M or, for a model that has
+        none (embedding models, some users' entries), the first file listed: the catalog's order
+        says which one to start with."""
         wanted = (quant or DEFAULT_QUANT).upper()
-        if quant is None and wanted not in self.files and len(self.files) == 1:
+        if quant is None and wanted not in self.files:
             return next(iter(self.files.values()))
         if wanted not in self.files:
             raise ModelNotFoundError(
@@ -116,22 +148,38 @@ class CatalogModel:
         return None
 
     def kv_cache_bytes(self, context: int = ESTIMATE_CONTEXT) -> int | None:
-        """K and V in f16 for every layer, as llama.cpp allocates them (see ``nbllm.core.fit``)."""
+        """K and V in f16 for every layer, as llama.cpp allocates them (see ``nbllm.core.fit``);
+        0 for an embedding model, which keeps none."""
+        if self.is_embedding:
+            return 0
         if not (self.layers and self.kv_heads and self.head_dim):
             return None
         tokens = min(context, self.context) if self.context else context  # the engine caps it
         return self.layers * tokens * self.kv_heads * self.head_dim * 2 * KV_BYTES_PER_ELEMENT
 
     def memory_needed(self, quant: str | None = None, context: int = ESTIMATE_CONTEXT) -> int | None:
-        """RAM (or VRAM) to run ``quant``: the file's weights, the KV cache, the compute buffer."""
+        """RAM (or VRAM) to run ``quant``: the file's weights, the KV cache, the compute buffer.
+        For an embedding model: the weights and one forward pass over ``context`` tokens (at most
+        the model's own context), no KV cache (see ``ENCODER_HEADS``)."""
         size = self.file(quant).size
         if size is None:
             return None
+        if self.is_embedding:
+            return size + self.encoder_compute_bytes(context)
         # Without the architecture numbers: a rough fifth on top (KV cache and buffers).
         kv = self.kv_cache_bytes(context)
         kv = kv if kv is not None else size // 5
         compute = ESTIMATE_BATCH * 4 * (self.vocab or 32000) + COMPUTE_OVERHEAD
         return size + kv + compute
+
+    def encoder_compute_bytes(self, context: int = ESTIMATE_CONTEXT) -> int:
+        """An embedding model's compute buffer for one text of ``context`` tokens (capped at the
+        model's context; ``ESTIMATE_BATCH`` when the catalog does not say it, BERT's usual 512)."""
+        tokens = min(context, self.context or ESTIMATE_BATCH)
+        hidden = self.dimensions or 768  # required for embedding entries; 768 = BERT-base if not
+        scores = ENCODER_HEADS * tokens * tokens * 4
+        activations = ENCODER_ACTIVATIONS * tokens * hidden * 4
+        return scores + activations + COMPUTE_OVERHEAD
 
 
 @dataclass
@@ -140,13 +188,24 @@ class Catalog:
     quantizations: dict[str, Quantization]
     sources: list[str] = field(default_factory=list)
 
-    def __iter__(self) -> Any:
-        return iter(self.models.values())
+    def __iter__(self) -> Iterator[CatalogModel]:
+        """The chat models: what ``recommend`` (and anything choosing a model to chat with) picks
+        from, so an embedding model can never be offered for chat. ``all_models()`` has every one."""
+        return (model for model in self.models.values() if not model.is_embedding)
 
     def __len__(self) -> int:
-        return len(self.models)
+        """How many chat models (what iterating yields); ``len(all_models())`` counts every one."""
+        return sum(1 for _ in self)
+
+    def all_models(self) -> list[CatalogModel]:
+        """Every model, chat and embedding, in catalog order: what listings show."""
+        return list(self.models.values())
+
+    def embedding_models(self) -> list[CatalogModel]:
+        return [model for model in self.models.values() if model.is_embedding]
 
     def names(self) -> list[str]:
+        """Every model's name, chat and embedding (all of them can be downloaded by name)."""
         return list(self.models)
 
     def get(self, name: str) -> CatalogModel | None:
@@ -274,6 +333,13 @@ class _Checker:
             if key not in value:
                 raise ConfigError(f"{self.origin}: {where} has no {key!r}; it is required.")
 
+    def choice(self, where: str, value: Any, allowed: tuple[str, ...]) -> str:
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text not in allowed:
+            hint = did_you_mean(text, allowed) if text else ""
+            raise ConfigError(f"{self.origin}: {where} = {value!r}: must be one of {', '.join(allowed)}.{hint}")
+        return text
+
     def text(self, where: str, value: Any) -> str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
             raise self.fail(where, value, "a non-empty text")
@@ -365,6 +431,7 @@ def _parse_model(check: _Checker, name: str, raw: Mapping[str, Any]) -> CatalogM
     aliases = raw.get("aliases") or []
     if not isinstance(aliases, list) or not all(isinstance(a, str) and _NAME.match(a) for a in aliases):
         raise check.fail(f"{where}.aliases", aliases, "a list of lower-case names")
+    kind, dimensions, pooling = _parse_kind(check, where, raw)
     return CatalogModel(
         name=name,
         title=check.text(f"{where}.title", raw.get("title", name)),
@@ -383,8 +450,35 @@ def _parse_model(check: _Checker, name: str, raw: Mapping[str, Any]) -> CatalogM
         vocab=check.optional_positive(f"{where}.vocab", raw.get("vocab")),
         repo=str(repo) if repo is not None else None,
         pypi=str(raw["pypi"]) if raw.get("pypi") is not None else None,
+        kind=kind,
+        dimensions=dimensions,
+        pooling=pooling,
         origin=check.origin,
     )
+
+
+def _parse_kind(check: _Checker, where: str, raw: Mapping[str, Any]) -> tuple[str, int | None, str | None]:
+    """``kind`` and the keys that only one kind has. A key of the other kind is an error, not
+    ignored: an embedding entry with ``layers`` would look like it had a KV cache estimate."""
+    kind = check.choice(f"{where}.kind", raw.get("kind", CHAT), KINDS)
+    wrong = EMBEDDING_KEYS if kind == CHAT else DECODER_KEYS
+    for key in wrong:
+        if key in raw:
+            other = "embedding" if kind == CHAT else "chat"
+            raise ConfigError(
+                f"{check.origin}: {where}.{key} is only for {other} models, and this one is kind: {kind}. "
+                f"Remove it{', or add kind: embedding' if kind == CHAT else ''}."
+            )
+    if kind == CHAT:
+        return kind, None, None
+    if raw.get("dimensions") is None:
+        raise ConfigError(
+            f"{check.origin}: {where} has no 'dimensions'; it is required for kind: embedding "
+            "(the length of the model's vectors, e.g. 384 or 768)."
+        )
+    dimensions = check.positive(f"{where}.dimensions", raw["dimensions"])
+    pooling = None if raw.get("pooling") is None else check.choice(f"{where}.pooling", raw["pooling"], POOLINGS)
+    return kind, dimensions, pooling
 
 
 def _parse_files(check: _Checker, where: str, raw: Any) -> dict[str, CatalogFile]:

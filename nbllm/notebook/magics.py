@@ -41,11 +41,12 @@ from nbllm.notebook.parsers import (
     FORMATS,
     CellOptionParser,
     check_options,
+    documents_named,
     generation_params,
     llm_options,
     structure_params,
 )
-from nbllm.notebook.reports import tool_runs_bundle
+from nbllm.notebook.reports import sources_bundle, tool_runs_bundle
 from nbllm.notebook.subcommands import run_subcommand
 
 
@@ -213,6 +214,8 @@ class NbllmMagics(Magics, Configurable):
         bundle, note = render_answer(text, fmt)
         metadata = {"nbllm": provenance(stream, fmt, stopped)}
         live.finish(stream, bundle, metadata, stats_line(stream.stats, stopped, note))
+        if stream.sources:
+            display(sources_bundle(stream.sources), raw=True)
         if stopped:
             raise AnswerInterrupted("Interrupted: the answer so far stays above; nothing was cached.")
         # With a schema, the answer as data (a pydantic object, a dict, the choice): one that did
@@ -246,6 +249,11 @@ class NbllmMagics(Magics, Configurable):
         model = args.model or self.default_model
         params = {**generation_params(args), **structure}
         cache = not args.no_cache
+        if args.docs is not None:
+            docs = documents_named(args.docs, self.ipython.user_ns)
+            answer = engine.ask(prompt, docs, model, stream=True, cache=cache, **params)
+            assert isinstance(answer, Stream)
+            return answer
         if args.raw:
             stream: Stream = engine.generate(prompt, model=model, stream=True, cache=cache, **params)
             return stream

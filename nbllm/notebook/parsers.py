@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import keyword
+import os
 import shlex
 from argparse import Namespace
 from collections.abc import Callable, Mapping, Sequence
@@ -128,6 +129,12 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
     answer.add_argument("--choices", metavar="A,B,C", help="answer with exactly one of these (classification)")
     answer.add_argument("--tools", metavar="F,G", help="functions from the notebook the model may call")
     answer.add_argument(
+        "--docs",
+        metavar="NAME",
+        help="answer from your documents: a variable (texts, a Series, an nbllm.Index) or a file or folder path; "
+        "the passages used are listed below the answer",
+    )
+    answer.add_argument(
         "--run-tools", action="store_true", help="with --tools: run the calls and answer from their results"
     )
     answer.add_argument("--chat", action="store_true", help="continue the conversation of earlier --chat cells")
@@ -172,12 +179,28 @@ def llm_options(magic: _F) -> _F:
 
 def check_options(args: Namespace) -> None:
     """Options that parse but do not go together."""
+    if args.docs is not None:
+        clash = next((o for o, on in (("--raw", args.raw), ("--map", args.map), ("--tools", args.tools),
+                                      ("--chat", args.chat), ("--schema", args.schema), ("--choices", args.choices))
+                      if on), None)  # fmt: skip
+        if clash:
+            raise UsageError(f"--docs answers one question from your documents; it does not go with {clash}.")
     if args.raw and args.chat:
         raise UsageError("--raw continues text and --chat continues a conversation: use one or the other.")
     if args.raw and args.system:
         raise UsageError("--system applies to a chat; with --raw, write the instructions into the text itself.")
     if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
         raise UsageError(f"--out {args.out!r} is not a valid variable name.")
+
+
+def documents_named(name: str, namespace: Mapping[str, Any]) -> Any:
+    """--docs NAME: the notebook's variable NAME, else a file or folder of that name."""
+    if name in namespace:
+        return namespace[name]
+    if os.path.exists(os.path.expanduser(name)):
+        return name
+    known = [key for key in namespace if not key.startswith("_") and not callable(namespace[key])]
+    raise UsageError(f"--docs: no variable, file or folder named {name!r}.{did_you_mean(name, known)}")
 
 
 def structure_params(args: Namespace, namespace: Mapping[str, Any], fmt: str) -> dict[str, Any]:

@@ -37,6 +37,7 @@ __all__ = [
     "ThroughputChart",
     "bench_figure",
     "compare_figure",
+    "embedding_map",
     "live_bench_chart",
     "live_throughput_figure",
     "threads_figure",
@@ -489,3 +490,65 @@ def tuning_figure(result: Any) -> Any:
     figure.update_yaxes(title_text="generation t/s", rangemode="tozero", secondary_y=False)
     figure.update_yaxes(title_text="prompt t/s", rangemode="tozero", secondary_y=True)
     return figure
+
+
+# ---------------------------------------------------------------------------- embeddings
+
+
+def project_2d(vectors: Any) -> tuple[Any, tuple[float, float]]:
+    """The rows of ``vectors`` on their two principal axes (PCA by SVD, numpy only), and the
+    share of the variance each axis shows."""
+    import numpy as np
+
+    data = np.asarray(vectors, dtype=np.float64)
+    if data.ndim != 2 or data.shape[0] < 1 or data.shape[1] < 1:
+        raise ValueError(f"vectors must be a 2-D array with one row per text, not of shape {data.shape}.")
+    if not np.isfinite(data).all():
+        raise ValueError("vectors hold NaN or infinite values.")
+    centered = data - data.mean(axis=0)
+    _, singular, axes = np.linalg.svd(centered, full_matrices=False)
+    coordinates = centered @ axes[:2].T
+    if coordinates.shape[1] < 2:  # one row, or one dimension: the second axis is flat
+        coordinates = np.hstack([coordinates, np.zeros((len(data), 2 - coordinates.shape[1]))])
+    variance = singular**2
+    total = float(variance.sum()) or 1.0
+    shares = [float(v) / total for v in variance[:2]] + [0.0, 0.0]
+    return coordinates, (shares[0], shares[1])
+
+
+def embedding_map(
+    vectors: Any, labels: Sequence[Any] | None = None, hover: Sequence[str] | None = None, title: str = "Embedding map"
+) -> Any:
+    """A 2-D map of embedding vectors (``nbllm.embed``'s rows, or an ``nbllm.Index``) as a plotly
+    scatter: texts close in meaning lie close together. ``labels`` colour the points (one trace
+    per label, with a legend); ``hover`` shows each point's text (an Index's texts by default)."""
+    if hasattr(vectors, "vectors") and hasattr(vectors, "texts"):  # an nbllm.Index
+        hover = list(vectors.texts) if hover is None else hover
+        vectors = vectors.vectors
+    coordinates, (first, second) = project_2d(vectors)
+    count = len(coordinates)
+    # By position: a pandas Series would be indexed by its labels.
+    labels = list(labels) if labels is not None else None
+    hover = list(hover) if hover is not None else None
+    for name, values in (("labels", labels), ("hover", hover)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{name} has {len(values)} items for {count} vectors: give one per vector.")
+    texts = [_short(str(t)) for t in hover] if hover is not None else [f"#{i}" for i in range(count)]
+    figure = go.Figure()
+    groups = list(dict.fromkeys(labels)) if labels is not None else [None]
+    for group in groups:
+        rows = [i for i in range(count) if labels is None or labels[i] == group]
+        figure.add_scatter(
+            x=coordinates[rows, 0], y=coordinates[rows, 1], mode="markers", name="" if group is None else str(group),
+            text=[texts[i] for i in rows], hovertemplate="%{text}<extra></extra>", marker={"size": 8, "opacity": 0.8},
+        )  # fmt: skip
+    figure.update_layout(
+        title={"text": title}, template="plotly_white", showlegend=labels is not None, height=480,
+        xaxis_title=f"first axis ({first:.0%} of the variance)", yaxis_title=f"second axis ({second:.0%})",
+    )  # fmt: skip
+    return figure
+
+
+def _short(text: str, limit: int = 160) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

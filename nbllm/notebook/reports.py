@@ -131,6 +131,19 @@ def settings_table(settings: Settings) -> Table:
     return Table(rows, columns=["key", "value", "help"], title=f"Settings from {settings.source}")
 
 
+def sources_bundle(sources: Sequence[Any]) -> dict[str, str]:
+    """The passages an ``ask`` answer was given (``--docs``): number, where from, similarity,
+    and the passage itself, collapsed."""
+    lines = [f"[{s.number}] {s.cite} ({s.score:.2f})" for s in sources]
+    blocks = [
+        f"<details><summary>[{s.number}] <code>{html.escape(s.cite)}</code> "
+        f"<span style='color:#6b7280'>similarity {s.score:.2f}</span></summary>"
+        f"<pre style='white-space:pre-wrap'>{html.escape(s.text)}</pre></details>"
+        for s in sources
+    ]
+    return {"text/plain": "Sources:\n" + "\n".join(lines), "text/html": "<b>Sources</b>" + "".join(blocks)}
+
+
 def tool_runs_bundle(runs: Sequence[Any]) -> dict[str, str]:
     """The calls a --run-tools answer made, each collapsed: arguments, then result or error."""
     if not runs:

@@ -345,6 +345,67 @@ _PARAM = re.compile(r"^([a-z_]+)\b")
 _LOCAL_PATH = re.compile(r"(?<![\w:/.~-])(?:~|\.{1,2})?/[^\s'\"`<>|]+|(?<![\w])[A-Za-z]:\\[^\s'\"`<>|]+")
 
 
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+
+
+@dataclass(frozen=True)
+class EmbeddingsRequest:
+    model: str | None
+    texts: list[str]
+    base64: bool  # encoding_format "base64": little-endian float32 bytes, as OpenAI sends them
+    dimensions: int | None
+
+
+def parse_embeddings(body: Any) -> EmbeddingsRequest:
+    """OpenAI's ``POST /v1/embeddings`` body, checked: ``input`` a string or a list of strings
+    (token arrays are refused: nbllm tokenizes), ``encoding_format`` float or base64."""
+    if not isinstance(body, Mapping):
+        raise _bad('The request body must be a JSON object such as {"model": ..., "input": ["text"]}.')
+    unknown = sorted(set(body) - {"model", "input", "encoding_format", "dimensions", "user"})
+    if unknown:
+        raise _bad(f"Unknown field {unknown[0]!r}: embeddings take model, input, encoding_format, dimensions.",
+                   unknown[0])  # fmt: skip
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model must be a string.", "model")
+    if isinstance(model, str):
+        check_model_name(model)
+    value = body.get("input")
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts:
+        raise _bad("input must be a string or a non-empty list of strings.", "input")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise _bad(f"input has {len(texts):,} items; at most {MAX_EMBEDDING_INPUTS} per request.", "input")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            kind = "a token array" if isinstance(text, (list, int)) else type(text).__name__
+            raise _bad(f"input[{index}] is {kind}: send text (nbllm tokenizes it with the model's tokenizer).",
+                       "input")  # fmt: skip
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise _bad(f"encoding_format={encoding!r}: use 'float' or 'base64'.", "encoding_format")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1):
+        raise _bad("dimensions must be a positive integer.", "dimensions")
+    return EmbeddingsRequest(model, texts, encoding == "base64", dimensions)
+
+
+def embeddings_answer(vectors: Any, model: str, as_base64: bool) -> dict[str, Any]:
+    """OpenAI's embeddings response for ``vectors`` (rows in input order)."""
+    import base64
+
+    data = [
+        {
+            "object": "embedding",
+            "index": index,
+            "embedding": base64.b64encode(row.astype("<f4").tobytes()).decode() if as_base64 else row.tolist(),
+        }
+        for index, row in enumerate(vectors)
+    ]
+    tokens = int(getattr(vectors, "tokens", 0))
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
 def redact_paths(text: str) -> str:
     """``text`` with every local path cut to its file name (``.../tiny.gguf``): an answer to a
     client must not tell it where the server keeps its models, config or home folder. The
@@ -450,7 +511,7 @@ class Reply:
     def calls(self, text: str) -> list[ToolCall] | None:
         """The tool calls an answer made, or None when it is text (or an unfinished call, which
         goes out as the text it is, with finish_reason "length")."""
-        if self.tools is None or not text.lstrip().startswith("["):
+        if self.tools is None or not self.tools.starts_call(text):
             return None
         try:
             return self.tools.parse(text)

@@ -23,6 +23,7 @@ from nbllm._version import __version__
 from nbllm.backends.base import ModelSpec
 from nbllm.core.errors import NbllmError, did_you_mean
 from nbllm.engine import Engine, Stream
+from nbllm.engine.embedding import embedding_dimensions
 from nbllm.server import openai_format
 from nbllm.server.errors import internal_error
 from nbllm.server.openai_format import ApiError, Kind, ParsedRequest, Reply
@@ -42,11 +43,13 @@ from nbllm.server.security import admin_guard
 
 try:
     from fastapi import Depends, FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 except ImportError as missing:  # the server's libraries are an optional extra
     raise missing_server_extra(missing) from missing
 
 log = logging.getLogger("nbllm.server")
+ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/admin/stats")
 
 
 def add_openai_routes(app: FastAPI, options: ServerOptions, scheduler: Scheduler) -> None:
@@ -59,6 +62,31 @@ def add_openai_routes(app: FastAPI, options: ServerOptions, scheduler: Scheduler
     async def completions(request: Request) -> Response:
         """Continue a text (OpenAI's legacy completions)."""
         return await _answer(request, "completion", options, scheduler)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """Vectors for texts (OpenAI's embeddings), from an embedding model: ``nbllm.embed``."""
+        deadline = Deadline.after(options.request_timeout)
+        engine = nbllm.get_engine()
+        parsed = openai_format.parse_embeddings(await _json_body(request, deadline))
+        spec = _resolve_model(engine, parsed.model or engine.settings.embedding_model)
+        try:
+            dimensions = embedding_dimensions(spec)
+            if parsed.dimensions is not None and parsed.dimensions != dimensions:
+                raise openai_format.ApiError(
+                    400,
+                    f"dimensions={parsed.dimensions}: {spec.name} gives vectors of {dimensions} dimensions, and "
+                    "does not shorten them. Leave dimensions out.",
+                    param="dimensions",
+                    code="unsupported_value",
+                )
+            # The engine blocks (the model's lock, the decode): on a worker thread, not the event loop.
+            vectors = await before(deadline, run_in_threadpool(engine.embed, parsed.texts, spec.name, progress=False))
+        except TimedOut:
+            raise _timed_out(options) from None
+        except NbllmError as error:
+            raise openai_format.api_error(error, input_param="input") from None
+        return JSONResponse(openai_format.embeddings_answer(vectors, spec.name, parsed.base64))
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -84,7 +112,7 @@ def add_monitoring_routes(app: FastAPI, options: ServerOptions, scheduler: Sched
             "name": "nbllm",
             "version": __version__,
             "openai_base_url": "/v1",
-            "endpoints": ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/admin/stats"],
+            "endpoints": list(ENDPOINTS),
         }
 
     @app.get("/health")
@@ -311,16 +339,19 @@ async def _sse(
         if opening is not None:
             yield _sse_data(opening)
         event = first
-        # With tools, an answer that starts with "[" is calls: held back and sent as tool_calls
-        # deltas once complete. Blank space before the first character is held until it is known.
-        held: list[str] | None = [] if reply.tools is not None and reply.kind == "chat" else None
+        # With tools, an answer that starts as a call ("[", "<tool_call>"...: the model's call
+        # format) is held back and sent as tool_calls deltas once complete. Its start is held
+        # until it is known to be a call or text.
+        tools = reply.tools if reply.kind == "chat" else None
+        held: list[str] | None = [] if tools is not None else None
         calling = False
         while isinstance(event, str):
             if held is not None and not calling:
                 held.append(event)
-                start = "".join(held).lstrip()
-                if start:
-                    calling = start.startswith("[")
+                assert tools is not None
+                starts = tools.starts_call("".join(held))
+                if starts is not None:
+                    calling = starts
                     if not calling:
                         yield _sse_data(reply.piece("".join(held)))
                         held = None
@@ -335,6 +366,8 @@ async def _sse(
                 yield _sse_data(_timed_out(options).body())  # the OpenAI client raises on it
                 yield "data: [DONE]\n\n"
                 return
+        if held and not calling and not isinstance(event, Failed):
+            yield _sse_data(reply.piece("".join(held)))  # ended before it could be told from a call: text
         calls = reply.calls("".join(held)) if calling and held is not None else None
         if calling and held is not None and not calls and not isinstance(event, Failed):
             yield _sse_data(reply.piece("".join(held)))  # an unfinished call: the text it is
