@@ -4,19 +4,24 @@ packed into few decodes, cached on disk, and clear errors for what cannot embed 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import sqlite3
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
 import pytest
 
 from nbllm.core.config import Settings
-from nbllm.core.errors import ContextLengthError, ParameterError
+from nbllm.core.errors import ContextLengthError, GenerationError, ParameterError
 from nbllm.engine import Engine
 from nbllm.testing import make_tiny_bert_gguf, make_tiny_model
+from tests.servers import serving
 
 SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby."]
 
@@ -189,3 +194,87 @@ def test_the_default_embedding_model_separates_meanings(tmp_path: Path) -> None:
     similar, different = float(vectors[0] @ vectors[1]), float(vectors[0] @ vectors[2])
     assert similar > 0.6
     assert different < 0.1
+
+
+def test_repeated_texts_are_embedded_once_and_all_come_from_the_cache(engine: Engine) -> None:
+    first = engine.embed(["same words", "same words", "other words"], progress=False)
+    assert first.cached == 0
+    assert np.array_equal(first[0], first[1])
+    again = engine.embed(["same words", "same words", "other words", "same words"], progress=False)
+    assert again.cached == 4
+    assert again.tokens == 0
+
+
+def test_a_set_cancel_event_stops_an_embedding(engine: Engine) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(GenerationError, match="stopped after 0 of 20 texts"):
+        engine.embed(words(20, seed=9), progress=False, cancel=cancel)
+    assert len(engine.embed(words(3, seed=9), progress=False)) == 3  # the model was given back
+
+
+class EmbeddingPeer(ThreadingHTTPServer):
+    """An OpenAI-compatible embeddings endpoint answering as ``mode`` says."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), EmbeddingHandler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
+        self.mode = "ok"
+        self.bodies: list[dict[str, Any]] = []
+
+
+class EmbeddingHandler(BaseHTTPRequestHandler):
+    server: EmbeddingPeer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._send(200, {"object": "list", "data": [{"id": "peer", "object": "model"}]})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        mode = self.server.mode
+        if mode == "missing":
+            self._send(404, {"error": {"message": "no such endpoint"}})
+            return
+        data = []
+        for index, text in enumerate(body["input"]):
+            vector: Any = [float(len(text)), 1.0, float(index % 3)]
+            if mode == "base64":
+                vector = base64.b64encode(np.array(vector, dtype="<f4").tobytes()).decode()
+            elif mode == "ragged" and index == 1:
+                vector = [1.0, 2.0]
+            elif mode == "garbage":
+                vector = "not base64!"
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        self._send(200, {"object": "list", "data": data, "usage": {"prompt_tokens": 7, "total_tokens": 7}})
+
+    def _send(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def test_a_remote_model_forwards_embeddings_and_its_bad_answers_are_clear(settings: Settings) -> None:
+    with serving(EmbeddingPeer()) as peer:
+        engine = Engine(settings.merged({"remote_models": {"peer": {"url": peer.url}}, "cache": {"enabled": False}}))
+        try:
+            vectors = engine.embed(["ab", "abcd", "x" * 600_000], model="peer", normalize=False, progress=False)
+            assert vectors.tolist()[:2] == [[2.0, 1.0, 0.0], [4.0, 1.0, 1.0]]
+            assert [len(body["input"]) for body in peer.bodies] == [2, 1]  # sliced by size, not only by count
+            peer.mode = "base64"
+            assert engine.embed("abc", model="peer", normalize=False).tolist() == [3.0, 1.0, 0.0]
+            for mode, words_ in [("ragged", "different lengths"), ("garbage", "not numbers"),
+                                 ("missing", "no embeddings endpoint")]:  # fmt: skip
+                peer.mode = mode
+                with pytest.raises(GenerationError, match=words_):
+                    engine.embed(["one", "two"], model="peer", progress=False)
+        finally:
+            engine.close()

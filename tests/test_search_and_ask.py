@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import zipfile
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -79,8 +80,6 @@ def test_hostile_or_damaged_index_files_are_refused_with_a_reason(global_engine:
         for item in source.namelist():  # the vectors replaced by an object array (a pickle inside)
             data = source.read(item)
             if item == "vectors.npy":
-                from io import BytesIO
-
                 buffer = BytesIO()
                 np.save(buffer, np.array([object()] * 5, dtype=object), allow_pickle=True)
                 data = buffer.getvalue()
@@ -89,14 +88,26 @@ def test_hostile_or_damaged_index_files_are_refused_with_a_reason(global_engine:
         for item in source.namelist():  # five vectors, two texts
             data = source.read(item)
             if item == "texts.npy":
-                from io import BytesIO
-
                 buffer = BytesIO()
                 np.save(buffer, np.frombuffer(json.dumps(["a", "b"]).encode(), dtype=np.uint8))
                 data = buffer.getvalue()
             target.writestr(item, data)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(tmp_path / "huge.npz", "w") as target:
+        for item in source.namelist():  # a header that claims a petabyte of vectors
+            data = source.read(item)
+            if item == "vectors.npy":
+                header = {"descr": "<f4", "fortran_order": False, "shape": (10**12, 384)}
+                buffer = BytesIO()
+                np.lib.format.write_array_header_1_0(buffer, header)
+                data = buffer.getvalue() + b"\0" * 64
+            target.writestr(item, data)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(tmp_path / "extra.npz", "w") as target:
+        for item in source.namelist():
+            target.writestr(item, source.read(item))
+        target.writestr("code.py", "import os")
     for name, words in [("missing.npz", "Cannot read"), ("text.npz", "not an index file"),
-                        ("pickled.npz", "not an index file"), ("short.npz", "damaged")]:  # fmt: skip
+                        ("pickled.npz", "not an index file"), ("short.npz", "damaged"),
+                        ("huge.npz", "not an index file"), ("extra.npz", "parts are not those")]:  # fmt: skip
         with pytest.raises(ParameterError, match=words):
             nbllm.Index.load(tmp_path / name)
 
@@ -189,3 +200,13 @@ def test_the_docs_option_answers_from_a_variable_and_lists_the_sources(ip: Inter
     assert "no variable, file or folder named 'nothing_here'" in str(result.error_in_exec)
     result = ip.run_cell("%%llm --docs notes --raw\nA question?")
     assert "does not go with --raw" in str(result.error_in_exec)
+
+
+def test_an_index_file_cannot_choose_a_model_file_to_open(global_engine: Engine, tmp_path: Path) -> None:
+    index = nbllm.Index(list(ANIMALS))
+    index.model = str(tmp_path / "evil.gguf")  # as a crafted file would name it
+    path = index.save(tmp_path / "crafted.npz")
+    with pytest.raises(ParameterError, match=r"named by its path: load it with Index\.load"):
+        nbllm.Index.load(path)
+    again = nbllm.Index.load(path, model="all-minilm-l6-v2")  # the caller says which model
+    assert again.search("a bird that talks", k=1)["index"][0] == 4

@@ -14,6 +14,7 @@ import pytest
 
 from nbllm.core.chat_template import ChatTemplate
 from nbllm.core.config import Settings
+from nbllm.core.errors import ParameterError
 from nbllm.core.tool_syntax import HERMES, LLAMA3, NBLLM, syntax_for_template
 from nbllm.engine import Engine
 from nbllm.engine.request import Request
@@ -178,3 +179,17 @@ def test_the_server_streams_hermes_calls_as_openai_tool_call_deltas(client: open
     assert names
     assert set(names) == {"add"}
     assert arguments.startswith("{")
+
+
+def test_a_conversation_the_llama3_format_cannot_hold_is_refused_before_any_work(engine: Engine) -> None:
+    two_calls = [
+        {"role": "user", "content": "Double 4 and add 1 and 2."},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "double", "arguments": '{"x": 4}'}},
+            {"id": "b", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "8"},
+        {"role": "tool", "tool_call_id": "b", "content": "3"},
+    ]  # fmt: skip
+    with pytest.raises(ParameterError, match=r"holds 2 tool calls; tiny-llama3's format \(llama3\) has at most 1"):
+        engine.chat(two_calls, model="tiny-llama3", tools=[add, double])
+    assert engine.registry.resident() == []

@@ -31,7 +31,7 @@ from llama_cpp import _internals as internals
 from nbllm.backends.base import BatchItem, BatchProgress, EmbeddedTexts, LoadSettings, ModelSpec, Usage
 from nbllm.backends.compute_thread import ComputeThreads
 from nbllm.backends.llama_cpp_batch import BatchDecoder
-from nbllm.backends.llama_cpp_embed import POOLING_CODES, embed_token_lists, tokenize_all
+from nbllm.backends.llama_cpp_embed import POOLING_CODES, EmbeddingCancelled, embed_token_lists, tokenize_all
 from nbllm.backends.llama_cpp_grammar import GrammarSampler, KnownSets, grammar_text, known_sets
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
@@ -522,8 +522,20 @@ class LlamaCppModel:
         if not self.settings.pooling:
             raise GenerationError(f"{self.path.name} was not loaded as an embedding model.")
         trained = int(llm._model.n_ctx_train()) or llm.n_batch
-        token_lists, truncated = tokenize_all(llm, texts, min(trained, int(llm.n_batch)), truncate)
-        vectors = _wait(self._worker.submit(lambda: embed_token_lists(llm, token_lists, on_progress, cancel)))
+        limit = min(trained, int(llm.n_batch))
+        # No token is longer than the longest piece: a text with more bytes than that many
+        # pieces cannot fit, and is refused (or cut) before tokenizing megabytes for nothing.
+        token_lists, truncated = tokenize_all(
+            llm, texts, limit, truncate, rough_bytes=limit * _ROUGH_BYTES_PER_TOKEN, longest=self._longest_token_bytes
+        )
+        job = self._worker.submit(lambda: embed_token_lists(llm, token_lists, on_progress, cancel))
+        try:
+            vectors = job.result()
+        except KeyboardInterrupt:  # Ctrl-C: stop after the batch being decoded, then give the model back
+            cancel.set()
+            with contextlib.suppress(EmbeddingCancelled):
+                _wait(job)
+            raise
         return EmbeddedTexts(vectors, sum(len(t) for t in token_lists), tuple(truncated))
 
     def _stream(

@@ -27,23 +27,43 @@ POOLING_CODES = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "cls": llama_cpp.LLA
                  "last": llama_cpp.LLAMA_POOLING_TYPE_LAST}  # fmt: skip
 
 
-def tokenize_all(llm: Any, texts: Sequence[str], limit: int, truncate: bool) -> tuple[list[list[int]], list[int]]:
-    """Each text's tokens (with the model's special tokens), cut to ``limit`` with ``truncate``."""
+def tokenize_all(
+    llm: Any, texts: Sequence[str], limit: int, truncate: bool, *, rough_bytes: int, longest: Callable[[], int]
+) -> tuple[list[list[int]], list[int]]:
+    """Each text's tokens (with the model's special tokens), cut to ``limit`` with ``truncate``.
+
+    A text of more than ``limit`` x ``longest()`` bytes (no token covers more than the longest
+    token's bytes) cannot fit: it is refused, or cut to that many bytes, before it is tokenized
+    (``longest`` is asked only for texts past ``rough_bytes``)."""
     add_eos = bool(llama_cpp.llama_vocab_get_add_eos(llm._model.vocab))
     token_lists, truncated = [], []
     for index, text in enumerate(texts):
-        tokens = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        data = text.encode("utf-8")
+        if len(data) > rough_bytes and len(data) > limit * longest():
+            if not truncate:
+                raise _too_long(index, f"at least {-(-len(data) // longest()):,}", limit)
+            # Cut at a character's boundary: the tokenizer must never see a broken UTF-8 sequence.
+            data = data[: limit * longest()].decode("utf-8", "ignore").encode("utf-8")
+        tokens = llm.tokenize(data, add_bos=True, special=False)
         if len(tokens) > limit:
             if not truncate:
-                raise ContextLengthError(
-                    f"Text {index} is {len(tokens):,} tokens long; this embedding model reads at most {limit:,}. "
-                    "Split it (nbllm.ask chunks documents itself), or pass truncate=True to embed its beginning."
-                )
+                raise _too_long(index, f"{len(tokens):,}", limit)
             # Keep the end-of-text token ([SEP] for BERT) the model was trained to see last.
             tokens = [*tokens[: limit - 1], tokens[-1]] if add_eos else tokens[:limit]
             truncated.append(index)
         token_lists.append(tokens)
     return token_lists, truncated
+
+
+class EmbeddingCancelled(GenerationError):
+    """``cancel`` was set (Ctrl-C, a server request past its deadline): stopped between batches."""
+
+
+def _too_long(index: int, tokens: str, limit: int) -> ContextLengthError:
+    return ContextLengthError(
+        f"Text {index} is {tokens} tokens long; this embedding model reads at most {limit:,}. Split it "
+        "(nbllm.ask chunks documents itself), or pass truncate=True to embed its beginning."
+    )
 
 
 def embed_token_lists(
@@ -58,7 +78,7 @@ def embed_token_lists(
     start = 0
     while start < len(token_lists):
         if cancel.is_set():
-            raise KeyboardInterrupt
+            raise EmbeddingCancelled(f"The embedding was stopped after {start} of {len(token_lists)} texts.")
         batch.reset()
         count = used = 0
         while start + count < len(token_lists) and count < n_seq_max:

@@ -90,8 +90,10 @@ def _convert(constraint: Constraint) -> str:
     else:
         lines.append("tool-calls ::= call")
     if constraint.kind == "tools":
-        # Text or calls (tool_choice auto): an answer that does not start as a call does is text.
-        lines += ["root ::= tool-calls | free-text", f"free-text ::= [^{_class_char(syntax.opener[0])}] [^\\x00]*"]
+        # Text or calls (tool_choice auto): text must not start as a call does, even after blank
+        # space (calls are read from the answer's first non-blank character: tool_syntax.py).
+        first = _class_char(syntax.opener[0])
+        lines += ["root ::= tool-calls | free-text", f"free-text ::= [ \\t\\n\\r]* [^{first} \\t\\n\\r] [^\\x00]*"]
     else:
         lines.append("root ::= tool-calls")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ connecting and on each read.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import queue
 import ssl
@@ -172,10 +173,9 @@ class RemoteModel:
         request's inputs). The server decides about texts too long for its model."""
         rows: list[list[float]] = []
         tokens = 0
-        for start in range(0, len(texts), EMBED_SLICE):
+        for part in _slices(texts):
             if cancel.is_set():
-                raise KeyboardInterrupt
-            part = list(texts[start : start + EMBED_SLICE])
+                raise GenerationError(f"The embedding was stopped after {len(rows)} of {len(texts)} texts.")
             try:
                 response = self._request("/embeddings", {"model": self.model, "input": part})
             except _StatusError as error:
@@ -187,13 +187,17 @@ class RemoteModel:
                 raise
             try:
                 body = json.loads(response.read().decode("utf-8"))
-            except ValueError as error:
-                raise GenerationError(f"The server at {self.url} sent embeddings that are not JSON.") from error
+            except (ValueError, httpx.HTTPError) as error:
+                raise GenerationError(f"The server at {self.url} sent no readable embeddings ({error}).") from error
             finally:
                 response.close()
             rows += _embedding_rows(body, len(part), self.url)
-            tokens += int((body.get("usage") or {}).get("prompt_tokens") or 0)
+            usage = body.get("usage") if isinstance(body, dict) else None
+            counted = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            tokens += counted if isinstance(counted, int) and counted >= 0 else 0
             on_progress(len(part))
+        if len({len(row) for row in rows}) != 1:
+            raise GenerationError(f"The server at {self.url} sent embeddings of different lengths.")
         return EmbeddedTexts(np.asarray(rows, dtype=np.float32), tokens)
 
     def format_chat(
@@ -420,7 +424,22 @@ def _call(call: dict[str, str]) -> dict[str, Any]:
     return {"name": call["name"], "arguments": arguments}
 
 
-EMBED_SLICE = 256  # texts per embeddings request
+EMBED_SLICE = 256  # texts per embeddings request, and at most EMBED_SLICE_BYTES of them
+EMBED_SLICE_BYTES = 512 * 1024  # servers limit a request's body (nbllm serve: 1 MiB)
+
+
+def _slices(texts: Sequence[str]) -> Iterator[list[str]]:
+    part: list[str] = []
+    size = 0
+    for text in texts:
+        length = len(text.encode("utf-8"))
+        if part and (len(part) == EMBED_SLICE or size + length > EMBED_SLICE_BYTES):
+            yield part
+            part, size = [], 0
+        part.append(text)
+        size += length
+    if part:
+        yield part
 
 
 def _embedding_rows(body: Any, count: int, url: str) -> list[list[float]]:
@@ -436,13 +455,17 @@ def _embedding_rows(body: Any, count: int, url: str) -> list[list[float]]:
         vector = entry.get("embedding") if isinstance(entry, dict) else None
         if not isinstance(index, int) or not 0 <= index < count or rows[index]:
             raise GenerationError(f"The server at {url} sent an embedding with a wrong index ({index!r}).")
-        if isinstance(vector, str):  # base64, if the server ignored encoding_format
-            vector = np.frombuffer(base64.b64decode(vector), dtype="<f4").tolist()
-        if not isinstance(vector, list) or not vector or not all(isinstance(x, (int, float)) for x in vector):
+        try:
+            if isinstance(vector, str):  # base64, if the server ignored encoding_format
+                vector = np.frombuffer(base64.b64decode(vector, validate=True), dtype="<f4").tolist()
+            if not isinstance(vector, list) or not vector:
+                raise ValueError("not a list")
+            row = [float(x) for x in vector if isinstance(x, (int, float)) and not isinstance(x, bool)]
+        except (ValueError, OverflowError, binascii.Error) as error:
+            raise GenerationError(f"The server at {url} sent an embedding that is not numbers ({error}).") from None
+        if len(row) != len(vector):
             raise GenerationError(f"The server at {url} sent an embedding that is not a list of numbers.")
-        rows[index] = vector
-    if len({len(row) for row in rows}) != 1:
-        raise GenerationError(f"The server at {url} sent embeddings of different lengths.")
+        rows[index] = row
     return rows
 
 

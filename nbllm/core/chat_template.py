@@ -65,7 +65,7 @@ from jinja2.compiler import CodeGenerator, Frame
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from nbllm.core.chat_format import FormattedPrompt, plain_turns, transcript
-from nbllm.core.errors import ChatTemplateError
+from nbllm.core.errors import ChatTemplateError, ParameterError
 
 T = TypeVar("T")
 
@@ -668,6 +668,10 @@ class ChatTemplate:
         except Exception as error:
             line = _template_line(error)
             reason = _one_line(error) or type(error).__name__
+            if tools:  # the transcript would lose the tools, and the call format the grammar keeps
+                raise ParameterError(
+                    f"{self.name}'s chat template cannot write this conversation with tools: {reason}"
+                ) from None
             warnings.warn_explicit(
                 f"{self.name}'s chat template failed ({reason}); this chat is formatted as a plain transcript instead.",
                 ChatTemplateWarning,

@@ -60,21 +60,25 @@ class EmbeddingCache:
         found: dict[int, np.ndarray] = {}
         if not keys:
             return found
-        position = {key: index for index, key in enumerate(keys)}
+        positions: dict[bytes, list[int]] = {}
+        for index, key in enumerate(keys):
+            positions.setdefault(key, []).append(index)  # the same text twice: both from one row
         bad: list[bytes] = []
         with self._connection() as connection:
             if connection is None:
                 return found
-            for start in range(0, len(keys), _QUERY_CHUNK):
-                part = list(keys[start : start + _QUERY_CHUNK])
+            unique = list(positions)
+            for start in range(0, len(unique), _QUERY_CHUNK):
+                part = unique[start : start + _QUERY_CHUNK]
                 marks = ",".join("?" * len(part))
                 rows = connection.execute(f"SELECT key, vector FROM vectors WHERE key IN ({marks})", part)
                 for key, blob in rows:
                     vector = _vector(blob, dimensions)
                     if vector is None:
                         bad.append(key)
-                    elif key in position:
-                        found[position[key]] = vector
+                    elif key in positions:
+                        for index in positions[key]:
+                            found[index] = vector
                         dimensions = len(vector)
             if bad:
                 log.warning("Dropped %d damaged entries from the embedding cache %s.", len(bad), self.path)
@@ -122,6 +126,8 @@ class EmbeddingCache:
             try:
                 with connection:  # commits, or rolls back on an error
                     yield connection
+            except sqlite3.OperationalError as error:  # locked by another kernel past the timeout...
+                log.warning("The embedding cache %s was not used this time: %s.", self.path, error)
             except sqlite3.DatabaseError as error:
                 self._turn_off(f"SQLite could not use it ({error})")
             finally:
@@ -141,6 +147,9 @@ class EmbeddingCache:
             if not self._ready:
                 try:
                     connection.execute(_SCHEMA)
+                except sqlite3.OperationalError:  # locked by another process: not damaged, just busy
+                    connection.close()
+                    raise
                 except sqlite3.DatabaseError:  # not a database (damaged, or something else): start afresh once
                     connection.close()
                     aside = self.path.with_name(f"{self.path.name}.damaged")
@@ -151,6 +160,9 @@ class EmbeddingCache:
                     connection.execute(_SCHEMA)
                 self._ready = True
             return connection
+        except sqlite3.OperationalError as error:
+            log.warning("The embedding cache %s was not used this time: %s.", self.path, error)
+            return None
         except (OSError, sqlite3.Error) as error:
             self._turn_off(str(error))
             return None

@@ -73,6 +73,7 @@ class TensorInfo:
 # llama.cpp's enum llama_pooling_type (0, none, gives one vector per token: not an embedding
 # nbllm can use; 4, rank, is a reranker's).
 POOLING_TYPES = {1: "mean", 2: "cls", 3: "last"}
+RANK_POOLING = 4
 ENCODER_ARCHITECTURES = frozenset({"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "modern-bert", "neo-bert"})
 
 
@@ -122,8 +123,11 @@ class GGUFInfo:
         its metadata; None for a model that generates text. Encoders (BERT and kin) that do not
         say are pooled by the mean, as sentence-transformers pools most of them."""
         declared = self.arch_get("pooling_type")
-        if isinstance(declared, int) and not isinstance(declared, bool) and declared in POOLING_TYPES:
-            return POOLING_TYPES[declared]
+        if isinstance(declared, int) and not isinstance(declared, bool):
+            if declared in POOLING_TYPES:
+                return POOLING_TYPES[declared]
+            if declared == RANK_POOLING:  # a reranker: it scores pairs, its vectors mean nothing
+                return None
         return "mean" if self.architecture in ENCODER_ARCHITECTURES else None
 
     @property

@@ -8,11 +8,13 @@ folder and reused while the file's size and modification time are unchanged.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import threading
 from pathlib import Path
+from stat import S_ISREG
 
 from nbllm.core import paths
 
@@ -43,6 +45,8 @@ def _save(key: tuple[str, int, int], digest: str) -> None:
 
 def _key(path: Path) -> tuple[str, int, int]:
     stat = path.stat()
+    if not S_ISREG(stat.st_mode):  # /dev/zero would be read forever, a FIFO would block the open
+        raise OSError(errno.EINVAL, f"{path} is not a regular file")
     return (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
 
 

@@ -13,7 +13,6 @@ it), how many calls one answer may hold, and how to read them back.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +61,7 @@ class CallSyntax:
                     raise StructuredOutputError("Tool calls must be a non-empty JSON array of calls.", text)
                 return raw
             if self.framed:
-                pattern = re.escape(self.opener.strip()) + r"\s*(.*?)\s*" + re.escape(self.closer.strip())
-                found = [json.loads(part) for part in re.findall(pattern, stripped, flags=re.DOTALL)]
+                found = [json.loads(part) for part in self._framed_parts(stripped)]
                 if not found:
                     raise StructuredOutputError(
                         f"No complete {self.opener.strip()}...{self.closer.strip()} call.", text
@@ -72,6 +70,21 @@ class CallSyntax:
             return [json.loads(stripped)]
         except ValueError as error:
             raise StructuredOutputError(f"The tool calls are not valid JSON: {error}.", text) from error
+        except RecursionError:  # JSON nested thousands deep
+            raise StructuredOutputError("The tool calls are nested too deeply to read.", text) from None
+
+    def _framed_parts(self, text: str) -> list[str]:
+        """What stands between each opener and the closer after it, in one pass over the text (a
+        regular expression would rescan to the end from every opener without a closer)."""
+        opener, closer = self.opener.strip(), self.closer.strip()
+        parts, at = [], 0
+        while (start := text.find(opener, at)) != -1:
+            end = text.find(closer, start + len(opener))
+            if end == -1:
+                break
+            parts.append(text[start + len(opener) : end].strip())
+            at = end + len(closer)
+        return parts
 
     def arguments_of(self, entry: Mapping[str, Any]) -> Any:
         # Llama 3 writes "parameters"; a model that writes "arguments" anyway is understood.

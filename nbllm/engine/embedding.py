@@ -49,9 +49,9 @@ class Embeddings(np.ndarray):
 class _Owner:
     """Holds the model's lock for one embed call (the registry's LockOwner)."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel: threading.Event | None = None) -> None:
         self.thread_id = threading.get_ident()
-        self.cancel = threading.Event()
+        self.cancel = cancel or threading.Event()
 
     def is_suspended(self) -> bool:
         return False
@@ -79,6 +79,12 @@ def check_texts(texts: Any) -> list[str]:
             missing = text is None or (isinstance(text, float) and math.isnan(text))
             hint = " (missing values: drop them first, e.g. series.dropna())" if missing else ""
             raise ParameterError(f"Text {index} is {type(text).__name__} {text!r:.40}, not a string{hint}.")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ParameterError(
+                f"Text {index} holds a lone surrogate (not valid Unicode text): clean it first."
+            ) from None
         if not text.strip():
             raise ParameterError(
                 f"Text {index} is empty: an empty text has no meaning to embed. Leave it out "
@@ -108,8 +114,23 @@ def embedding_dimensions(spec: ModelSpec) -> int | None:
     return int(read_gguf(spec.path).arch_get("embedding_length", 0) or 0) or None if spec.is_local else None
 
 
+def model_identity(spec: ModelSpec) -> str:
+    """What the cache keys a model's vectors by: its file's content, or a remote model's server
+    and name (not its api_key or timeouts, which change no vector)."""
+    if spec.is_local:
+        return identity.file_sha256(spec.path)
+    return f"remote:{getattr(spec.remote, 'url', '')}:{getattr(spec.remote, 'model', None) or spec.name}"
+
+
 def embed(
-    engine: Engine, texts: Any, *, model: str | None, normalize: bool, truncate: bool, progress: bool
+    engine: Engine,
+    texts: Any,
+    *,
+    model: str | None,
+    normalize: bool,
+    truncate: bool,
+    progress: bool,
+    cancel: threading.Event | None = None,
 ) -> Embeddings:
     started = time.perf_counter()
     single = isinstance(texts, str)
@@ -117,18 +138,28 @@ def embed(
     name = model or engine.settings.embedding_model
     spec = engine.registry.resolve(name)
     pooling = pooling_of(spec)
-    model_id = identity.file_sha256(spec.path) if spec.is_local else f"remote:{spec.name}:{spec.remote}"
+    model_id = model_identity(spec)
     keys = [vector_key(model_id, pooling, normalize, text) for text in items]
     dimensions = embedding_dimensions(spec)
     found = engine.embedding_cache.get_many(keys, dimensions)
-    missing = [index for index in range(len(items)) if index not in found]
-    tokens, truncated = 0, ()
+    # Each text not in the cache is embedded once, however often it appears.
+    first_of: dict[bytes, int] = {}
+    for index in range(len(items)):
+        if index not in found:
+            first_of.setdefault(keys[index], index)
+    missing = list(first_of.values())
+    tokens, truncated = 0, tuple[int, ...]()
     vectors: np.ndarray | None = None
     if missing:
-        computed = _compute(engine, name, [items[i] for i in missing], truncate=truncate, progress=progress)
+        computed = _compute(engine, name, [items[i] for i in missing], truncate=truncate, progress=progress,
+                            cancel=cancel)  # fmt: skip
         tokens = computed.tokens
-        truncated = tuple(missing[i] for i in computed.truncated)
         fresh = np.asarray(computed.vectors, dtype=np.float32)
+        if found and fresh.shape[1] != len(next(iter(found.values()))):
+            raise GenerationError(
+                f"{spec.name} now gives vectors of {fresh.shape[1]} numbers, and the cache holds some of another "
+                "length for it (its server changed models?). Empty the cache (nbllm.clear_cache()) and embed again."
+            )
         if normalize:
             fresh = _normalized(fresh)
         bad = np.flatnonzero(~np.isfinite(fresh).all(axis=1))
@@ -139,21 +170,27 @@ def embed(
             )
         cut = set(computed.truncated)  # a cut text's vector is kept only for this call
         engine.embedding_cache.put_many([(keys[i], fresh[j]) for j, i in enumerate(missing) if j not in cut])
+        row_of = {keys[i]: j for j, i in enumerate(missing)}
+        rows = [index for index in range(len(items)) if index not in found]
         vectors = np.empty((len(items), fresh.shape[1]), dtype=np.float32)
-        vectors[missing] = fresh
+        vectors[rows] = fresh[[row_of[keys[index]] for index in rows]]
+        truncated = tuple(index for index in rows if row_of[keys[index]] in cut)
     for index, vector in found.items():
         if vectors is None:
             vectors = np.empty((len(items), vector.shape[0]), dtype=np.float32)
         vectors[index] = vector
     assert vectors is not None  # items is not empty (check_texts), so one of the two filled it
     result = (vectors[0] if single else vectors).view(Embeddings)
-    result.model, result.truncated, result.cached, result.tokens = spec.name, truncated, len(found), tokens
+    # The name as given (a path stays a path): what an Index resolves again to embed its queries.
+    result.model, result.truncated, result.cached, result.tokens = name, truncated, len(found), tokens
     engine.stats.record_embeddings(len(items), len(found), tokens, time.perf_counter() - started)
     return result
 
 
-def _compute(engine: Engine, name: str, texts: Sequence[str], *, truncate: bool, progress: bool) -> Any:
-    owner = _Owner()
+def _compute(
+    engine: Engine, name: str, texts: Sequence[str], *, truncate: bool, progress: bool, cancel: threading.Event | None
+) -> Any:
+    owner = _Owner(cancel)
     bar = progress_bar(progress and len(texts) >= 64, len(texts), "Embedding", "text")
 
     def advance(count: int) -> None:

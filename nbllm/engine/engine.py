@@ -296,6 +296,12 @@ class Engine:
             tools = tools.written_as(syntax_for_template(read_gguf(spec.path).chat_template))
             resolved = resolved.with_tools(tools)
             chat = normalize_messages(messages, tool_turns=tools.syntax.native)
+            most = max((len(m.get("tool_calls") or ()) for m in chat), default=0)
+            if tools.syntax.native and most > tools.syntax.most:
+                raise ParameterError(
+                    f"An assistant message holds {most} tool calls; {spec.name}'s format ({tools.syntax.name}) has at "
+                    f"most {tools.syntax.most} per message. Split them into messages of their own."
+                )
             if not tools.syntax.native:
                 chat = with_tool_instructions(chat, tools)
         return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache)
@@ -318,9 +324,13 @@ class Engine:
         normalize: bool = True,
         truncate: bool = False,
         progress: bool = True,
+        cancel: threading.Event | None = None,
     ) -> Embeddings:
-        """Vectors for ``texts`` (engine/embedding.py); cached on disk per model, text and options."""
-        return embedding.embed(self, texts, model=model, normalize=normalize, truncate=truncate, progress=progress)
+        """Vectors for ``texts`` (engine/embedding.py); cached on disk per model, text and options.
+        ``cancel``: set it to stop between batches (the server, past its deadline)."""
+        return embedding.embed(
+            self, texts, model=model, normalize=normalize, truncate=truncate, progress=progress, cancel=cancel
+        )
 
     def ask(
         self,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from nbllm.engine.engine import Engine
 
 FORMAT = 1
+PARTS = ("vectors", "texts", "labels", "meta")
 MAX_FILE_BYTES = 4 << 30  # an index of 2.5 million 384-dimension vectors; larger is not one of ours
 _engine_provider: Callable[[], Engine] | None = None
 
@@ -132,9 +134,11 @@ class Index:
             "labels": _json_bytes([_plain(label) for label in self.labels]),
             "meta": _json_bytes(meta),
         }
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        # A fresh name of our own (mkstemp: never an existing file or link), renamed into place.
+        handle, partial_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+        partial = Path(partial_name)
         try:
-            with open(partial, "wb") as file:
+            with os.fdopen(handle, "wb") as file:
                 np.savez(file, **parts)  # type: ignore[arg-type]
             os.replace(partial, target)
         finally:
@@ -142,8 +146,13 @@ class Index:
         return target
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, engine: Engine | None = None) -> Index:
-        """An index written by ``save``; a ``ParameterError`` saying what is wrong with any other file."""
+    def load(cls, path: str | os.PathLike[str], *, model: str | None = None, engine: Engine | None = None) -> Index:
+        """An index written by ``save``; a ``ParameterError`` saying what is wrong with any other file.
+
+        The file names the model its vectors came from; only a model known by name (the
+        embedded one, the config's, the models folder's, a remote one) is taken from it: a file
+        must not make nbllm open a path it chose. For a model given by path, say it: ``model=``.
+        """
         source = Path(path).expanduser()
         try:
             size = source.stat().st_size
@@ -152,10 +161,19 @@ class Index:
         if not source.is_file() or size > MAX_FILE_BYTES:
             raise ParameterError(f"{source} is not an index file written by Index.save.")
         try:
+            # What the archive says it holds, before numpy allocates for it: the four parts
+            # written by save, no more than the file could hold uncompressed.
+            # Stored, not compressed (as np.savez writes): a small file cannot unpack into gigabytes.
+            with zipfile.ZipFile(source) as archive:
+                members = archive.infolist()
+            names = {info.filename for info in members}
+            stored = all(info.compress_type == zipfile.ZIP_STORED for info in members)
+            if names != {f"{name}.npy" for name in PARTS} or not stored or sum(i.file_size for i in members) > size:
+                raise ValueError("its parts are not those of an index")
             with np.load(source, allow_pickle=False) as parts:
                 vectors = np.array(parts["vectors"])
                 texts, labels, meta = (json.loads(bytes(parts[name]).decode()) for name in ("texts", "labels", "meta"))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError, MemoryError, RecursionError) as error:
             raise ParameterError(f"{source} is not an index file written by Index.save ({error}).") from None
         if not (
             isinstance(meta, dict) and meta.get("format") == FORMAT and isinstance(meta.get("model"), str)
@@ -167,8 +185,20 @@ class Index:
         index = cls.__new__(cls)
         index._engine = engine
         index.texts, index.labels, index.vectors = texts, labels, vectors
-        index.model, index._model_id = meta["model"], str(meta.get("model_id"))
+        index.model, index._model_id = model or meta["model"], str(meta.get("model_id"))
+        if model is None:
+            spec = index.engine.registry.resolve(meta["model"]) if _named(meta["model"]) else None
+            if spec is None or spec.source == "path":
+                raise ParameterError(
+                    f"{source} was built with the model file {meta['model']!r}, named by its path: load it with "
+                    "Index.load(path, model=...) naming that model yourself."
+                )
         return index
+
+
+def _named(model: str) -> bool:
+    """A model name, not a path (which resolve would open)."""
+    return bool(model) and "/" not in model and os.sep not in model and not model.endswith(".gguf") and model[0] != "~"
 
 
 def _json_bytes(value: Any) -> np.ndarray:

@@ -181,7 +181,8 @@ def check_options(args: Namespace) -> None:
     """Options that parse but do not go together."""
     if args.docs is not None:
         clash = next((o for o, on in (("--raw", args.raw), ("--map", args.map), ("--tools", args.tools),
-                                      ("--chat", args.chat), ("--schema", args.schema), ("--choices", args.choices))
+                                      ("--chat", args.chat), ("--schema", args.schema), ("--choices", args.choices),
+                                      ("--system", args.system))
                       if on), None)  # fmt: skip
         if clash:
             raise UsageError(f"--docs answers one question from your documents; it does not go with {clash}.")

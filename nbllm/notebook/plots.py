@@ -527,17 +527,19 @@ def embedding_map(
         vectors = vectors.vectors
     coordinates, (first, second) = project_2d(vectors)
     count = len(coordinates)
-    # By position: a pandas Series would be indexed by its labels.
-    labels = list(labels) if labels is not None else None
+    # By position (a pandas Series would be indexed by its labels), as text: a missing value
+    # (NaN, None) is a group of its own, "missing", and any label can be a legend entry.
+    labels = [_label(value) for value in labels] if labels is not None else None
     hover = list(hover) if hover is not None else None
     for name, values in (("labels", labels), ("hover", hover)):
         if values is not None and len(values) != count:
             raise ValueError(f"{name} has {len(values)} items for {count} vectors: give one per vector.")
     texts = [_short(str(t)) for t in hover] if hover is not None else [f"#{i}" for i in range(count)]
     figure = go.Figure()
-    groups = list(dict.fromkeys(labels)) if labels is not None else [None]
-    for group in groups:
-        rows = [i for i in range(count) if labels is None or labels[i] == group]
+    members: dict[str | None, list[int]] = {}
+    for i in range(count):
+        members.setdefault(labels[i] if labels is not None else None, []).append(i)
+    for group, rows in members.items():
         figure.add_scatter(
             x=coordinates[rows, 0], y=coordinates[rows, 1], mode="markers", name="" if group is None else str(group),
             text=[texts[i] for i in rows], hovertemplate="%{text}<extra></extra>", marker={"size": 8, "opacity": 0.8},
@@ -547,6 +549,12 @@ def embedding_map(
         xaxis_title=f"first axis ({first:.0%} of the variance)", yaxis_title=f"second axis ({second:.0%})",
     )  # fmt: skip
     return figure
+
+
+def _label(value: Any) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return "missing"
+    return str(value)
 
 
 def _short(text: str, limit: int = 160) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -63,30 +64,28 @@ def add_openai_routes(app: FastAPI, options: ServerOptions, scheduler: Scheduler
         """Continue a text (OpenAI's legacy completions)."""
         return await _answer(request, "completion", options, scheduler)
 
+    embedding_requests = [0]  # in flight: past options.max_waiting, a 503 at once
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         """Vectors for texts (OpenAI's embeddings), from an embedding model: ``nbllm.embed``."""
         deadline = Deadline.after(options.request_timeout)
         engine = nbllm.get_engine()
         parsed = openai_format.parse_embeddings(await _json_body(request, deadline))
-        spec = _resolve_model(engine, parsed.model or engine.settings.embedding_model)
+        if embedding_requests[0] >= max(1, options.max_waiting):
+            raise scheduler.busy()
+        cancel = threading.Event()
+        embedding_requests[0] += 1
         try:
-            dimensions = embedding_dimensions(spec)
-            if parsed.dimensions is not None and parsed.dimensions != dimensions:
-                raise openai_format.ApiError(
-                    400,
-                    f"dimensions={parsed.dimensions}: {spec.name} gives vectors of {dimensions} dimensions, and "
-                    "does not shorten them. Leave dimensions out.",
-                    param="dimensions",
-                    code="unsupported_value",
-                )
-            # The engine blocks (the model's lock, the decode): on a worker thread, not the event loop.
-            vectors = await before(deadline, run_in_threadpool(engine.embed, parsed.texts, spec.name, progress=False))
+            # All of it on a worker thread: resolving the default model may convert it (seconds),
+            # and the embedding blocks on the model's lock and its decodes.
+            vectors, name = await before(deadline, run_in_threadpool(_embed, engine, parsed, cancel))
         except TimedOut:
+            cancel.set()  # the worker stops after its current batch and gives the model back
             raise _timed_out(options) from None
-        except NbllmError as error:
-            raise openai_format.api_error(error, input_param="input") from None
-        return JSONResponse(openai_format.embeddings_answer(vectors, spec.name, parsed.base64))
+        finally:
+            embedding_requests[0] -= 1
+        return JSONResponse(openai_format.embeddings_answer(vectors, name, parsed.base64))
 
     @app.get("/v1/models")
     def list_models() -> dict[str, Any]:
@@ -130,6 +129,28 @@ def add_monitoring_routes(app: FastAPI, options: ServerOptions, scheduler: Sched
         """Empty the prompt cache and the KV prefix snapshots (``nbllm.clear_cache()``)."""
         nbllm.clear_cache()
         return {"status": "ok", "cache": nbllm.get_engine().cache_stats()}
+
+
+def _embed(engine: Engine, parsed: openai_format.EmbeddingsRequest, cancel: threading.Event) -> tuple[Any, str]:
+    """The vectors and the answering model's name; what the client can fix is an ApiError."""
+    try:
+        if parsed.model is None:  # the config's embedding model (a path there is the owner's choice)
+            spec = engine.registry.resolve(engine.settings.embedding_model)
+        else:
+            spec = _resolve_model(engine, parsed.model)  # only listed names: no client-given paths
+        dimensions = embedding_dimensions(spec)
+        if parsed.dimensions is not None and dimensions is not None and parsed.dimensions != dimensions:
+            raise openai_format.ApiError(
+                400,
+                f"dimensions={parsed.dimensions}: {spec.name} gives vectors of {dimensions} dimensions, and nbllm "
+                "does not shorten them. Leave dimensions out.",
+                param="dimensions",
+                code="unsupported_value",
+            )
+        model = parsed.model or engine.settings.embedding_model
+        return engine.embed(parsed.texts, model, progress=False, cancel=cancel), spec.name
+    except NbllmError as error:
+        raise openai_format.api_error(error, input_param="input") from None
 
 
 def _model_card(name: str, path: str, resident: bool) -> dict[str, Any]:

@@ -195,7 +195,7 @@ class Scheduler:
         """Queue ``stream``, then run it on a worker; None (and nothing run) if the client left first."""
         if self.closing or self.waiting >= self.max_waiting:
             stream.close()
-            raise self._busy()
+            raise self.busy()
         model_gate = self._models.setdefault(model_key, asyncio.Semaphore(self.per_model))
         held: list[asyncio.Semaphore] = []
         self.waiting += 1
@@ -216,7 +216,7 @@ class Scheduler:
                 gate.release()
             stream.close()  # never started: nothing generated, nothing counted
             if self.closing:
-                raise self._busy()
+                raise self.busy()
             return None
         loop = asyncio.get_running_loop()
         generation = Generation(stream, loop)
@@ -226,7 +226,7 @@ class Scheduler:
         done.add_done_callback(lambda _: self._finished(generation, model_gate))
         return generation
 
-    def _busy(self) -> ApiError:
+    def busy(self) -> ApiError:
         if self.closing:
             message = "The server is shutting down. Send the request again once it is back."
         else:
