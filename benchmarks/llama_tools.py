@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""llama.cpp's own benchmark tools (llama-bench, llama-batched-bench), built from the very
-llama-cpp-python sdist nbllm uses, with the very flags its wheel was built with — so that a
-comparison measures nbllm, not two different builds.
+"""llama.cpp's own benchmark tools (llama-bench, llama-batched-bench, and llama-embedding for
+``nbllm.embed``), built from the very llama-cpp-python sdist nbllm uses, with the very flags its
+wheel was built with — so that a comparison measures nbllm, not two different builds.
 
     .venv/bin/python benchmarks/llama_tools.py            # build (once; a few minutes) and print paths
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import bootstrap  # noqa: E402  (scripts/bootstrap.py: the same flags and wheelhouse)
 
-TOOLS = ("llama-bench", "llama-batched-bench")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-embedding")
 
 
 def tools_dir() -> Path:

@@ -3,8 +3,8 @@
 An embedding model (its GGUF declares a pooling: mean, CLS or last token) is loaded with
 llama.cpp's embedding mode; each text is one sequence of a batch, and llama.cpp pools each
 sequence's token vectors itself (``llama_get_embeddings_seq``). Texts go into a batch in their
-order until it holds ``n_batch`` tokens or ``n_seq_max`` sequences, so a thousand short texts
-cost a few dozen decodes, not a thousand. A sequence must fit one micro-batch (non-causal
+order until it holds ``PACK_TOKENS`` tokens (a longer text goes alone) or ``n_seq_max``
+sequences, so a thousand short texts cost a few dozen decodes, not a thousand. A sequence must fit one micro-batch (non-causal
 attention sees the whole sequence at once): the model is loaded with n_ubatch = n_batch, and a
 text is at most ``limit`` tokens (the model's training context, at most n_batch).
 
@@ -23,6 +23,9 @@ import numpy as np
 
 from nbllm.core.errors import ContextLengthError, GenerationError
 
+# Tokens packed into one decode (a longer text goes alone, up to n_batch): attention is computed
+# over the whole micro-batch, masked, so smaller packs of short texts cost less (embed_bench.py).
+PACK_TOKENS = 256
 POOLING_CODES = {"mean": llama_cpp.LLAMA_POOLING_TYPE_MEAN, "cls": llama_cpp.LLAMA_POOLING_TYPE_CLS,
                  "last": llama_cpp.LLAMA_POOLING_TYPE_LAST}  # fmt: skip
 
@@ -83,7 +86,7 @@ def embed_token_lists(
         count = used = 0
         while start + count < len(token_lists) and count < n_seq_max:
             size = len(token_lists[start + count])
-            if count and used + size > n_batch:
+            if count and used + size > min(n_batch, PACK_TOKENS):
                 break
             batch.add_sequence(token_lists[start + count], count, True)
             used += size
