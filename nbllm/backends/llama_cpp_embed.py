@@ -4,9 +4,10 @@ An embedding model (its GGUF declares a pooling: mean, CLS or last token) is loa
 llama.cpp's embedding mode; each text is one sequence of a batch, and llama.cpp pools each
 sequence's token vectors itself (``llama_get_embeddings_seq``). Texts go into a batch in their
 order until it holds ``PACK_TOKENS`` tokens (a longer text goes alone) or ``n_seq_max``
-sequences, so a thousand short texts cost a few dozen decodes, not a thousand. A sequence must fit one micro-batch (non-causal
-attention sees the whole sequence at once): the model is loaded with n_ubatch = n_batch, and a
-text is at most ``limit`` tokens (the model's training context, at most n_batch).
+sequences, so a thousand short texts cost a few dozen decodes, not a thousand. A sequence must
+fit one micro-batch (non-causal attention sees the whole sequence at once): the model is loaded
+with n_ubatch = n_batch, and a text is at most ``limit`` tokens (the model's training context,
+at most n_batch).
 
 Everything is tokenized before the first decode, so a text that is too long is an error before
 any work (or, with ``truncate``, cut, keeping the end-of-text token the model appends).
