@@ -47,9 +47,9 @@ DEFAULT_BATCH = 512  # the guide's batch_size, when neither config nor tuner say
 # An embedding model reads many texts in one decode, in micro-batches of this many tokens (also
 # its context: one micro-batch holds whole sequences, as non-causal attention needs), with flash
 # attention. Measured on all-MiniLM-L6-v2, 1,000 short texts, 2 threads
-# (benchmarks/results/embed_bench.log): a batch of 2048 without flash attention embedded 33
-# texts/s (llama.cpp computes the masked attention of the whole micro-batch), 512 with it 185,
-# packs of 256 tokens in a batch of 512 about 200; one text at a time, 55.
+# (benchmarks/results/embed_bench.log): a batch of 2048 without flash attention embedded 31
+# texts/s (llama.cpp computes the masked attention of the whole micro-batch), 512 with it 193,
+# packs of 256 tokens in a batch of 512 about 200; one text at a time, 63.
 EMBEDDING_BATCH = 512
 
 
