@@ -280,7 +280,7 @@ class Engine:
     ) -> Request:
         """Validate everything that can be checked without the model (fails fast, at the call)."""
         resolved = resolve_params(self._settings.generation, params or {})
-        self._refuse_embedding_model(model)
+        spec = self._answering_model(model)
         if prompt is not None:
             if not isinstance(prompt, str):
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
@@ -290,7 +290,7 @@ class Engine:
         tools = resolved.tools
         if tools is None or tools.choice == "none":
             chat = normalize_messages(messages)
-        elif (spec := self.registry.resolve(model)).remote is not None:
+        elif spec.remote is not None:
             # The server describes the tools (sent as OpenAI's tools) and reads calls and results
             # as OpenAI's messages.
             chat = normalize_messages(messages, tool_turns=True)
@@ -310,8 +310,9 @@ class Engine:
                 chat = with_tool_instructions(chat, tools)
         return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache)
 
-    def _refuse_embedding_model(self, model: str | None) -> None:
-        """An embedding model cannot write answers: said before any work, from its metadata."""
+    def _answering_model(self, model: str | None) -> ModelSpec:
+        """The model that will answer, resolved once per request; an embedding model cannot write
+        answers, which is said before any work, from its metadata."""
         spec = self.registry.resolve(model)
         if spec.is_local and (pooling := read_gguf(spec.path).pooling) is not None:
             raise ParameterError(
@@ -319,6 +320,7 @@ class Engine:
                 f"write answers. Use it with nbllm.embed / similar / ask, and a chat model (such as "
                 f"{self._settings.default_model}) for generate and chat."
             )
+        return spec
 
     def embed(
         self,
