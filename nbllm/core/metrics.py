@@ -56,6 +56,21 @@ class RequestStats:
             f"Generated {self.completion_tokens} tokens in {self.total_seconds:.2f}s ({self.tokens_per_second:.1f} t/s)"
         )
 
+    @property
+    def truncated(self) -> bool:
+        """The answer stopped at its token budget (``max_tokens``), probably mid-sentence."""
+        return self.finish_reason == "length"
+
+    def truncation_note(self) -> str | None:
+        """The one wording every front end (cell, chat panel, CLI) puts after a cut-off answer,
+        so a reader never mistakes it for the model's whole answer; None when it was not cut."""
+        if not self.truncated:
+            return None
+        return (
+            f"[cut off at the {self.completion_tokens}-token limit: raise max_tokens "
+            "(-n in %%llm and the CLI) for the rest]"
+        )
+
     def details(self) -> str:
         parts = [self.summary(), f"model {self.model}"]
         if not self.cached:
