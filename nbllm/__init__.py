@@ -39,7 +39,6 @@ from nbllm.core.errors import (
     StructuredOutputError,
 )
 from nbllm.core.table import Table
-from nbllm.core.units import format_age, format_bytes
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -93,6 +92,8 @@ __all__ = [
     "get_engine",
     "hardware",
     "health",
+    "history",
+    "history_clear",
     "list_models",
     "load",
     "model_info",
@@ -313,13 +314,12 @@ def unload(name: str | None = None) -> bool:
 
 
 def models() -> Table:
-    """Known and loaded models: name, resident or not, file size, load time, last use."""
-    rows = [row.__dict__ for row in get_engine().registry.rows()]
-    return Table(
-        rows,
-        columns=["name", "resident", "size_bytes", "load_seconds", "last_used", "source", "path"],
-        formatters={"size_bytes": format_bytes, "last_used": format_age},
-    )
+    """Every model: the catalog, the models folder, the config's and remote ones; kind, size,
+    downloaded, loaded (load time, last use), the name to load it by. The same table as
+    ``nbllm models`` and ``%llm models`` (``nbllm.hub.manager.list_models``)."""
+    from nbllm.hub.manager import list_models as listing
+
+    return listing(get_engine())
 
 
 def stats() -> dict[str, Any]:
@@ -332,6 +332,36 @@ def stats() -> dict[str, Any]:
 def clear_cache() -> None:
     """Empty the prompt cache (on disk) and the KV prefix snapshots of loaded models."""
     get_engine().clear_cache()
+
+
+def history(
+    model: str | None = None,
+    search: str | None = None,
+    since: Any = None,
+    limit: int | None = 50,
+    origin: str | None = None,
+) -> pandas.DataFrame:
+    """Past answers from the history log, newest first, as a DataFrame: time (UTC), origin,
+    model, prompt, answer, finish_reason, cached, tokens, seconds, t/s, seed, params, messages...
+
+    Filters: ``model`` (its name), ``search`` (text in the prompt, messages or answer), ``since``
+    (a datetime, ``"2026-12-01"``, or an age: ``"30m"``, ``"1h"``, ``"2d"``), ``origin`` (api,
+    magic, panel, server, cli); ``limit=None`` for every row. The log is ``history.db`` in the
+    data folder (``~/.local/share/nbllm``, or ``$NBLLM_HOME``); turn it off with
+    ``nbllm.configure(history={'enabled': False})``, the config file, or ``NBLLM_HISTORY=0``."""
+    import pandas
+
+    from nbllm.core.history import FRAME_COLUMNS
+
+    rows = get_engine().history.query(model=model, search=search, since=since, origin=origin, limit=limit)
+    frame = pandas.DataFrame(rows, columns=list(FRAME_COLUMNS))
+    frame["time"] = pandas.to_datetime(frame["time"], utc=True, format="ISO8601")
+    return frame
+
+
+def history_clear() -> int:
+    """Delete every answer in the history log; returns how many there were."""
+    return get_engine().history.clear()
 
 
 def health() -> dict[str, Any]:
@@ -403,13 +433,7 @@ def catalog() -> Table:
     return catalog_table()
 
 
-def list_models() -> Table:
-    """The catalog and the models folder side by side: downloaded or not, size, loaded or not.
-
-    (``models()`` lists what can be loaded by name right now, with load times and last use.)"""
-    from nbllm.hub.manager import list_models as listing
-
-    return listing(get_engine())
+list_models = models  # its earlier name (README: "In Python"), kept working
 
 
 def recommend(**machine: Any) -> Recommendation:

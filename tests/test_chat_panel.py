@@ -7,20 +7,22 @@ worker thread awaited with ``panel.wait()``.
 
 from __future__ import annotations
 
+import html
 import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import nbllm
 from nbllm.core.config import Settings
-from nbllm.core.errors import ModelNotFoundError
+from nbllm.core.errors import ModelNotFoundError, NbllmError
 from nbllm.engine import Engine
 from nbllm.notebook.plots import STOPPED_COLOR
 from nbllm.notebook.widgets import ChatPanel
-from nbllm.notebook.widgets.chat import Message, _bubble, _without_typed_newline
+from nbllm.notebook.widgets.chat import Message, _bubble
 from nbllm.notebook.widgets.markdown import to_html
 from nbllm.testing import make_tiny_model
 
@@ -128,23 +130,21 @@ def test_send_streams_a_reply_into_the_history_with_stats_in_the_status(panel: C
     assert panel.stop_button.disabled
 
 
-def test_enter_in_the_input_box_sends_and_a_pasted_paragraph_does_not(panel: ChatPanel) -> None:
+def press_enter(panel: ChatPanel, text: str) -> None:
+    """What the page does on Enter (chat_front_end.py): the text, as one message to the kernel.
+    Delivered the way ipywidgets delivers a comm's custom message."""
+    panel.input._handle_custom_msg({"type": "send", "text": text}, [])
+
+
+def test_enter_sends_the_text_the_page_reports_and_typing_alone_sends_nothing(panel: ChatPanel) -> None:
     panel.max_tokens.value = 8
-    panel.input.value = "line one\nline two"  # pasted: stays a draft
+    panel.input.value = "line one\nline two\n"  # typed or pasted, newlines and all: a draft
     assert panel.history == []
-    panel.input.value = "line one\nline two\n"  # then Enter
+    panel.input.value = ""  # the page empties the box as Enter is pressed
+    press_enter(panel, "line one\nline two")
     finish(panel)
     assert panel.history[0] == {"role": "user", "content": "line one\nline two"}
     assert panel.input.value == ""
-
-
-def test_only_a_typed_newline_counts_as_enter() -> None:
-    assert _without_typed_newline("hello", "hello\n") == "hello"
-    assert _without_typed_newline("hello", "hel\nlo") == "hello"
-    assert _without_typed_newline("helo", "hel\nlo") is None
-    assert _without_typed_newline("hello", "hello!") is None
-    assert _without_typed_newline("", "a\nb") is None
-    assert _without_typed_newline("hello", "") is None
 
 
 def test_enter_while_a_reply_is_running_keeps_the_draft(panel: ChatPanel, engine: Engine) -> None:
@@ -155,9 +155,12 @@ def test_enter_while_a_reply_is_running_keeps_the_draft(panel: ChatPanel, engine
     assert panel.busy
     assert "Waiting for tiny-a" in panel.status_text
     panel.input.value = "second"
-    panel.input.value = "second\n"
-    assert panel.input.value == "second", "the draft stays, without the newline"
+    press_enter(panel, "second")  # the page knew it was busy: it kept the draft
+    assert panel.input.value == "second"
     assert "Still answering" in panel.status_text
+    panel.input.value = ""  # the page had not heard yet, and emptied the box
+    press_enter(panel, "second")
+    assert panel.input.value == "second", "the draft comes back"
     assert not panel.send(), "Send is refused too"
     holder.close()
     finish(panel)
@@ -168,7 +171,7 @@ def test_enter_while_a_reply_is_running_keeps_the_draft(panel: ChatPanel, engine
 def test_an_empty_message_sends_nothing(panel: ChatPanel) -> None:
     panel.input.value = "   "
     panel.send_button.click()
-    panel.input.value = "   \n"
+    press_enter(panel, "   \n")
     assert panel.history == []
     assert panel.busy is False
 
@@ -595,3 +598,228 @@ def test_tools_run_and_show_collapsed_with_their_results(settings: Settings) -> 
         assert panel.messages[-1].role == "assistant", "the model went on from the results"
     finally:
         engine.close()
+
+
+# --------------------------------------------------------------------- marks, speed, model menu
+
+
+def test_a_cut_off_answer_ends_with_the_truncation_note(panel: ChatPanel, engine: Engine) -> None:
+    use_long_reply(engine, panel)
+    type_and_send(panel, "tell me everything")
+    finish(panel)
+    stats = panel.messages[-1].stats
+    assert stats is not None
+    assert stats.truncated
+    note = stats.truncation_note()
+    assert note is not None
+    shown = panel.messages[-1].view.value
+    assert 'class="nbllm-truncated"' in shown
+    assert html.escape(note) in shown
+    assert shown.index(html.escape(note)) > shown.index('class="nbllm-text"'), "after the answer"
+
+    panel.max_tokens.value = 8
+    panel.regenerate_button.click()
+    finish(panel)
+    stats = panel.messages[-1].stats
+    assert stats is not None
+    if not stats.truncated:  # an answer that ended by itself has no mark
+        assert "nbllm-truncated" not in panel.messages[-1].view.value
+
+
+def test_the_status_line_the_answer_and_the_chart_show_one_speed(panel: ChatPanel, engine: Engine) -> None:
+    use_long_reply(engine, panel)
+    type_and_send(panel, "tell me everything")
+    finish(panel)
+    stats = panel.messages[-1].stats
+    assert stats is not None
+    speed = f"{stats.tokens_per_second:.1f}"
+    status = re.search(r"\((\d+\.\d) t/s\)", panel.status_text)
+    assert status is not None, panel.status_text
+    footer = re.search(r"(\d+\.\d) t/s", re.sub(r"<[^>]+>", "", panel.messages[-1].view.value))
+    assert footer is not None
+    bars = panel.chart.figure.data[2]
+    assert (status.group(1), footer.group(1), bars.text[-1]) == (speed, speed, speed)
+    assert bars.y[-1] == pytest.approx(stats.tokens_per_second)
+    titles = [a.text for a in panel.chart.figure.layout.annotations]
+    assert titles[0].startswith("instantaneous"), "the live curve says it is not the reply's speed"
+
+
+def test_the_model_menu_offers_a_model_added_after_the_panel_was_made(
+    home: Path, engine: Engine, tmp_path: Path
+) -> None:
+    panel = ChatPanel(engine)
+    assert "dropped-in" not in panel.model.options
+    make_tiny_model(home / "models" / "dropped-in.gguf", seed=11)
+    engine.configure(models={**engine.settings.models, "registered": str(make_tiny_model(tmp_path / "r.gguf"))})
+    panel.behaviour._handle_custom_msg({"type": "refresh-models"}, [])  # the pointer over the menu
+    assert {"dropped-in", "registered"} <= set(panel.model.options)
+    assert panel.model.value == "tiny-a", "the chosen model stays chosen"
+    assert "Ready" in panel.status_text, "refreshing the list is not a change of model"
+    make_tiny_model(home / "models" / "later.gguf", seed=12)
+    panel.max_tokens.value = 4
+    type_and_send(panel, "hello")  # each message refreshes it too
+    finish(panel)
+    assert "later" in panel.model.options
+
+
+# --------------------------------------------------------------------- conversations that survive
+
+
+def test_the_conversation_is_saved_and_a_new_panel_on_the_same_file_brings_it_back(
+    engine: Engine, tmp_path: Path
+) -> None:
+    saved = tmp_path / "chat.json"
+    panel = ChatPanel(engine, save_to=saved, system_prompt="Be brief.")
+    panel.max_tokens.value = 6
+    type_and_send(panel, "first")
+    finish(panel)
+    type_and_send(panel, "second")
+    finish(panel)
+    assert saved.is_file()
+    again = ChatPanel(engine, save_to=saved)
+    assert again.history == [{"role": m["role"], "content": m["content"]} for m in panel.history]
+    assert again.system_prompt.value == "Be brief."
+    assert [m.model for m in again.messages if m.role == "assistant"] == ["tiny-a", "tiny-a"]
+    assert "restored (4 messages)" in again.status_text
+    assert len(again.history_box.children) == 4
+    again.clear()
+    assert ChatPanel(engine, save_to=saved).history == [], "a cleared conversation stays cleared"
+
+
+def test_a_damaged_saved_conversation_is_ignored_not_run(engine: Engine, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    for text in ("{not json", '{"messages": [{"role": "wizard", "content": "x"}]}', '["a"]', "\x80\x81"):
+        saved.write_bytes(text.encode("latin-1"))
+        panel = ChatPanel(engine, save_to=saved)
+        assert panel.history == []
+        assert "Ready" in panel.status_text
+
+
+def test_a_saved_conversation_file_that_would_hang_or_overflow_is_refused(tmp_path: Path) -> None:
+    import os
+
+    from nbllm.notebook.widgets.chat_store import read_conversation
+
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)  # a reader that opened it plainly would wait forever for a writer
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_conversation(fifo)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="not a saved chat"):
+        read_conversation(deep)
+
+
+def test_a_notebook_panel_keeps_its_conversation_beside_the_notebook(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from nbllm.notebook.widgets.chat_store import conversation_file
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert conversation_file("notes") is None, "outside a notebook nothing is saved"
+    monkeypatch.setenv("JPY_SESSION_NAME", str(tmp_path / "work" / "analysis.ipynb"))
+    assert conversation_file("my notes/1") == tmp_path / "work" / ".nbllm" / "analysis.ipynb.chat-my_notes_1.json"
+    assert conversation_file(None) is None, "no cell id (not a kernel): no key, no file"
+
+
+def test_export_and_load_markdown_round_trip_exactly(engine: Engine, tmp_path: Path) -> None:
+    panel = ChatPanel(engine, system_prompt="You are terse.\n  Really.")
+    tricky = "Line one\n\n#### You <!-- nbllm-chat:user -->\n\\#### x <!-- nbllm-chat:assistant -->\n```py\nx\n```\n"
+    panel._replace_conversation(
+        panel.system_prompt.value,
+        [
+            {"role": "user", "content": tricky},
+            {"role": "assistant", "content": "  spaced\n\n\n", "model": "tiny-a"},
+            {"role": "user", "content": "é ✓ <b>"},
+            {"role": "assistant", "content": "", "model": "tiny-b"},
+        ],
+    )
+    path = tmp_path / "chat.md"
+    text = panel.export_markdown(path)
+    assert path.read_text(encoding="utf-8") == text
+    assert "#### You <!-- nbllm-chat:user -->" in text
+    other = ChatPanel(engine)
+    assert other.load_markdown(path) == 4
+    assert other.history == panel.history
+    assert other.system_prompt.value == "You are terse.\n  Really."
+    assert [m.model for m in other.messages] == ["", "tiny-a", "", "tiny-b"]
+    assert other.load_markdown(text) == 4, "the text itself loads too"
+    with pytest.raises(NbllmError, match="no messages found"):
+        other.load_markdown("# just a title\n")
+    with pytest.raises(NbllmError, match="No transcript at"):
+        other.load_markdown(tmp_path / "missing.md")
+
+
+def test_a_long_conversation_is_trimmed_to_fit_the_context(engine: Engine) -> None:
+    panel = ChatPanel(engine, system_prompt="Stay calm.")
+    long = "word " * 60
+    turns = [{"role": r, "content": f"{i}: {long}"} for i in range(12) for r in ("user", "assistant")]
+    panel._replace_conversation("Stay calm.", turns[:-1])  # ends with a question: 12 * 2 - 1 messages
+    panel.max_tokens.value = 8
+    assert panel.regenerate(), panel.status_text
+    finish(panel)
+    assert panel.status_kind == "done", panel.status_text
+    assert panel.last_stream is not None
+    sent = panel.last_stream.request.messages
+    assert sent is not None
+    assert sent[0] == {"role": "system", "content": "Stay calm."}, "the system prompt is kept"
+    assert sent[1]["role"] == "user"
+    assert sent[-1]["content"].startswith("11: "), f"the newest question is sent: {sent[-1]}"
+    left_out = len(turns) - 1 - (len(sent) - 1)
+    assert left_out > 0
+    assert f"{left_out} earlier messages left out to fit the context" in panel.messages[-1].view.value
+    assert len(panel.history) == len(turns), "the page still shows the whole conversation"
+
+
+def test_trim_to_fit_keeps_the_system_prompt_and_drops_whole_turns_oldest_first() -> None:
+    from nbllm.core.conversation import trim_to_fit
+
+    def words(messages: list[Any]) -> int:
+        return sum(len(str(m["content"]).split()) for m in messages)
+
+    conversation = [
+        {"role": "system", "content": "s s"},
+        {"role": "user", "content": "u1 u1 u1"},
+        {"role": "assistant", "content": "a1 a1 a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "assistant", "content": "a2", "tool_calls": []},
+        {"role": "tool", "content": "t2"},
+        {"role": "user", "content": "u3 u3"},
+    ]
+    assert trim_to_fit(conversation, words, 100).left_out == 0
+    trimmed = trim_to_fit(conversation, words, 8)
+    assert trimmed.messages == [conversation[0], *conversation[3:]]
+    assert (trimmed.left_out, trimmed.tokens) == (2, 7)
+    alone = trim_to_fit(conversation, words, 1)
+    assert alone.messages == [conversation[0], conversation[-1]], "the newest question is always sent"
+    assert alone.tokens == 4
+
+
+def test_edit_takes_a_message_back_into_the_box_and_drops_what_followed(panel: ChatPanel) -> None:
+    panel.max_tokens.value = 6
+    type_and_send(panel, "first")
+    finish(panel)
+    type_and_send(panel, "second")
+    finish(panel)
+    second = panel.messages[2]
+    assert f'data-message="{second.id}"' in second.view.value, "an Edit button on your own message"
+    panel.behaviour._handle_custom_msg({"type": "edit", "message": second.id}, [])  # its click
+    assert panel.input.value == "second"
+    assert [m["content"] for m in panel.history] == ["first", panel.history[1]["content"]]
+    press_enter(panel, "second, better")
+    finish(panel)
+    assert [m["role"] for m in panel.history] == ["user", "assistant", "user", "assistant"]
+    assert panel.history[2]["content"] == "second, better"
+    with pytest.raises(ValueError, match="only your own messages"):
+        panel.edit(1)
+
+
+def test_code_blocks_in_answers_get_copy_and_insert_buttons() -> None:
+    answer = Message(role="assistant", content="Run:\n```python\nprint('hi')\n```", view=None)
+    shown = _bubble(answer)
+    assert re.search(r'<div class="nbllm-code"><pre[^>]*><code>print\(&#x27;hi&#x27;\)|print\(\'hi\'\)', shown)
+    assert 'class="nbllm-copy"' in shown
+    assert 'class="nbllm-insert"' in shown
+    question = Message(role="user", content="```\nmine\n```", view=None)
+    assert "nbllm-insert" not in _bubble(question), "your own code needs no Insert"
+    assert "nbllm-copy" not in to_html("```\nx\n```"), "plain Markdown has no buttons"

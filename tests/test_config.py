@@ -43,7 +43,7 @@ def test_defaults_are_the_guides() -> None:
     )
     assert (s.cache.model_cache_size, s.cache.prompt_cache_size) == (2, 100)
     assert s.server.workers == 1
-    assert s.default_model == "gemma-3-270m"
+    assert s.default_model == "smollm2-135m"
 
 
 def test_the_guides_own_config_file_loads(tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
-"""Integration: the real default model (Gemma 3 270M Q4_K_M), as a new user meets it."""
+"""Integration: the embedded chat models (the default and the other), as a new user meets them."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +14,16 @@ from pathlib import Path
 import pytest
 
 from nbllm.engine import Engine
+from nbllm.host import default_model
 
 pytestmark = pytest.mark.default_model
+
+# A role label starting a line ("Question:", "User:" ...), a chat template's special token as
+# text, or a line that is only a role name (what a ChatML model writes after "<|im_start|>").
+TURN_MARKER = re.compile(
+    r"(?im)^\s*(?:question|answer|user|assistant|human|q|a)\s*:|^(?:user|assistant|system)[ \t]*$"
+    r"|<\|im_start\|>|<\|im_end\|>|<start_of_turn>|<end_of_turn>|<\|endoftext\|>"
+)
 
 
 def test_the_default_model_answers_a_question_sensibly(default_engine: Engine) -> None:
@@ -22,10 +31,42 @@ def test_the_default_model_answers_a_question_sensibly(default_engine: Engine) -
     text = result.text
     assert text, "an empty answer"
     assert text == text.strip()
-    assert "Question:" not in text, "the transcript's stop sequence ended the answer"
+    assert not TURN_MARKER.search(text), text
     assert "docker" in text.lower() or "container" in text.lower(), text
-    assert result.stats.model == "gemma-3-270m"
+    assert result.stats.model == default_model.NAME
     assert result.stats.completion_tokens > 5
+
+
+def test_the_configured_default_is_the_embedded_default() -> None:
+    from nbllm.core.config import DEFAULT_MODEL, Settings
+
+    assert DEFAULT_MODEL == Settings().default_model == default_model.NAME == "smollm2-135m"
+
+
+@pytest.mark.parametrize("name", sorted(default_model.EMBEDDED))
+def test_both_embedded_models_answer_by_name(default_engine: Engine, name: str) -> None:
+    result = default_engine.chat("What is the capital of France?", model=name, temperature=0, max_tokens=48)
+    assert "Paris" in result.text, result.text
+    assert result.stats.model == name
+    assert not TURN_MARKER.search(result.text), result.text
+
+
+# Prompts that drew turn markers out of the embedded models before their stop sequences covered
+# them: a conversation with earlier turns, requests for more questions, a greeting.
+TEMPTING = [
+    [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
+     {"role": "user", "content": "And 3 + 3? Then ask me another question."}],
+    "Write a quiz of three questions with their answers.",
+    "Hello!",
+    "Summarize in one sentence: the Eiffel Tower is a wrought-iron tower in Paris, built for the 1889 World's Fair.",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(default_model.EMBEDDED))
+def test_answers_never_show_a_turn_marker(default_engine: Engine, name: str) -> None:
+    for messages in TEMPTING:
+        text = default_engine.chat(messages, model=name, temperature=0, max_tokens=96).text
+        assert not TURN_MARKER.search(text), (name, messages, text)
 
 
 def test_streaming_on_the_default_model_is_incremental(default_engine: Engine) -> None:
@@ -37,9 +78,9 @@ def test_streaming_on_the_default_model_is_incremental(default_engine: Engine) -
 
 
 def test_greedy_answers_are_deterministic(default_engine: Engine) -> None:
-    prompt = "Question: What is the capital of France?\nAnswer:"
-    first = default_engine.generate(prompt, max_tokens=8, temperature=0, stop=["\n"]).text
-    second = default_engine.generate(prompt, max_tokens=8, temperature=0, stop=["\n"]).text
+    prompt = "What is the capital of France?"
+    first = default_engine.chat(prompt, max_tokens=24, temperature=0).text
+    second = default_engine.chat(prompt, max_tokens=24, temperature=0).text
     assert first == second
     assert "Paris" in first
 
@@ -80,7 +121,18 @@ def test_ctrl_c_while_a_long_prompt_is_read_stops_within_a_step(default_engine: 
 
 def test_the_readme_main_job_runs_in_a_terminal(default_model_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "nbllm.cli", "run", "What is Docker?", "--max-tokens", "60", "--seed", "2"],
+        [
+            sys.executable,
+            "-m",
+            "nbllm.cli",
+            "run",
+            "What is Docker?",
+            "--max-tokens",
+            "60",
+            "--seed",
+            "2",
+            "--no-cache",
+        ],
         capture_output=True,
         text=True,
         timeout=300,
@@ -90,4 +142,39 @@ def test_the_readme_main_job_runs_in_a_terminal(default_model_path: Path) -> Non
     assert len(result.stdout.strip()) > 20
     stats_line = result.stderr.strip().splitlines()[-1]
     assert stats_line.startswith("Generated ")
-    assert "model gemma-3-270m" in stats_line
+    assert f"model {default_model.NAME}" in stats_line
+
+
+def test_the_smollm2_file_comes_from_its_package_verified_into_a_fresh_home(tmp_path: Path) -> None:
+    """Offline from the first minute: a new NBLLM_HOME gets the file from the installed package
+    (no network), and the listing names it before and after."""
+    home = tmp_path / "home"
+    code = (
+        "from nbllm.host import default_model as d; from nbllm.core import identity;"
+        "print(d.listed_path('smollm2-135m').exists());"
+        "p = d.embedded_model_path('smollm2-135m'); print(p.name, identity.file_sha256(p) == d.SMOLLM2_SHA256)"
+    )
+    offline = {"NBLLM_HOME": str(home), "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=os.environ | offline
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", default_model.SMOLLM2.file_name, "True"]
+    assert [p.name for p in (home / "models").iterdir()] == [default_model.SMOLLM2.file_name]
+
+
+def test_a_package_file_that_is_not_smollm2_is_refused_and_nothing_is_left(tmp_path: Path) -> None:
+    """Another file under the package's name (here a package earlier on the path) must not become
+    an embedded model."""
+    impostor = tmp_path / "path" / default_model.SMOLLM2_PACKAGE
+    impostor.mkdir(parents=True)
+    (impostor / "__init__.py").write_text("raise SystemExit('nbllm must not import the package')\n")
+    (impostor / default_model.SMOLLM2_PACKAGE_FILE).write_bytes(b"GGUF" + bytes(4096))
+    home = tmp_path / "home"
+    code = "from nbllm.host import default_model as d; d.embedded_model_path('smollm2-135m')"
+    environment = os.environ | {"NBLLM_HOME": str(home), "PYTHONPATH": str(impostor.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=environment)
+    assert result.returncode == 1
+    assert "ModelNotFoundError" in result.stderr, result.stderr
+    assert "SHA-256 differs" in result.stderr, result.stderr
+    assert list((home / "models").iterdir()) == [], "no half-written or unverified file left behind"

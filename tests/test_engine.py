@@ -245,7 +245,7 @@ def test_unknown_model_fails_at_the_call_with_a_suggestion(engine: Engine) -> No
         engine.generate("the", model="tiny-aa", stream=True)
     assert "Unknown model 'tiny-aa'" in str(caught.value)
     assert "Did you mean 'tiny-a'?" in str(caught.value)
-    assert "Known: gemma-3-270m, all-minilm-l6-v2, tiny-a" in str(caught.value)
+    assert "Known: smollm2-135m, gemma-3-270m, all-minilm-l6-v2, tiny-a" in str(caught.value)
 
 
 def test_bad_messages_are_clear_errors(engine: Engine) -> None:

@@ -30,13 +30,13 @@ def test_a_valid_file_reports_its_header(tiny_models: dict[str, Path]) -> None:
     assert info.data_offset + info.tensor_bytes <= info.file_size
 
 
-def test_the_default_model_header_is_read_in_full(default_model_path: Path) -> None:
-    info = read_gguf(default_model_path)
+def test_the_gemma_model_header_is_read_in_full(gemma_model_path: Path) -> None:
+    info = read_gguf(gemma_model_path)
     assert info.architecture == "gemma3"
     assert info.quantization == "Q4_K_M"
     assert info.n_layers == 18
     assert info.vocab_size == 262144
-    assert info.chat_template is None, "the default is a base model without a template (DESIGN.md)"
+    assert info.chat_template is None, "Gemma 3 270M is a base model without a template"
 
 
 @pytest.mark.parametrize(

@@ -220,6 +220,57 @@ def test_list_includes_the_configs_models_and_models_loaded_from_a_path(
     assert rows["elsewhere"]["load with"] == str(elsewhere)
 
 
+def test_one_models_table_for_the_facade_the_magic_and_the_terminal(
+    global_engine: Engine, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 18: ``nbllm.models()`` (name, resident, size_bytes "-"...) and ``%llm models`` /
+    ``nbllm models`` (the catalog and the folder) were two different tables."""
+    own = models_folder() / "my-own.gguf"
+    own.parent.mkdir(parents=True, exist_ok=True)
+    own.write_bytes(tiny_models["b"].read_bytes())
+    global_engine.configure(remote_models={"big": {"url": "http://127.0.0.1:9/v1", "model": "Big-32B"}})
+    nbllm.load("my-own")
+
+    table = nbllm.models()
+    assert list(nbllm.list_models()) == list(table), "the old name is the same table"
+    assert list(models_command([])) == list(table), "%llm models"
+    assert run_cli("models") == 0
+    printed = capsys.readouterr().out.splitlines()
+
+    shown = str(table).splitlines()
+    headers = shown[1].split()
+    assert shown[1] == printed[1], "nbllm models prints the same columns"
+    assert headers == [
+        "Name", "Kind", "Quant", "Params", "Size", "Downloaded", "Loaded", "Load", "time", "Last", "used", "Load",
+        "with", "Source",
+    ]  # fmt: skip
+    assert "<th>Size</th>" in table._repr_html_()
+    assert "_" not in shown[1]
+
+    rows = {row["name"]: row for row in table}
+    size = own.stat().st_size
+    assert rows["my-own"]["size"] == size
+    assert rows["my-own"]["loaded"]
+    assert rows["my-own"]["resident"], "the key models() had, kept"
+    assert rows["my-own"]["load time"] > 0
+    line = next(line for line in shown if line.startswith("my-own "))
+    assert f" {format_bytes(size)} " in line, "a downloaded model shows its real size"
+    assert " yes " in line
+    assert "s ago" in line
+    assert rows["tiny-a"]["source"] == "config"
+    assert rows["big"]["source"] == "remote"
+    assert rows["big"]["load with"] == "big"
+    assert rows["big"]["path"] == "http://127.0.0.1:9/v1"
+    assert rows["gemma-3-270m"]["load with"] == "gemma-3-270m", "embedded: loads by name, offline"
+    assert rows["gemma-3-270m"]["source"] == "embedded"
+    assert rows["smollm2-135m"]["load with"] == "smollm2-135m"
+    assert rows["smollm2-135m"]["source"] == "embedded"
+    assert rows["phi-2"]["load with"] == "-", "download it first"
+
+    global_engine.registry.unload_all()
+    assert "Load time" not in str(nbllm.models()).splitlines()[1], "no load columns while nothing is loaded"
+
+
 def test_a_half_downloaded_file_is_never_listed(hub: ModelServer, tiny_models: dict[str, Path]) -> None:
     data = tiny_models["a"].read_bytes()
     hub.serve("/TheBloke/phi-2-GGUF/resolve/main/phi-2.Q4_K_M.gguf", data, cut_after=len(data) // 2)
@@ -431,7 +482,8 @@ def test_a_new_user_gets_advice_that_matches_this_machine(capsys: pytest.Capture
         assert "no NVIDIA GPU, so models run on the CPU" in out
     assert "Recommended: " in out
     assert "nbllm models download " in out
-    assert "The guide's quantization table" in out
+    assert "Quantizations (size relative to Q4_K_M, quality kept):" in out
+    assert "guide" not in out.lower(), "advice names its source or none: a user has no 'guide' to look up"
 
     advice = recommend(bandwidth=None)
     assert advice.pick is not None
@@ -473,6 +525,8 @@ def test_the_magic_entry_point_returns_objects_and_raises_nbllm_errors(phi2: byt
     assert "Downloaded" in result
     assert models_command(["info", "phi-2"]).architecture == "llama"
     assert models_command(["verify", "phi-2", "--quiet"]).ok
-    with pytest.raises(ParameterError, match="invalid choice: 'bogus'"):
+    with pytest.raises(ParameterError, match=r"unknown subcommand 'bogus'\. Subcommands: list, recommend"):
         models_command(["bogus"])
+    with pytest.raises(ParameterError, match=r"unknown subcommand 'lsit'\. Did you mean 'list'\?"):
+        models_command(["lsit"])
     assert models_command(["--help"]) is None

@@ -48,6 +48,29 @@ def panel() -> Iterator[ModelsPanel]:
     yield view
     view.cancel()
     assert view.wait(30), "a download was still running at the end of the test"
+    view.close()
+
+
+@pytest.fixture
+def plain_engine() -> Iterator[Engine]:
+    """The process-wide engine as a new user has it: no config file, models only in the folder."""
+    import nbllm
+    from nbllm.core.config import Settings
+
+    engine = Engine(Settings().merged({"performance": {"context_size": 512}, "cache": {"enabled": False}}))
+    previous, nbllm._engine = nbllm._engine, engine
+    yield engine
+    engine.close()
+    nbllm._engine = previous
+
+
+def two_downloaded_models(tiny_models: dict[str, Path]) -> list[Path]:
+    folder = paths.models_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = [folder / "first-model.gguf", folder / "second-model.gguf"]
+    for copy, source in zip(copies, (tiny_models["a"], tiny_models["b"]), strict=True):
+        copy.write_bytes(source.read_bytes())
+    return copies
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
@@ -138,11 +161,61 @@ def test_a_failed_download_shows_the_error_and_the_panel_stays_usable(hub: Model
     assert "not in the model catalog" in panel.status_text
 
 
-def test_an_empty_name_or_nothing_to_load_is_a_message_not_a_crash(hub: ModelServer, panel: ModelsPanel) -> None:
+def test_an_empty_name_is_a_message_not_a_crash(hub: ModelServer, panel: ModelsPanel) -> None:
     assert not panel.download("")
     assert "Type a catalog name" in panel.status_text
-    assert not panel.load()
-    assert "download a model first" in panel.status_text
+
+
+def test_with_nothing_downloaded_load_offers_the_embedded_default(plain_engine: Engine) -> None:
+    """Nothing in the models folder: the default model still loads by name (installed offline)."""
+    view = ModelsPanel()
+    try:
+        assert view.local.value == plain_engine.settings.default_model
+    finally:
+        view.close()
+
+
+def test_load_with_two_downloaded_models_has_one_chosen_and_loads_it(
+    plain_engine: Engine, tiny_models: dict[str, Path]
+) -> None:
+    """Issue 18: with two models downloaded, the menu had nothing chosen and Load said "Nothing to
+    load: download a model first"."""
+    first, second = two_downloaded_models(tiny_models)
+    view = ModelsPanel()
+    try:
+        assert list(view.local.options)[:2] == ["first-model", "second-model"]
+        assert view.local.value == "first-model", "a file here, chosen"
+        view.load_button.click()
+        assert view.status_kind == "done", view.status_text
+        assert view.status_text.startswith("Loaded first-model: use it with %%llm -m first-model")
+        assert [r.spec.path for r in plain_engine.registry.resident()] == [first]
+
+        view.local.value = "second-model"
+        view.refresh()
+        assert view.local.value == "second-model", "a refresh keeps the user's choice"
+        view.load_button.click()
+        assert [r.spec.path for r in plain_engine.registry.resident()][-1] == second
+    finally:
+        view.close()
+
+
+def test_the_load_menu_lists_a_model_added_after_the_panel_was_shown(
+    plain_engine: Engine, tiny_models: dict[str, Path]
+) -> None:
+    """A file copied into the models folder (or downloaded in another cell or a terminal) shows
+    up in the shown panel's menu and table, without pressing Refresh."""
+    view = ModelsPanel()
+    try:
+        view._repr_mimebundle_()  # shown: the panel watches the models from now on
+        assert "late-arrival" not in view.local.options
+        folder = paths.models_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "late-arrival.gguf").write_bytes(tiny_models["c"].read_bytes())
+        wait_until(lambda: "late-arrival" in view.local.options, timeout=20)
+        assert "late-arrival" in view.table.value
+        assert view.local.value == "late-arrival", "the only file here: chosen"
+    finally:
+        view.close()
 
 
 def test_loading_an_unknown_model_shows_the_error(hub: ModelServer, panel: ModelsPanel, global_engine: Engine) -> None:

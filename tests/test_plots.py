@@ -54,7 +54,8 @@ def test_watch_passes_every_piece_through_and_draws_the_reply(engine: Engine) ->
     reply = chart.replies[-1]
     assert reply.label == "#1"
     assert reply.tokens == stream.stats.completion_tokens == 120
-    assert reply.tokens_per_second == pytest.approx(stream.stats.generation_tokens_per_second)
+    # The speed the status line shows (RequestStats.tokens_per_second): one speed, defined once.
+    assert reply.tokens_per_second == pytest.approx(stream.stats.tokens_per_second)
     assert reply.model == "tiny-a"
     bars = chart.figure.data[2]
     assert list(bars.x) == ["#1"]
@@ -228,7 +229,7 @@ def test_a_reply_too_short_for_a_live_rate_still_gets_one_point(engine: Engine) 
     chart.finish(stream)
     reply = chart.replies[-1]
     assert reply.times == [stream.stats.total_seconds]
-    assert reply.rates == [stream.stats.generation_tokens_per_second]
+    assert reply.rates == [stream.stats.tokens_per_second]
 
 
 # ---------------------------------------------------------------------------- benchmark and tuning figures
@@ -278,11 +279,29 @@ def test_the_live_benchmark_chart_grows_with_every_run(engine: Engine) -> None:
 
 
 def test_tuning_figure_marks_the_chosen_trial(engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One panel per step, each value once (issue 18: b=512 showed twice, the bars were clipped
+    and the label broke mid-name), the chosen value of each step in orange."""
     monkeypatch.setenv("NBLLM_HOME", str(tmp_path))
     result = tuner.tune(engine, progress=False)
     figure = result.figure()
-    bars = figure.data[0]
-    assert len(bars.x) == len(result.trials)
-    chosen = [x for x, color in zip(bars.x, bars.marker.color, strict=True) if color == STOPPED_COLOR]
-    assert chosen == [bars.x[result.trials.index(result.best)]]
-    assert "chosen" in figure.layout.title.text
+    threads, batches = figure.data  # no GPU here: two steps
+    by_step = {step: [t for t in result.trials if t.step == step] for step in ("threads", "batch")}
+    assert list(threads.x) == [str(t.threads) for t in by_step["threads"]]
+    assert list(batches.x) == [str(t.batch_size) for t in by_step["batch"]]
+    assert list(batches.y) == [t.pp for t in by_step["batch"]], "the batch step is judged by prompt speed"
+    for bars in (threads, batches):
+        assert len(set(bars.x)) == len(bars.x), f"a value shows once: {bars.x}"
+        assert bars.cliponaxis is False
+        assert bars.textposition == "outside"
+    for axis, bars in (("yaxis", threads), ("yaxis2", batches)):
+        top = figure.layout[axis].range[1]
+        assert top >= 1.15 * max(bars.y), "room above the tallest bar for its label"
+    assert figure.layout.xaxis.type == figure.layout.xaxis2.type == "category"
+    chosen = [
+        x for bars in (threads, batches) for x, color in zip(bars.x, bars.marker.color, strict=True)
+        if color == STOPPED_COLOR
+    ]  # fmt: skip
+    assert chosen == [str(result.best.threads), str(result.best.batch_size)]
+    title = figure.layout.title.text
+    assert title.startswith(f"Tuning {result.model}<br>"), "the model's name on a line of its own"
+    assert f"chosen (orange): threads {result.best.threads}, batch {result.best.batch_size}" in title

@@ -145,3 +145,17 @@ def test_nbllm_tune_and_doctor_in_a_terminal(tiny_models: dict[str, Path], tmp_p
     assert doctor.returncode == 0, doctor.stdout + doctor.stderr
     assert "instruction sets" in doctor.stdout
     assert "Troubleshooting" in doctor.stdout
+    assert "guide" not in doctor.stdout.lower()
+
+
+def test_doctor_names_no_guide_the_user_cannot_look_up(monkeypatch: pytest.MonkeyPatch, engine: Engine) -> None:
+    """Issue 18: "the guide's rule of thumb" and "Troubleshooting (from the guide)" named a
+    document no user has; the advice stands on its own."""
+    from nbllm.measure.doctor import diagnose
+
+    fake_nvml(monkeypatch, [RTX3060])
+    report = str(diagnose(engine))
+    assert "GPU layers: estimate" in report
+    assert "rule of thumb: " in report
+    assert "\nTroubleshooting\n" in report
+    assert "guide" not in report.lower()

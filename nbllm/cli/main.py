@@ -8,8 +8,9 @@
     nbllm serve [--host H] [--port P] [--api-key K]   OpenAI-compatible server on these models
     nbllm config [--check FILE]          the settings in effect, or validate a file
 
-Errors are translated here, at the edge: an ``NbllmError`` prints one line and exits 1, a usage
-error exits 2, Ctrl-C stops the answer, keeps what was printed and exits 130.
+Errors are translated here, at the edge: an ``NbllmError`` or a usage mistake prints one line
+(with a "did you mean" where one fits: ``cli/parser.py``) and exits 1; Ctrl-C stops the answer,
+keeps what was printed and exits 130.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from nbllm.cli.parser import CliParser
+
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 130
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a program stopped by SIGPIPE
 
 
@@ -64,6 +67,8 @@ def _stderr_line(text: str) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import nbllm
 
+    if not args.prompt and sys.stdin.isatty():  # reading the terminal would wait, silently, for Ctrl-D
+        raise nbllm.ParameterError('No prompt: give it as an argument (nbllm run "What is Docker?") or pipe it in.')
     prompt = " ".join(args.prompt) if args.prompt else sys.stdin.read()
     if not prompt.strip():
         raise nbllm.ParameterError("The prompt is empty. Pass it as an argument or on standard input.")
@@ -71,12 +76,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.raw and args.system:
         raise nbllm.ParameterError("--system applies to a chat; with --raw, write the instructions into the text.")
     if args.raw:
-        stream = nbllm.generate(prompt, model=args.model, stream=True, cache=not args.no_cache, **params)
+        stream = nbllm.get_engine().generate(prompt, args.model, True, not args.no_cache, origin="cli", **params)
     else:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": prompt}
         ]
-        stream = nbllm.chat(messages, model=args.model, stream=True, cache=not args.no_cache, **params)
+        stream = nbllm.get_engine().chat(messages, args.model, True, not args.no_cache, origin="cli", **params)
     interrupted = False
     try:
         for piece in stream:
@@ -92,6 +97,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
     _AnswerLine.open = False
     stats = stream.stats
+    note = stats.truncation_note() if stats is not None else None
+    if note is not None:
+        # On stderr, as the stats line: `nbllm run ... > answer.txt` keeps only the answer.
+        _stderr_line(note)
     if stats is not None:
         _stderr_line(("[stopped] " if interrupted else "") + stats.details())
     elif interrupted:  # while the model was loading
@@ -220,7 +229,7 @@ def cmd_lab(args: argparse.Namespace) -> int:
     os.execv(sys.executable, command)  # replaces this process: JupyterLab's exit is ours
 
 
-def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(parser_class: type[argparse.ArgumentParser] = CliParser) -> argparse.ArgumentParser:
     """The ``nbllm`` command's parser. ``parser_class``: what every (sub)parser is — the magics
     pass one whose mistakes are a ``UsageError`` instead of an exit."""
     from nbllm._version import __version__
@@ -248,6 +257,9 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
 
     add_models_commands(commands)
     add_serve_command(commands)
+    from nbllm.cli.history import add_history_command
+
+    add_history_command(commands)
 
     config = commands.add_parser("config", help="show the settings in effect, or check a file")
     config.add_argument("--check", metavar="FILE", help="validate FILE and show what it sets")
@@ -341,9 +353,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if jupyter_args:
         args.jupyter_args = jupyter_args
     handler: Callable[[argparse.Namespace], int] | None = getattr(args, "handler", None)
-    if handler is None:
+    if handler is None:  # `nbllm` alone: what it can do, but no work done
         parser.print_help()
-        return EXIT_USAGE
+        return EXIT_ERROR
     _setup_logging(args.verbose)
     from nbllm.core.errors import NbllmError
 

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from nbllm.cli.parser import Suggesting
+
 EXIT_OK, EXIT_ERROR = 0, 1
 
 
@@ -184,14 +186,15 @@ class _Done(Exception):
     """argparse wanted to exit (after --help): the magic just stops."""
 
 
-class _MagicParser(argparse.ArgumentParser):
+class _MagicParser(Suggesting):
     """Raises instead of exiting: a notebook kernel must never be asked to exit."""
 
     def error(self, message: str) -> Any:
         from nbllm.core.errors import ParameterError
 
         usage = self.format_usage().strip().removeprefix("usage:").strip()  # argparse's own "usage: " prefix
-        raise ParameterError(f"{message}. Usage: {usage}")
+        ending = "" if message.endswith((".", "?")) else "."
+        raise ParameterError(f"{message}{ending} Usage: {usage}")
 
     def exit(self, status: int = 0, message: str | None = None) -> Any:
         if message:

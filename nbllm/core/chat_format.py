@@ -18,7 +18,9 @@ from nbllm.core.errors import ParameterError
 
 ROLES = ("system", "user", "assistant")
 _LABELS = {"user": "Question", "assistant": "Answer"}
-TRANSCRIPT_STOPS = ("\nQuestion:",)
+# The next question ends the answer, and so does a line that starts another answer: asked for a
+# quiz, Gemma 3 270M wrote "...\nAnswer: ..." turns of its own (tests/test_default_model.py).
+TRANSCRIPT_STOPS = ("\nQuestion:", "\nAnswer:")
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ def plain_turns(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
 
 
 def transcript(messages: Iterable[Mapping[str, str]]) -> FormattedPrompt:
-    """``<system text>\n\nQuestion: ...\nAnswer: ...\nQuestion: ...\nAnswer:``, stopping at the next question."""
+    """``<system text>\n\nQuestion: ...\nAnswer: ...\nQuestion: ...\nAnswer:``, stopping at the next turn."""
     lines = []
     for message in messages:
         content = message["content"].strip()

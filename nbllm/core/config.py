@@ -32,7 +32,7 @@ from typing import Any
 from nbllm.core import paths
 from nbllm.core.errors import ConfigError, did_you_mean
 
-DEFAULT_MODEL = "gemma-3-270m"
+DEFAULT_MODEL = "smollm2-135m"  # host/default_model.py NAME: the best chatter of benchmarks/chat_eval.py
 DEFAULT_EMBEDDING_MODEL = "all-minilm-l6-v2"  # host/default_embedding_model.py, converted at set-up
 # A config file is a few kilobytes; these bound what a hostile or mistaken one can cost.
 MAX_CONFIG_BYTES = 1 << 20
@@ -122,6 +122,19 @@ class RemoteModel:
 
 
 @dataclass(frozen=True)
+class History:
+    """The log of every answer (core/history.py); NBLLM_HISTORY=0 also turns it off."""
+
+    enabled: bool = _spec(True, "keep every answer in the history log (nbllm.history(), %llm history)")
+    max_rows: int = _spec(10_000, "answers kept in the history log; the oldest go first", min=1, max=100_000_000)
+    max_bytes: int | None = _spec(
+        100_000_000, "size of the history log, e.g. '100MB'; the oldest answers go first; null = no limit",
+        min=65_536, bytes=True,
+    )  # fmt: skip
+    file: str | None = _spec(None, "the history log's file; null = history.db in the data folder")
+
+
+@dataclass(frozen=True)
 class Logging:
     llama_cpp: str = _spec(
         "ERROR",
@@ -142,6 +155,7 @@ class Settings:
     generation: Generation = field(default_factory=Generation)
     cache: Cache = field(default_factory=Cache)
     server: Server = field(default_factory=Server)
+    history: History = field(default_factory=History)
     logging: Logging = field(default_factory=Logging)
     source: str = field(default="defaults", compare=False)
 
@@ -166,6 +180,7 @@ SECTIONS: dict[str, type] = {
     "generation": Generation,
     "cache": Cache,
     "server": Server,
+    "history": History,
     "logging": Logging,
 }
 TOP_LEVEL_KEYS = ("default_model", "embedding_model", "models", "remote_models", *SECTIONS)

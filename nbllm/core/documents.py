@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbllm.core.errors import ParameterError
+from nbllm.core.paths import read_bytes_limited
 
 TEXT_EXTENSIONS = frozenset(
     {
@@ -504,15 +505,11 @@ class _Reader:
 
 
 def _read_bytes(path: Path, limit: int) -> bytes:
-    # O_NONBLOCK: should the file have been swapped for a FIFO since stat(), open() still returns.
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    with open(os.open(path, flags), "rb") as file:
-        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
-            raise _Skip("not a regular file")
-        data = file.read(limit + 1)  # bounded, even if the file grew since stat()
-    if len(data) > limit:
-        raise _Skip(f"too large (over {_size(limit)})")
-    return data
+    try:
+        return read_bytes_limited(path, limit)
+    except ValueError as error:  # swapped for a FIFO or grown since stat()
+        why = "not a regular file" if "regular" in str(error) else f"too large (over {_size(limit)})"
+        raise _Skip(why) from None
 
 
 def _notebook_cells(text: str, source: str) -> list[tuple[str, str]]:

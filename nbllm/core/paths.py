@@ -8,6 +8,7 @@ followed, as Linux users expect.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -25,6 +26,22 @@ def write_text_atomically(target: Path, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def read_bytes_limited(path: Path, limit: int) -> bytes:
+    """The bytes of the regular file ``path``, or ``ValueError`` saying why not: not a regular
+    file (a FIFO would block the reader forever, a device never ends), or over ``limit`` bytes.
+
+    O_NONBLOCK: should a FIFO have been put where the file was, ``open()`` still returns, and
+    ``fstat`` then refuses it. The read is bounded even if the file grows meanwhile."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    with open(os.open(path, flags), "rb") as file:
+        if not stat.S_ISREG(os.fstat(file.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is larger than {limit:,} bytes")
+    return data
 
 
 def _xdg(variable: str, fallback: str) -> Path:
@@ -58,3 +75,8 @@ def models_dir() -> Path:
 
 def user_config_file() -> Path:
     return config_dir() / "config.yaml"
+
+
+def history_file() -> Path:
+    """The history log (core/history.py): user data, kept with the models, not in the cache."""
+    return data_dir() / "history.db"

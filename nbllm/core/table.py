@@ -1,5 +1,8 @@
 """A list of rows that shows itself as a table: text in a terminal, HTML in a notebook.
 
+Rows keep their keys for programs (``row["load with"]``, ``pandas.DataFrame(table)``); what a
+reader sees is a header ("Size", "Context"), never a raw ``snake_case`` key.
+
 Plain Python (``_repr_html_`` is a protocol, not an IPython import), so the core can return
 tables without depending on any front-end library.
 """
@@ -28,6 +31,14 @@ class ReadableReport:
         cls._repr_pretty_ = ReadableReport._repr_pretty_  # type: ignore[method-assign]
 
 
+def header(column: str) -> str:
+    """A row key as a reader sees it: ``context_size`` -> ``Context size``. Short first words
+    (``t/s``, ``pp t/s``, ``of limit``) are units or fragments and keep their case."""
+    words = column.replace("_", " ")
+    first = words.split(" ", 1)[0]
+    return words[:1].upper() + words[1:] if len(first) >= 3 and first.isalpha() else words
+
+
 class Table(list[dict[str, Any]]):
     def __init__(
         self,
@@ -35,11 +46,16 @@ class Table(list[dict[str, Any]]):
         columns: Sequence[str] | None = None,
         formatters: dict[str, Formatter] | None = None,
         title: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(rows)
         self.columns = list(columns) if columns else (list(rows[0]) if rows else [])
         self.formatters = formatters or {}
         self.title = title
+        self.headers = dict(headers or {})  # column -> what the reader sees; header(column) otherwise
+
+    def heading(self, column: str) -> str:
+        return self.headers.get(column) or header(column)
 
     def _cell(self, row: dict[str, Any], column: str) -> str:
         value = row.get(column)
@@ -55,8 +71,9 @@ class Table(list[dict[str, Any]]):
 
     def __str__(self) -> str:
         cells = [[self._cell(row, c) for c in self.columns] for row in self]
-        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(self.columns, widths, strict=True)).rstrip()]
+        heads = [self.heading(c) for c in self.columns]
+        widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(heads)]
+        lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths, strict=True)).rstrip()]
         lines.append("  ".join("-" * w for w in widths))
         lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
         if self.title:
@@ -67,7 +84,7 @@ class Table(list[dict[str, Any]]):
         return str(self) if self else "(no rows)"
 
     def _repr_html_(self) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        head = "".join(f"<th>{html.escape(self.heading(c))}</th>" for c in self.columns)
         body = "".join(
             "<tr>" + "".join(f"<td>{html.escape(self._cell(row, c))}</td>" for c in self.columns) + "</tr>"
             for row in self

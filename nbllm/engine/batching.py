@@ -312,14 +312,18 @@ def run_many(
             answer.model_name = sessions[answer.index].resident_name
             if event.kind == "error":
                 engine.stats.record_error(answer.model_name or engine.registry.resolve(ticket.request.model).name)
+                assert event.error is not None
+                pipeline.failed(engine, ticket, answer, event.error)
                 deliver(ManyResult(answer.index, "", None, event.error))
                 continue
             stats = pipeline.finish(engine, ticket, answer, quiet=True)
             pipeline.store(engine, ticket, answer)
             deliver(_finished(ticket.request, answer.index, "".join(answer.pieces), stats))
     except KeyboardInterrupt:
-        for item in items.values():
+        for index, item in items.items():
             item.cancel.set()  # ours only: other users may share the session
+            if results[index] is None:  # in the history as cancelled, with what it had written
+                pipeline.failed(engine, tickets[index], answers[index], KeyboardInterrupt())
         raise BatchInterrupted(_interrupted(results, answers)) from None
     finally:
         bar.close()

@@ -25,6 +25,7 @@ from nbllm.core.embedding_cache import EmbeddingCache
 from nbllm.core.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError, ParameterError
 from nbllm.core.fit import GpuFit, fit_gpu_layers, kv_cache_bytes
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
+from nbllm.core.history import ORIGINS, HistoryLog
 from nbllm.core.metrics import StatsCollector
 from nbllm.core.params import resolve_params
 from nbllm.core.prompt_cache import PromptCache
@@ -71,6 +72,7 @@ class Engine:
         )
         self.prompt_cache = self._make_prompt_cache(self._settings)
         self.embedding_cache = self._make_embedding_cache(self._settings)
+        self.history = self._make_history(self._settings)
         self.batches = BatchScheduler(self)
         self._tuned_cache: dict[str, dict[str, Any] | None] = {}
         self._auto_gpu_layers: dict[tuple[str, int, int], int] = {}
@@ -104,6 +106,8 @@ class Engine:
             self._cache_location(self._settings),
         ):
             self.embedding_cache = self._make_embedding_cache(settings)
+        if settings.history != self._settings.history:
+            self.history = self._make_history(settings)
         self._settings = settings
         self._apply_logging()
         # Lower limits apply now; changed load settings reload a model when it is next used.
@@ -128,6 +132,12 @@ class Engine:
     def _make_embedding_cache(self, settings: Settings) -> EmbeddingCache:
         # Beside the prompt cache's folder (joblib owns that one), switched by the same setting.
         return EmbeddingCache(self._cache_location(settings).parent / "embeddings", settings.cache.enabled)
+
+    @staticmethod
+    def _make_history(settings: Settings) -> HistoryLog:
+        config = settings.history
+        path = Path(config.file).expanduser() if config.file else paths.history_file()
+        return HistoryLog(path, enabled=config.enabled, max_rows=config.max_rows, max_bytes=config.max_bytes)
 
     def clear_cache(self) -> None:
         """Empty the prompt cache, the embedding cache and every loaded model's KV prefix snapshots."""
@@ -277,8 +287,13 @@ class Engine:
         model: str | None = None,
         params: Mapping[str, Any] | None = None,
         cache: bool = True,
+        origin: str = "api",
     ) -> Request:
-        """Validate everything that can be checked without the model (fails fast, at the call)."""
+        """Validate everything that can be checked without the model (fails fast, at the call).
+
+        ``origin``: the front end asking (api, magic, panel, server, cli), for the history log."""
+        if origin not in ORIGINS:
+            raise ParameterError(f"origin = {origin!r}: must be one of {', '.join(ORIGINS)}.")
         resolved = resolve_params(self._settings.generation, params or {})
         spec = self._answering_model(model)
         if prompt is not None:
@@ -286,7 +301,7 @@ class Engine:
                 raise NbllmError(f"prompt must be a string, not {type(prompt).__name__}.")
             if resolved.tools is not None:
                 raise ParameterError("tools= needs a chat (the tools are described in its messages): use chat().")
-            return Request(model=model, params=resolved, prompt=prompt, use_cache=cache)
+            return Request(model=model, params=resolved, prompt=prompt, use_cache=cache, origin=origin)
         tools = resolved.tools
         if tools is None or tools.choice == "none":
             chat = normalize_messages(messages)
@@ -308,7 +323,7 @@ class Engine:
                 )
             if not tools.syntax.native:
                 chat = with_tool_instructions(chat, tools)
-        return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache)
+        return Request(model=model, params=resolved, messages=tuple(chat), use_cache=cache, origin=origin)
 
     def _answering_model(self, model: str | None) -> ModelSpec:
         """The model that will answer, resolved once per request; an embedding model cannot write
@@ -449,9 +464,16 @@ class Engine:
     # ----------------------------------------------------------------- conveniences
 
     def generate(
-        self, prompt: str, model: str | None = None, stream: bool = False, cache: bool = True, **params: Any
+        self,
+        prompt: str,
+        model: str | None = None,
+        stream: bool = False,
+        cache: bool = True,
+        *,
+        origin: str = "api",
+        **params: Any,
     ) -> Any:
-        request = self.make_request(prompt=prompt, model=model, params=params, cache=cache)
+        request = self.make_request(prompt=prompt, model=model, params=params, cache=cache, origin=origin)
         result = self.stream(request)
         return result if stream else result.result()
 
@@ -466,15 +488,18 @@ class Engine:
         max_steps: int = 5,
         confirm: Callable[[ToolCall], bool] | None = None,
         tool_timeout: float = 60.0,
+        origin: str = "api",
         **params: Any,
     ) -> Any:
         if run_tools:
             if stream:
                 raise ParameterError("run_tools=True answers after the tools ran: it cannot stream (stream=False).")
+            # Each step's answer is recorded in the history with the loop's origin.
             return run_tool_loop(
-                self, messages, model, params, cache=cache, max_steps=max_steps, confirm=confirm, timeout=tool_timeout
-            )
-        request = self.make_request(messages=messages, model=model, params=params, cache=cache)
+                self, messages, model, {**params, "origin": origin}, cache=cache, max_steps=max_steps, confirm=confirm,
+                timeout=tool_timeout,
+            )  # fmt: skip
+        request = self.make_request(messages=messages, model=model, params=params, cache=cache, origin=origin)
         result = self.stream(request)
         return result if stream else result.result()
 
@@ -496,10 +521,13 @@ class Engine:
         cache: bool = True,
         progress: bool = True,
         on_result: Callable[[ManyResult], None] | None = None,
+        origin: str = "api",
         **params: Any,
     ) -> list[ManyResult]:
         requests = [
-            self.make_request(model=model, params={**params, **self._item(per_item, i)}, cache=cache, **{field: item})
+            self.make_request(
+                model=model, params={**params, **self._item(per_item, i)}, cache=cache, origin=origin, **{field: item}
+            )
             for i, item in enumerate(items)
         ]
         return run_many(self, requests, on_result=on_result, progress=progress)

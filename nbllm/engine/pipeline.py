@@ -3,6 +3,7 @@
     prepare   the prompt-cache key (also the answer's provenance), a cached answer, the seed
     run       the caller's: one stream on a checked-out model, or an item of a batch session
     finish    the stats, the counters behind ``nbllm.stats()``, the log lines
+    record    the answer into the history log (``record``: fresh, cached, cancelled or failed)
     store     the answer into the prompt cache, if it ended normally
 
 A single stream and a server's batched stream drive it through ``answer_stream``;
@@ -14,6 +15,7 @@ cache key here, and every front end gets it.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import secrets
 import time
@@ -25,6 +27,7 @@ from nbllm.backends import answer_identity
 from nbllm.backends.base import ModelSpec, Usage
 from nbllm.core import identity
 from nbllm.core.errors import IncompleteAnswerError, ModelNotFoundError, StructuredOutputError
+from nbllm.core.history import Entry
 from nbllm.core.metrics import RequestStats
 from nbllm.core.prompt_cache import CACHE_FORMAT
 from nbllm.engine.request import Request
@@ -85,7 +88,11 @@ def answer_stream(engine: Engine, request: Request, receiver: Stream, run: Run) 
         yield from replay(engine, ticket, receiver)
         return
     usage = receiver.usage
-    pieces = run(ticket, receiver)
+    try:
+        pieces = run(ticket, receiver)
+    except BaseException as error:  # no answer was begun (the model did not load, say): in the history all the same
+        failed(engine, ticket, receiver, error)
+        raise
     try:
         for piece in pieces:
             receiver.pieces.append(piece)
@@ -122,11 +129,63 @@ def finish(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool =
         stats.time_to_first_token = usage.first_token_at - ticket.started
     receiver.stats = stats
     engine.stats.record_request(stats)
+    record(engine, ticket, receiver)
     if not quiet:
         if stats.reused_prompt_tokens:
             log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
         log.info("%s", stats.summary())
     return stats
+
+
+def failed(engine: Engine, ticket: Ticket, receiver: Answering, error: BaseException) -> None:
+    """An answer that ended before it began (its run raised, or its batch item failed): not
+    counted as a request (the run counts it), but recorded in the history with its error."""
+    cancelled = isinstance(error, (GeneratorExit, KeyboardInterrupt))
+    receiver.usage.finish_reason = "cancelled" if cancelled else "error"
+    record(engine, ticket, receiver, error=None if cancelled else f"{type(error).__name__}: {error}")
+
+
+def record(engine: Engine, ticket: Ticket, receiver: Answering, *, error: str | None = None) -> None:
+    """The history log's one hook: every answer that leaves the pipeline, whichever front end
+    asked and however it ended (fresh, from the prompt cache, cancelled, failed), is handed to
+    the log here. Only queued: the log's own thread writes it, off the answer's path."""
+    history = engine.history
+    if not history.active:
+        return
+    request, stats = ticket.request, receiver.stats
+    constraint, tools = request.params.constraint, request.params.tools
+    schema = None
+    if constraint is not None and constraint.kind != "tools":
+        schema = {**constraint.describe(), "schema": constraint.schema}
+    if stats is None:  # failed before any stats were made
+        usage = receiver.usage
+        model = receiver.model_name or request.model or engine.settings.default_model
+        stats = RequestStats(
+            model=model, completion_tokens=usage.completion_tokens, finish_reason=usage.finish_reason,
+            total_seconds=time.perf_counter() - ticket.started, seed=ticket.seed, model_hash=ticket.model_hash,
+        )  # fmt: skip
+    history.record(
+        Entry(
+            origin=request.origin, model=stats.model, model_sha256=stats.model_hash, kind=request.kind,
+            prompt=request.prompt if request.prompt is not None else _last_user_text(request),
+            messages=request.messages, params=request.params.as_dict(), seed=stats.seed,
+            answer="".join(receiver.pieces), finish_reason=stats.finish_reason, cached=stats.cached,
+            prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
+            seconds=round(stats.total_seconds, 6), tokens_per_second=round(stats.tokens_per_second, 3),
+            time_to_first_token=round(stats.time_to_first_token, 6), schema=schema,
+            tools={**tools.describe(), "definitions": [t.as_openai() for t in tools.tools]} if tools else None,
+            error=error,
+        )
+    )  # fmt: skip
+
+
+def _last_user_text(request: Request) -> str | None:
+    """A chat's prompt for the history's prompt column: its last user message, as text."""
+    for message in reversed(request.messages or ()):
+        if message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else json.dumps(content, ensure_ascii=False, default=str)
+    return None
 
 
 def _schema_name(request: Request) -> str | None:
@@ -197,6 +256,7 @@ def replay(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool =
         receiver.stats = stats
         saved = max(float(answer["total_seconds"]) - stats.total_seconds, 0.0)
         engine.stats.record_request(stats, time_saved=saved)
+        record(engine, ticket, receiver)
         if not quiet:
             log.info("Prompt cache hit")
             log.info("%s", stats.summary())

@@ -116,9 +116,10 @@ class Registry:
 
     def known_names(self, settings: Settings | None = None) -> list[str]:
         settings = settings or self._settings()
-        names = [default_model.NAME, default_embedding_model.NAME, *settings.models, *settings.remote_models]
+        names = [default_model.NAME, *default_model.EMBEDDED, default_embedding_model.NAME]
+        names += [*settings.models, *settings.remote_models]
         folder = paths.models_dir()
-        embedded = (default_model.FILE_NAME, default_embedding_model.FILE_NAME)
+        embedded = (*default_model.FILE_NAMES, default_embedding_model.FILE_NAME)
         if folder.is_dir():
             names += sorted(p.stem for p in folder.glob("*.gguf") if p.name not in embedded)
         with self._lock:
@@ -130,8 +131,8 @@ class Registry:
         by ``settings`` (to check new settings before they apply)."""
         settings = settings or self._settings()
         name = (name or settings.default_model).strip()
-        if name == default_model.NAME:
-            return ModelSpec(name, default_model.default_model_path(), "default")
+        if name in default_model.EMBEDDED:
+            return ModelSpec(name, default_model.embedded_model_path(name), "default")
         if name == default_embedding_model.NAME:
             return ModelSpec(name, default_embedding_model.default_embedding_model_path(), "default")
         if name in settings.models:
@@ -411,9 +412,9 @@ class Registry:
         return rows
 
     def _spec_for_listing(self, name: str) -> ModelSpec:
-        if name == default_model.NAME:
-            # Listing must not assemble the default model: just say where it lives.
-            return ModelSpec(name, paths.models_dir() / default_model.FILE_NAME, "default")
+        if name in default_model.EMBEDDED:
+            # Listing must not install an embedded model: just say where it lives.
+            return ModelSpec(name, default_model.listed_path(name), "default")
         return self.resolve(name)
 
     @staticmethod

@@ -16,6 +16,7 @@ class Request:
     prompt: str | None = None  # a completion: text the model continues
     messages: tuple[dict[str, Any], ...] | None = None  # a chat (tool turns: see normalize_messages)
     use_cache: bool = True  # consult and fill the prompt cache
+    origin: str = "api"  # the front end that asked (history.ORIGINS): recorded in the history log
 
     @property
     def kind(self) -> str:

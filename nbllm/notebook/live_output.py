@@ -21,6 +21,7 @@ from nbllm._version import __version__
 from nbllm.core.errors import NbllmError
 from nbllm.core.metrics import RequestStats
 from nbllm.engine import Stream
+from nbllm.notebook.answer_markdown import as_code_block, code_blocks, hard_line_breaks, open_fence, with_note
 from nbllm.notebook.display import display
 
 
@@ -44,25 +45,56 @@ def extract_code(text: str) -> str:
     return code.strip("\n")
 
 
-def render_answer(text: str, fmt: str) -> tuple[dict[str, Any], str | None]:
-    """The answer as a MIME bundle in ``fmt``, and a note when it could not be rendered so."""
+def render_answer(text: str, fmt: str, truncation: str | None = None) -> tuple[dict[str, Any], str | None]:
+    """The answer as a MIME bundle in ``fmt``, and a note when it could not be rendered so.
+
+    ``truncation`` (``RequestStats.truncation_note()`` of an answer cut at ``max_tokens``) ends
+    the answer in every form, so that a cut-off answer never passes for a whole one. Markdown
+    gets its single newlines kept (``answer_markdown``); ``text/plain`` is the model's text.
+    """
+    plain = text if truncation is None else f"{text.rstrip()}\n\n{truncation}"
     if fmt in ("markdown", "code"):
-        return {"text/markdown": text, "text/plain": text}, None
+        markdown = _markdown_of(text, fmt)
+        if truncation is not None:
+            markdown = with_note(markdown, truncation)
+        return {"text/markdown": markdown, "text/plain": plain}, None
     if fmt == "html":
-        return {"text/html": text, "text/plain": text}, None
+        mark = f"<p><em>{html.escape(truncation)}</em></p>" if truncation is not None else ""
+        return {"text/html": text + mark, "text/plain": plain}, None
     if fmt == "json":
         try:
             value = json.loads(extract_code(text) if "```" in text else text)
         except ValueError as error:
-            return {"text/plain": text}, f"not valid JSON ({error}), shown as text"
-        return {"application/json": value, "text/plain": json.dumps(value, indent=2, ensure_ascii=False)}, None
-    return {"text/plain": text}, None
+            return {"text/plain": plain}, f"not valid JSON ({error}), shown as text"
+        dumped = json.dumps(value, indent=2, ensure_ascii=False)
+        # A JSON view has no room for a note: the stats line carries it.
+        return {"application/json": value, "text/plain": dumped}, truncation
+    return {"text/plain": plain}, None
+
+
+def answer_code(text: str, fmt: str, truncation: str | None) -> list[str]:
+    """The code blocks of an answer, for its Copy / Insert buttons; with --format code an answer
+    without a fence is all code. A block the answer was cut off in ends with a comment saying so,
+    so that an inserted cell never passes for complete code."""
+    blocks = code_blocks(text)
+    if not blocks and fmt == "code" and text.strip():
+        blocks = [text.strip("\n")]
+    cut_inside_code = open_fence(text) is not None or (fmt == "code" and not code_blocks(text))
+    if blocks and truncation is not None and cut_inside_code:
+        blocks[-1] = f"{blocks[-1]}\n# {truncation}"
+    return blocks
+
+
+def _markdown_of(text: str, fmt: str) -> str:
+    """Markdown whose lines stay lines; with --format code, an answer without a fenced block is
+    code all the same, so it is shown as one (as Markdown it would reflow into a paragraph)."""
+    return hard_line_breaks(as_code_block(text) if fmt == "code" else text)
 
 
 def _live_bundle(text: str, fmt: str) -> dict[str, Any]:
     # Half an HTML or JSON document renders badly; Markdown degrades gracefully while it grows.
     if fmt in ("markdown", "code"):
-        return {"text/markdown": text, "text/plain": text}
+        return {"text/markdown": _markdown_of(text, fmt), "text/plain": text}
     return {"text/plain": text}
 
 
@@ -97,6 +129,7 @@ def provenance(stream: Stream, fmt: str, stopped: bool) -> dict[str, Any]:
         "stats": stats.as_dict() if stats is not None else None,
         "cached": bool(stats is not None and stats.cached),
         "stopped": stopped,
+        "truncated": bool(stats is not None and stats.truncated),
         "format": fmt,
     }
 
@@ -140,6 +173,9 @@ class LiveOutput:
         if not self.redraws:
             self._print_new_pieces(stream)
             print()
+            note = stream.stats.truncation_note() if stream.stats is not None else None
+            if note is not None:  # a terminal shows the pieces, not the bundle: the mark too
+                print(note)
             if self.show_stats:
                 print(status)
             return

@@ -13,23 +13,27 @@ and ``reports`` (what stats, health and config show).
 
 from __future__ import annotations
 
+import sys
 from argparse import Namespace
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
-from traitlets import Bool, Enum, Float, Unicode
+from traitlets import Bool, Enum, Float, Int, Unicode
 from traitlets.config import Configurable
 
 import nbllm
 from nbllm.core.errors import NbllmError
 from nbllm.engine import Stream
+from nbllm.engine.request import Request
+from nbllm.notebook.cell_context import explain_prompt, last_error, previous_cells, with_context
 from nbllm.notebook.display import display
-from nbllm.notebook.interpolation import interpolate
+from nbllm.notebook.interpolation import MAX_VALUE_CHARS, interpolate
 from nbllm.notebook.live_output import (
     AnswerInterrupted,
     LiveOutput,
+    answer_code,
     consume,
     extract_code,
     provenance,
@@ -69,6 +73,11 @@ class NbllmMagics(Magics, Configurable):
     interpolate = Bool(True, help="Fill {name}, {obj.attr} and {d[key]} in prompts from the notebook's variables.").tag(
         config=True
     )
+    max_interpolated_chars = Int(
+        MAX_VALUE_CHARS,
+        min=0,
+        help="Longest text one {name} may put into a prompt; a longer one is cut, with a note. 0: no limit.",
+    ).tag(config=True)
 
     @classmethod
     def usage(cls) -> str:
@@ -94,6 +103,7 @@ class NbllmMagics(Magics, Configurable):
         self.history: list[dict[str, str]] = []  # the --chat conversation, without its system prompt
         self.system_prompt: str | None = None  # the --chat conversation's system prompt
         self.chat_panel: Any = None  # the panel %llm chat opened last, to reach it from code
+        self.last_request: Request | None = None  # what the last %%llm sent: model, messages, parameters
 
     @no_var_expand  # {name} is filled by our own rules (see interpolate), or not at all
     @line_cell_magic
@@ -105,8 +115,14 @@ class NbllmMagics(Magics, Configurable):
         The cell body is the prompt. The answer streams into the output as it is
         produced, is then rendered in --format (markdown, text, code, json, html) and
         followed by a stats line: tokens, time, t/s, model, first token, cache.
-          --format code also puts the first fenced code block (else the whole
-            answer) into a new cell below.
+          Single newlines stay line breaks (lists and poems keep their lines).
+          --format code shows the answer as code and also puts the first fenced code
+            block (else the whole answer) into a new cell below. Each code block of
+            an answer gets Copy and "Insert as new cell" buttons.
+          An answer cut at the token limit (-n) ends with a note saying so, in the
+            output and in the inserted cell; --out keeps the answer as written.
+          --context N puts the source of the previous N code cells (not the %%llm
+            ones) before the prompt, newest kept first when they are long.
           --schema NAME answers as data that fits NAME (a pydantic class or a JSON
             Schema dict from the notebook; 'json' for any JSON object), guaranteed
             by a grammar; --out keeps the data. --choices a,b,c answers with exactly
@@ -116,7 +132,10 @@ class NbllmMagics(Magics, Configurable):
           {name}, {obj.attr} and {d[key]} in the prompt and the options are filled
             from the notebook's variables. Braces that name no variable stay as
             written, so JSON and code survive; {{name}} is a literal {name};
-            --no-interpolate sends everything as written.
+            --no-interpolate sends everything as written. A pandas DataFrame or
+            Series becomes a summary (shape, dtypes, first 5 rows); an object with
+            an _llm_repr_() method is described by it; a value longer than
+            max_interpolated_chars (20,000) is cut, with a note.
           Interrupting the kernel stops the answer within a token: what was produced
             stays visible, marked [stopped], and nothing is cached; the cell still ends
             as interrupted, so a Run All stops there.
@@ -139,6 +158,12 @@ class NbllmMagics(Magics, Configurable):
           %%llm --map reviews --choices positive,negative,neutral
           Is this review positive, negative or neutral? {item}
 
+          %%llm --context 3
+          Why is my loop above so slow?
+
+          %%llm
+          Which columns of {sales} could hold dates?
+
         %llm SUBCOMMAND
           help              this text (also %llm?)
           models            known models: loaded or not, size, last use
@@ -146,12 +171,16 @@ class NbllmMagics(Magics, Configurable):
           unload [NAME]     unload a model; without NAME, every model
           use NAME          make NAME the default model of %%llm and of nbllm
           stats             requests, tokens, speed and caches since the kernel started
+          history [OPTIONS] past answers, newest first (--model M, --search TEXT, --since 2d,
+                            --origin magic, -n N; --clear deletes them all)
           clear-cache       empty the prompt cache and the KV prefix snapshots
           health            loaded models with their settings and memory
           config            the settings in effect, with their help
           config KEY=VALUE  change a setting, e.g. %llm config generation.top_k=20
           reset             forget the --chat conversation
           chat [NAME]       open the chat panel (on NAME, else the default model)
+          explain [OPTIONS] explain the last exception, with the code of the cells
+                            that raised it (options as %%llm: -m, -n, -t...)
           models [list|recommend|download NAME [--quant Q]|verify [NAME]|info NAME|rm NAME]
                             the model manager (no word: the list)
           bench [OPTIONS]   llama-bench-style speed tests, as `nbllm bench` (-m, -p, -n, -r, -t 1,2, -o FILE)
@@ -160,7 +189,7 @@ class NbllmMagics(Magics, Configurable):
 
         Settings: %config NbllmMagics (or c.NbllmMagics.NAME in ipython_config.py):
           default_model, default_format, stream_updates_per_second, show_stats,
-          interpolate.
+          interpolate, max_interpolated_chars.
         """
         try:
             if cell is None:
@@ -195,10 +224,38 @@ class NbllmMagics(Magics, Configurable):
             )
             return
         if self.interpolate and not args.no_interpolate:
-            cell = interpolate(cell, namespace)
+            notes: list[str] = []
+            cell = interpolate(cell, namespace, limit=self.max_interpolated_chars, notes=notes)
+            for note in notes:  # a value cut to fit: the user must know the model saw only part of it
+                print(note, file=sys.stderr)
         prompt = cell.strip("\n") if args.raw else cell.strip()
         if not prompt.strip():
             raise UsageError("The cell is empty: write the prompt in the cell, below the %%llm line.")
+        if args.context:
+            prompt = with_context(prompt, previous_cells(self.ipython, args.context))
+        self._answer(args, prompt)
+
+    def _explain(self, line: str) -> None:
+        """``%llm explain [options]``: the last exception, with the code that raised it."""
+        args = self.option_parser().parse_line(line, None)
+        if args is None:
+            print(self.usage())
+            return
+        check_options(args)
+        clash = next((o for o, on in (("--map", args.map), ("--docs", args.docs), ("--context", args.context),
+                                      ("--raw", args.raw), ("--schema", args.schema), ("--choices", args.choices),
+                                      ("--tools", args.tools)) if on), None)  # fmt: skip
+        if clash:
+            raise UsageError(f"%llm explain does not go with {clash}; it asks about the last exception.")
+        last = last_error()
+        if last is None:
+            print("No exception to explain yet: %llm explain explains the last error a cell raised.")
+            return
+        self._answer(args, explain_prompt(self.ipython, last))
+
+    def _answer(self, args: Namespace, prompt: str) -> None:
+        """Ask ``prompt`` with the options of the line, and show the answer as it streams."""
+        namespace = self.ipython.user_ns
         # With --schema the answer is JSON, with --choices one word: shown as such unless asked.
         fmt = args.format or ("json" if args.schema else "text" if args.choices else self.default_format)
         structure = structure_params(args, namespace, fmt)
@@ -206,14 +263,21 @@ class NbllmMagics(Magics, Configurable):
             self._run_tools(args, prompt, structure, fmt)
             return
         stream = self._start(args, prompt, structure)
+        self.last_request = stream.request
         live = LiveOutput(self.ipython, fmt, self.stream_updates_per_second, self.show_stats)
         stopped = consume(stream, live)
         text = stream.text
         if args.chat and text:  # a question stopped before any answer leaves no trace
             self.history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": text}]
-        bundle, note = render_answer(text, fmt)
+        truncation = stream.stats.truncation_note() if stream.stats is not None else None
+        bundle, note = render_answer(text, fmt, truncation)
         metadata = {"nbllm": provenance(stream, fmt, stopped)}
         live.finish(stream, bundle, metadata, stats_line(stream.stats, stopped, note))
+        blocks = answer_code(text, fmt, truncation) if live.redraws and fmt in ("markdown", "code") else []
+        if blocks:  # a rich front end: Copy / Insert as new cell under the answer
+            from nbllm.notebook.code_buttons import CodeButtons  # widgets: imported when needed
+
+            display(CodeButtons(blocks))
         if stream.sources:
             display(sources_bundle(stream.sources), raw=True)
         if stopped:
@@ -224,7 +288,10 @@ class NbllmMagics(Magics, Configurable):
         if args.out:
             namespace[args.out] = data if structure else text
         if fmt == "code" and text.strip():
-            self.ipython.set_next_input(extract_code(text), replace=False)
+            code = extract_code(text)
+            if truncation is not None:  # the new cell says it is incomplete, not only the output
+                code = f"{code}\n# {truncation}"
+            self.ipython.set_next_input(code, replace=False)
 
     def _run_tools(self, args: Namespace, prompt: str, structure: dict[str, Any], fmt: str) -> None:
         """--run-tools: the model calls the functions until it answers; each call is shown
@@ -232,11 +299,11 @@ class NbllmMagics(Magics, Configurable):
         engine = nbllm.get_engine()
         model = args.model or self.default_model
         completion = engine.chat(
-            self._messages(args, prompt), model=model, cache=not args.no_cache, run_tools=True,
+            self._messages(args, prompt), model=model, cache=not args.no_cache, run_tools=True, origin="magic",
             **{**generation_params(args), **structure},
         )  # fmt: skip
         display(tool_runs_bundle(completion.tool_runs), raw=True)
-        bundle, note = render_answer(completion.text, fmt)
+        bundle, note = render_answer(completion.text, fmt, completion.stats.truncation_note())
         display(bundle, raw=True, metadata={"nbllm": {"tools": [r.call.name for r in completion.tool_runs],
                                                        "steps": completion.steps}})  # fmt: skip
         if self.show_stats:
@@ -251,13 +318,15 @@ class NbllmMagics(Magics, Configurable):
         cache = not args.no_cache
         if args.docs is not None:
             docs = documents_named(args.docs, self.ipython.user_ns)
-            answer = engine.ask(prompt, docs, model, stream=True, cache=cache, **params)
+            answer = engine.ask(prompt, docs, model, stream=True, cache=cache, origin="magic", **params)
             assert isinstance(answer, Stream)
             return answer
         if args.raw:
-            stream: Stream = engine.generate(prompt, model=model, stream=True, cache=cache, **params)
+            stream: Stream = engine.generate(prompt, model=model, stream=True, cache=cache, origin="magic", **params)
             return stream
-        stream = engine.chat(self._messages(args, prompt), model=model, stream=True, cache=cache, **params)
+        stream = engine.chat(
+            self._messages(args, prompt), model=model, stream=True, cache=cache, origin="magic", **params
+        )
         return stream
 
     def _messages(self, args: Namespace, prompt: str) -> list[dict[str, str]]:

@@ -48,11 +48,11 @@ def run_map_cell(
     chart = AggregateChart(engine, model) if prompts else None
     try:
         if args.raw:
-            results = engine.generate_many(prompts, model, cache=not args.no_cache, **params)
+            results = engine.generate_many(prompts, model, cache=not args.no_cache, origin="magic", **params)
         else:
             system = [{"role": "system", "content": args.system}] if args.system else []
             chats = [[*system, {"role": "user", "content": p}] for p in prompts]
-            results = engine.chat_many(chats, model, cache=not args.no_cache, **params)
+            results = engine.chat_many(chats, model, cache=not args.no_cache, origin="magic", **params)
         stopped = False
     except BatchInterrupted as interrupted:
         results, stopped = interrupted.results, True

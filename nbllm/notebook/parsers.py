@@ -141,6 +141,12 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
     answer.add_argument(
         "--raw", action="store_true", help="continue the text as a plain completion instead of chatting"
     )
+    answer.add_argument(
+        "--context",
+        type=int,
+        metavar="N",
+        help="put the source of the previous N code cells (llm magic cells skipped) before the prompt",
+    )
     answer.add_argument("--no-cache", action="store_true", help="neither use nor fill the prompt cache")
     answer.add_argument("--no-interpolate", action="store_true", help="send {braces} as written")
     answer.add_argument(
@@ -182,10 +188,14 @@ def check_options(args: Namespace) -> None:
     if args.docs is not None:
         clash = next((o for o, on in (("--raw", args.raw), ("--map", args.map), ("--tools", args.tools),
                                       ("--chat", args.chat), ("--schema", args.schema), ("--choices", args.choices),
-                                      ("--system", args.system))
+                                      ("--system", args.system), ("--context", args.context is not None))
                       if on), None)  # fmt: skip
         if clash:
             raise UsageError(f"--docs answers one question from your documents; it does not go with {clash}.")
+    if args.context is not None and args.context < 0:
+        raise UsageError(f"--context {args.context}: give the number of previous cells to include, 0 or more.")
+    if args.context is not None and args.map:
+        raise UsageError("--context does not go with --map: it would repeat the cells in every item's prompt.")
     if args.raw and args.chat:
         raise UsageError("--raw continues text and --chat continues a conversation: use one or the other.")
     if args.raw and args.system:

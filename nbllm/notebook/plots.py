@@ -58,7 +58,9 @@ class ReplyTrace:
     label: str
     times: list[float] = field(default_factory=list)  # seconds since the request started
     rates: list[float] = field(default_factory=list)  # tokens/s over the last ``window`` seconds
-    tokens_per_second: float | None = None  # decoding speed of the whole reply, when it ended
+    # The reply's speed once it ended, RequestStats.tokens_per_second: the number the status line
+    # and the answer's footer show too (one speed, defined once, in core/metrics.py).
+    tokens_per_second: float | None = None
     tokens: int = 0
     cached: bool = False
     stopped: bool = False
@@ -205,10 +207,10 @@ class ThroughputChart:
         assert stream.started is not None
         end = stream.started + stats.total_seconds
         self.sample(stream, now=end)
-        if not reply.times and stats.generation_tokens_per_second > 0:
+        if not reply.times and stats.tokens_per_second > 0:
             # Too short for a live rate: one point with the reply's own speed, so it still shows.
             reply.times.append(stats.total_seconds)
-            reply.rates.append(stats.generation_tokens_per_second)
+            reply.rates.append(stats.tokens_per_second)
 
     def _record_final(self, reply: ReplyTrace, stats: RequestStats) -> None:
         reply.tokens = stats.completion_tokens
@@ -216,7 +218,7 @@ class ThroughputChart:
         reply.cached = stats.cached
         reply.stopped = stats.finish_reason == "cancelled"
         # A cached answer was not generated: its "speed" would be a replay speed.
-        reply.tokens_per_second = 0.0 if stats.cached else stats.generation_tokens_per_second
+        reply.tokens_per_second = 0.0 if stats.cached else stats.tokens_per_second
 
     def clear(self) -> None:
         """Forget every reply."""
@@ -257,8 +259,13 @@ class ThroughputChart:
             return self.figure._repr_mimebundle_(**kwargs)
 
 
+def speed_text(tokens_per_second: float) -> str:
+    """A speed as every front end writes it (RequestStats.summary's ``20.5 t/s``)."""
+    return f"{tokens_per_second:.1f}"
+
+
 def _bar_text(reply: ReplyTrace) -> str:
-    return "cache" if reply.cached else f"{reply.tokens_per_second or 0:.0f}"
+    return "cache" if reply.cached else speed_text(reply.tokens_per_second or 0.0)
 
 
 def _bar_hover(reply: ReplyTrace) -> str:
@@ -266,7 +273,8 @@ def _bar_hover(reply: ReplyTrace) -> str:
         return f"{reply.label}: from the prompt cache ({reply.tokens} tokens)"
     state = " (stopped)" if reply.stopped else ""
     return (
-        f"{reply.label}: {reply.tokens_per_second or 0:.1f} t/s decoding, {reply.tokens} tokens{state} · {reply.model}"
+        f"{reply.label}: {speed_text(reply.tokens_per_second or 0.0)} t/s over the reply, {reply.tokens} tokens{state}"
+        f" · {reply.model}"
     )
 
 
@@ -283,7 +291,9 @@ def _make_figure(width: int | None, height: int, title: str) -> Any:
         cols=2,
         column_widths=[0.74, 0.26],
         horizontal_spacing=0.09,
-        subplot_titles=("tokens/s while generating", "decoding t/s per reply"),
+        # The curve is the instantaneous rate (over the last ``window``), so it peaks above the
+        # reply's speed; the bars are the speed the status line shows.
+        subplot_titles=("instantaneous t/s", "t/s per reply"),
     )
     line = {"shape": "spline", "smoothing": 0.6}
     figure.add_scatter(
@@ -293,7 +303,7 @@ def _make_figure(width: int | None, height: int, title: str) -> Any:
     figure.add_scatter(
         x=[], y=[], mode="lines", name="this reply", line={**line, "color": CURRENT_COLOR, "width": 2.5},
         fill="tozeroy", fillcolor="rgba(37, 99, 235, 0.08)",
-        hovertemplate="%{x:.1f}s: %{y:.1f} t/s<extra></extra>", row=1, col=1,
+        hovertemplate="%{x:.1f}s: %{y:.1f} t/s instantaneous<extra></extra>", row=1, col=1,
     )  # fmt: skip
     figure.add_bar(
         x=[], y=[], name="per reply", textposition="outside", cliponaxis=False,
@@ -461,34 +471,67 @@ def live_throughput_figure(title: str) -> tuple[Any, Callable[[float, float], No
     return figure, update
 
 
+# Each step of the tuner varies one setting and is judged by one speed: a panel each, so that
+# a value shows once (the batch step's b=512 is not the threads step's b=512 again) and the
+# generation speed the batch step only carries over is not drawn as if it were measured.
+_TUNING_STEPS = (
+    ("threads", "threads → generation t/s", "tg", "threads"),
+    ("batch", "batch size → prompt t/s", "pp", "batch size"),
+    ("gpu", "GPU layers → generation t/s", "tg", "GPU layers (fa: flash attention)"),
+)
+
+
+def _tuning_value(trial: Any, step: str) -> str:
+    if step == "threads":
+        return str(trial.threads)
+    if step == "batch":
+        return str(trial.batch_size)
+    return f"{trial.gpu_layers}" + (" fa" if trial.flash_attention else "")
+
+
 def tuning_figure(result: Any) -> Any:
-    """What the tuner tried: generation and prompt speed of every trial, the chosen one marked."""
-    trials = result.trials
-    labels = [
-        f"#{i + 1} t={t.threads} b={t.batch_size}" + (f" ngl={t.gpu_layers}" if t.gpu_layers else "")
-        + (" fa" if t.flash_attention else "")
-        for i, t in enumerate(trials)
-    ]  # fmt: skip
-    best = [t is result.best for t in trials]
-    figure = make_subplots(specs=[[{"secondary_y": True}]])
-    figure.add_bar(
-        x=labels,
-        y=[t.tg or None for t in trials],
-        name="generation t/s",
-        marker_color=[STOPPED_COLOR if b else CURRENT_COLOR for b in best],
-        text=["failed" if t.error else "" for t in trials],
+    """What the tuner tried, one panel per step (threads by generation speed, batch size by prompt
+    speed, GPU layers on a GPU), each value once, the chosen one in orange."""
+    best = result.best
+    steps = [step for step in _TUNING_STEPS if any(t.step == step[0] for t in result.trials)]
+    figure = make_subplots(
+        rows=1, cols=max(len(steps), 1), subplot_titles=[title for _, title, _, _ in steps], horizontal_spacing=0.1
     )
-    figure.add_scatter(
-        x=labels, y=[t.pp or None for t in trials], name="prompt t/s", mode="markers",
-        marker={"size": 10, "color": "#10b981"}, secondary_y=True,
-    )  # fmt: skip
+    for column, (step, _, speed, axis) in enumerate(steps, start=1):
+        trials = [t for t in result.trials if t.step == step]
+        values = [getattr(t, speed) or 0.0 for t in trials]
+        chosen = [_tuning_value(t, step) == _tuning_value(best, step) and t.error is None for t in trials]
+        figure.add_bar(
+            x=[_tuning_value(t, step) for t in trials],
+            y=values,
+            marker_color=[STOPPED_COLOR if c else CURRENT_COLOR for c in chosen],
+            text=["failed" if t.error else f"{v:.0f}" for t, v in zip(trials, values, strict=True)],
+            textposition="outside",
+            cliponaxis=False,  # the value above the tallest bar stays visible
+            hovertext=[t.error or f"{speed} {v:.1f} t/s" for t, v in zip(trials, values, strict=True)],
+            hoverinfo="x+text",
+            showlegend=False,
+            row=1,
+            col=column,
+        )
+        # Headroom above the tallest bar for its label; categories, so 512 is never drawn as 5e2.
+        figure.update_yaxes(range=[0, max(values, default=0.0) * 1.2 or 1.0], row=1, col=column)
+        figure.update_xaxes(title_text=axis, type="category", row=1, col=column)
+    figure.update_yaxes(title_text="tokens/s", row=1, col=1)
+    best_text = f"threads {best.threads}, batch {best.batch_size}" + (
+        f", GPU layers {best.gpu_layers}" if any(t.step == "gpu" for t in result.trials) else ""
+    )
     figure.update_layout(
-        title=f"Tuning {result.model}: {len(trials)} trials in {result.seconds:.1f}s (chosen in orange)",
+        # The model's name on a line of its own: a long name never breaks mid-word into the rest.
+        title={
+            "text": f"Tuning {result.model}<br><sup>{len(result.trials)} trials in {result.seconds:.1f}s · "
+            f"chosen (orange): {best_text}</sup>"
+        },
         template="plotly_white",
-        height=380,
+        height=400,
+        margin={"t": 110},
+        bargap=0.35,
     )
-    figure.update_yaxes(title_text="generation t/s", rangemode="tozero", secondary_y=False)
-    figure.update_yaxes(title_text="prompt t/s", rangemode="tozero", secondary_y=True)
     return figure
 
 

@@ -79,6 +79,7 @@ def stats_report(data: Mapping[str, Any]) -> Report:
     per_model = Table(
         [{"model": name, **totals} for name, totals in data["per_model"].items()],
         columns=["model", "requests", "prompt_tokens", "completion_tokens", "tokens_per_second"],
+        headers={"completion_tokens": "Generated tokens", "tokens_per_second": "t/s"},
         title="Per model",
     )
     last = data["last_request"]
@@ -121,6 +122,7 @@ def health_report(data: Mapping[str, Any]) -> Report:
             "busy",
         ],
         formatters={"memory_bytes": format_bytes},
+        headers={"context_size": "Context", "gpu_layers": "GPU layers", "memory_bytes": "Memory"},
         title="Loaded models",
     )
     return Report([overview, models], data)

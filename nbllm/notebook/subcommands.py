@@ -137,12 +137,27 @@ def _config(magics: NbllmMagics, rest: str) -> Table | None:
     return None
 
 
+def _explain(magics: NbllmMagics, rest: str) -> None:
+    magics._explain(rest)  # the options of %%llm: the answer streams as a cell's does
+
+
 def _reset(magics: NbllmMagics, rest: str) -> None:
     no_arguments("reset", rest)
     forgotten = len(magics.history)
     magics.history.clear()
     magics.system_prompt = None
     print(f"Forgot the conversation ({forgotten} messages).")
+
+
+def _history(magics: NbllmMagics, rest: str) -> Any:
+    """``%llm history [--model M] [--search TEXT] [--since 2d] [-n N] [--clear]``: as ``nbllm history``."""
+    from nbllm.cli.history import history_with_args
+
+    result = history_with_args(parse_terminal_args(["history", *words(rest)]))
+    if isinstance(result, str):
+        print(result)
+        return None
+    return result
 
 
 def _chat(magics: NbllmMagics, rest: str) -> None:
@@ -170,6 +185,8 @@ SUBCOMMANDS: dict[str, Callable[[NbllmMagics, str], Any]] = {
     "config": _config,
     "reset": _reset,
     "chat": _chat,
+    "explain": _explain,
+    "history": _history,
     "bench": _bench,
     "doctor": _doctor,
     "tune": _tune,

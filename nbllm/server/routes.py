@@ -267,7 +267,7 @@ def _unknown_model(name: str, known: list[str]) -> ApiError:
 def _open_stream(engine: Engine, parsed: ParsedRequest, *, batched: bool) -> Stream:
     try:
         request = engine.make_request(
-            prompt=parsed.prompt, messages=parsed.messages, model=parsed.model, params=parsed.params
+            prompt=parsed.prompt, messages=parsed.messages, model=parsed.model, params=parsed.params, origin="server"
         )
         return engine.stream(request, batched=True) if batched else engine.stream(request)
     except NbllmError as error:

@@ -8,28 +8,42 @@ times a second, because every redraw is a message to the browser and the model m
 for the front end.
 
 ``nbllm.ChatPanel()`` displays itself. In tests and scripts, ``panel.send("...")``,
-``panel.stop()``, ``panel.regenerate()``, ``panel.clear()`` and ``panel.wait()`` do what the
-buttons do.
+``panel.stop()``, ``panel.regenerate()``, ``panel.clear()``, ``panel.edit(i)`` and
+``panel.wait()`` do what the buttons do.
+
+The browser side (chat_front_end.py) handles keys, scrolling and the buttons inside messages
+and sends the kernel ``{"type": ...}`` messages. The conversation is saved beside the notebook
+after every change (chat_store.py says where and why) and comes back when the cell runs again;
+``export_markdown`` / ``load_markdown`` move it in and out as a readable transcript. A
+conversation longer than the model's context is sent without its oldest turns
+(core/conversation.py), and the answer says how many were left out.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import os
 import re
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import count
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ipywidgets as widgets
 
-from nbllm.core.errors import NbllmError, StructuredOutputError
+from nbllm.core.conversation import from_markdown, left_out_note, to_markdown, trim_to_fit
+from nbllm.core.errors import ContextLengthError, NbllmError, StructuredOutputError
+from nbllm.core.paths import read_bytes_limited, write_text_atomically
 from nbllm.core.tools import make_toolset
 from nbllm.engine.tool_loop import result_for_model, run_call
 from nbllm.notebook.plots import ThroughputChart
+from nbllm.notebook.widgets import chat_store, code_actions
+from nbllm.notebook.widgets.chat_front_end import ChatInput, PanelBehaviour
 from nbllm.notebook.widgets.markdown import to_html
 
 if TYPE_CHECKING:
@@ -45,6 +59,11 @@ ASSISTANT_BUBBLE = (
     "background:var(--jp-layout-color2,#f3f4f6);color:var(--jp-content-font-color1,#111827);"
     "border-radius:14px 14px 14px 4px"
 )
+_EDIT_STYLE = (
+    "font-size:10px;padding:0 5px;margin-left:6px;cursor:pointer;border-radius:3px;"
+    "border:1px solid var(--jp-border-color2,#cbd5e1);background:transparent;color:inherit"
+)
+_NOTE_STYLE = "font-size:11px;font-style:italic;color:#b45309;margin-top:2px"
 CHART_WIDTH = 820  # px: fits JupyterLab's notebook column (plotly cannot size a widget to its container)
 _STATUS_COLORS = {
     "ready": "var(--jp-content-font-color2,#4b5563)",
@@ -53,6 +72,9 @@ _STATUS_COLORS = {
     "stopped": "#b45309",
     "error": "#dc2626",
 }
+
+
+_message_ids = count(1)
 
 
 @dataclass
@@ -67,6 +89,8 @@ class Message:
     streaming: bool = False
     # With tools: an assistant turn's calls (OpenAI's tool_calls), or a tool turn's call and run.
     extra: dict[str, Any] = field(default_factory=dict)
+    id: int = field(default_factory=lambda: next(_message_ids))  # names it in the page (Edit)
+    note: str = ""  # shown under an answer: earlier messages left out to fit the context
 
 
 @dataclass
@@ -94,6 +118,8 @@ class ChatPanel:
         tools: Sequence[Callable[..., Any]] | None = None,
         tool_choice: str = "auto",
         max_steps: int = 5,
+        name: str | None = None,
+        save_to: str | os.PathLike[str] | bool | None = None,
     ) -> None:
         if engine is None:
             import nbllm
@@ -115,8 +141,21 @@ class ChatPanel:
         self.last_stream: Stream | None = None  # the latest reply's stream: its request and stats
         self._job: _Job | None = None
         self._lock = threading.RLock()
+        self._left_out = 0  # the oldest messages not sent, since the conversation outgrew the context
+        # Where the conversation is kept: the file named, or beside the running notebook (keyed by
+        # name= or by the cell), or nowhere (False, or outside a notebook).
+        if save_to is None or save_to is True:
+            self.conversation_file = chat_store.conversation_file(name)
+        else:
+            self.conversation_file = Path(save_to) if save_to is not False else None
         self._build(model, system_prompt)
-        self._set_status(f"Ready. {self.model.value} answers; Enter sends.", "ready")
+        restored = self._restore()
+        self.system_prompt.observe(lambda _: self._save(), names="value")
+        code_actions.prepare()  # its front end must exist before the first Insert click
+        ready = f"Ready. {self.model.value} answers; Enter sends."
+        if restored:
+            ready = f"Conversation restored ({restored} messages). " + ready
+        self._set_status(ready, "ready")
 
     # ----------------------------------------------------------------- display
 
@@ -138,10 +177,7 @@ class ChatPanel:
     @property
     def history(self) -> list[dict[str, str]]:
         """The conversation as chat messages (without the system prompt)."""
-        return [
-            {"role": m.role, "content": m.content, **{k: v for k, v in m.extra.items() if k != "run"}}
-            for m in self.messages
-        ]
+        return [_chat_message(m) for m in self.messages]
 
     @property
     def status_text(self) -> str:
@@ -162,8 +198,84 @@ class ChatPanel:
             self._set_status("Still answering: wait, or press Stop first.", "busy")
             return False
         self._set_input("")
+        self.refresh_models()
         self._append("user", text)
         return self._answer()
+
+    def edit(self, position: int) -> str:
+        """Take user message ``position`` (an index into ``messages``; -1 is the last) back into
+        the input box, and drop it and everything after it; sending again answers from there.
+        Returns its text."""
+        if self.busy:
+            self.stop()
+            self.wait(10)
+        with self._lock:
+            message = self.messages[position]  # IndexError for a position that is not there
+            if message.role != "user":
+                raise ValueError(f"Message {position} is the {message.role}'s; only your own messages can be edited.")
+            at = self.messages.index(message)
+            del self.messages[at:]
+            self._left_out = min(self._left_out, at)
+            self._render_history()
+        self._set_input(message.content)
+        self._save()
+        self._set_status("Edit the message and send it again: the answer is regenerated from there.", "ready")
+        return message.content
+
+    def refresh_models(self) -> list[str]:
+        """Offer the models known now (a ``.gguf`` added to the models folder, a model configured
+        since the panel was made); the chosen one stays chosen."""
+        names = self.engine.registry.known_names()
+        chosen = self.model.value
+        options = names if chosen in names else [chosen, *names]
+        if list(self.model.options) != options:
+            self._refreshing = True
+            try:
+                self.model.options = options
+                self.model.value = chosen
+            finally:
+                self._refreshing = False
+        return options
+
+    def export_markdown(self, path: str | os.PathLike[str] | None = None) -> str:
+        """The conversation (with the system prompt) as a Markdown transcript; also written to
+        ``path`` when given. ``load_markdown`` reads it back exactly."""
+        system = self.system_prompt.value
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [
+            {"role": m.role, "content": m.content, "model": m.model, "name": str(m.extra.get("name", ""))}
+            for m in self.messages
+            if not m.extra.get("tool_calls")  # a request to run tools is not text; its results follow
+        ]
+        text = to_markdown(messages, title=f"Chat with {self.model.value}")
+        if path is not None:
+            write_text_atomically(Path(path), text)
+        return text
+
+    def load_markdown(self, source: str | os.PathLike[str]) -> int:
+        """Replace the conversation with a transcript (its text, or a file holding it) written
+        by ``export_markdown``; returns the number of messages loaded."""
+        if isinstance(source, os.PathLike) or ("\n" not in source and source.endswith(".md")):
+            path = Path(source)
+            if not path.is_file():
+                raise NbllmError(f"No transcript at {path}: give the path of a .md file or the transcript's text.")
+            try:
+                source = read_bytes_limited(path, 4 * 50_000_000).decode("utf-8", errors="replace")
+            except (OSError, ValueError) as error:
+                raise NbllmError(f"Cannot read the transcript: {error}.") from None
+        try:
+            messages = from_markdown(str(source))
+        except ValueError as error:
+            raise NbllmError(f"Cannot load the transcript: {error}") from None
+        if self.busy:
+            self.stop()
+            self.wait(10)
+        system = [m["content"] for m in messages if m["role"] == "system"]
+        turns = [m for m in messages if m["role"] in ("user", "assistant")]
+        self._replace_conversation(system[0] if system else "", turns)
+        self._save()
+        self._set_status(f"Loaded {len(turns)} messages.", "ready")
+        return len(turns)
 
     def stop(self) -> None:
         """End the reply being generated; what it said so far stays in the history."""
@@ -195,7 +307,9 @@ class ChatPanel:
             self.wait(10)
         with self._lock:
             self.messages.clear()
+            self._left_out = 0
             self._render_history()
+        self._save()
         self._set_status(f"Cleared. {self.model.value} answers the next message.", "ready")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -212,7 +326,9 @@ class ChatPanel:
         """Start the reply on a thread; False (with the reason in the status line) if it cannot."""
         model = str(self.model.value)
         try:
-            request = self.engine.make_request(messages=self._conversation(), model=model, params=self._params(seed))
+            request = self.engine.make_request(
+                messages=self._conversation(), model=model, params=self._params(seed), origin="panel"
+            )
             stream = self.engine.stream(request)  # an unknown or missing model fails here, at once
         except NbllmError as error:
             self._set_status(str(error), "error")
@@ -229,7 +345,48 @@ class ChatPanel:
     def _conversation(self) -> list[dict[str, str]]:
         system = self.system_prompt.value.strip()
         prefix = [{"role": "system", "content": system}] if system else []
-        return prefix + self.history
+        # Not the answer being written (it is the reply to this, when the context overflowed).
+        return prefix + [_chat_message(m) for m in self.messages[self._left_out :] if not m.streaming]
+
+    def _fit_context(self, job: _Job) -> _Job:
+        """After the conversation did not fit the model's context: leave out the oldest turns
+        (the system prompt stays) until it fits with room for an answer, and start again."""
+        request = job.stream.request
+        model = str(self.model.value)
+        params = self._params(request.params.seed)
+        registry = self.engine.registry
+        resident = registry.checkout(model, _Counting())
+        try:
+            loaded = resident.model
+
+            def count_tokens(messages: list[Mapping[str, Any]]) -> int:
+                made = self.engine.make_request(messages=messages, model=model, params=params)
+                return int(
+                    loaded.count_tokens(loaded.format_chat(list(made.messages or ()), made.params.template_tools()))
+                )
+
+            context = int(loaded.context_size)
+            budget = context - min(int(self.max_tokens.value), context // 2)  # room for the answer
+            before = self._left_out
+            trimmed = trim_to_fit(self._conversation(), count_tokens, budget)
+        finally:
+            registry.checkin(resident)
+        self._left_out = before + trimmed.left_out
+        if trimmed.left_out == 0:
+            raise ContextLengthError(
+                f"Even without earlier messages the conversation is {trimmed.tokens:,} tokens and the context holds "
+                f"{context:,}, with {context - budget:,} kept for the answer. Shorten your message, lower max_tokens, "
+                "or raise performance.context_size."
+            )
+        message = job.message
+        message.note = left_out_note(self._left_out)
+        request = self.engine.make_request(messages=self._conversation(), model=model, params=params, origin="panel")
+        stream = self.engine.stream(request)
+        self.last_stream = stream
+        follow = _Job(stream, message, job.thread)
+        with self._lock:
+            self._job = follow
+        return follow
 
     def _params(self, seed: int | None) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -252,7 +409,14 @@ class ChatPanel:
         """The worker thread: consume the stream, redraw now and then, never raise. With tools,
         a reply that is calls runs them and the model goes on from their results."""
         try:
-            self._consume(job)
+            try:
+                self._consume(job, last=False)
+            except ContextLengthError:
+                if job.stream.tokens:
+                    raise
+                job = self._fit_context(job)
+                self._consume(job, last=False)
+            self._finish(job)
             for _step in range(self.max_steps - 1):
                 follow = self._run_calls(job)
                 if follow is None:
@@ -270,7 +434,7 @@ class ChatPanel:
                     self._job = None
             self._show_busy(False)
 
-    def _consume(self, job: _Job) -> None:
+    def _consume(self, job: _Job, *, last: bool = True) -> None:
         stream, message = job.stream, job.message
         next_update = 0.0
         for _ in self.chart.watch(stream):
@@ -284,7 +448,8 @@ class ChatPanel:
                 # grows with the answer (markdown-it: ~4 ms for 4,000 characters): keep redraws
                 # to a tenth of the time, however long the answer gets.
                 next_update = now + max(self.update_interval, 10 * (time.perf_counter() - now))
-        self._finish(job)
+        if last:
+            self._finish(job)
 
     def _finish(self, job: _Job) -> None:
         stream, message = job.stream, job.message
@@ -299,6 +464,7 @@ class ChatPanel:
             self._set_status(f"Stopped: {_final_status(stats)}", "stopped")
         else:
             self._set_status(_final_status(stats), "done")
+        self._save()
 
     def _run_calls(self, job: _Job) -> _Job | None:
         """Run the calls ``job``'s reply made, if it made any, and start the next reply."""
@@ -324,7 +490,7 @@ class ChatPanel:
             return None
         model = str(self.model.value)
         params = {**self._params(None), "tool_choice": "auto"}
-        request = self.engine.make_request(messages=self._conversation(), model=model, params=params)
+        request = self.engine.make_request(messages=self._conversation(), model=model, params=params, origin="panel")
         stream = self.engine.stream(request)
         self.last_stream = stream
         follow = _Job(stream, self._append("assistant", "", model=model, streaming=True), job.thread)
@@ -337,6 +503,7 @@ class ChatPanel:
         message.content, message.streaming = job.stream.text, False
         self._show_or_drop(message)
         self._set_status(error, "error")
+        self._save()
 
     def _show_or_drop(self, message: Message) -> None:
         """Show the final answer; an empty one (stopped or failed at once) is no answer at all,
@@ -362,6 +529,8 @@ class ChatPanel:
             style={"description_width": "44px"},
             layout=widgets.Layout(width="260px"),
         )
+        self.model.add_class("nbllm-model")
+        self._refreshing = False
         self.model.observe(self._on_model_change, names="value")
         self.system_prompt = widgets.Textarea(
             value=system_prompt,
@@ -398,30 +567,35 @@ class ChatPanel:
         )  # fmt: skip
         self.json_mode.add_class("nbllm-json-mode")
 
-        self.history_box = widgets.VBox(layout=widgets.Layout(width="100%", padding="4px 8px"))
+        # Its natural height, never shrunk to the box around it: a widget box scrolls itself
+        # (overflow: auto), and a shrunk one would scroll on its own, out of the page's reach.
+        self.history_box = widgets.VBox(layout=widgets.Layout(width="100%", padding="4px 8px", flex="0 0 auto"))
         self.history_box.add_class("nbllm-history")
         self._empty_hint = widgets.HTML(
             '<div style="color:var(--jp-content-font-color3,#9ca3af);text-align:center;padding:28px 0">'
             "Ask something below. Enter sends; replies stream in here.</div>",
             layout=widgets.Layout(width="100%"),
         )
-        # column-reverse keeps the view pinned to the newest message while a reply grows.
+        # The page keeps this box at its newest message while it grows (PanelBehaviour), unless
+        # the reader scrolled up to read.
         scroller = widgets.Box(
             [self.history_box],
             layout=widgets.Layout(
-                flex_flow="column-reverse", overflow="auto", min_height="120px", max_height="360px", width="100%",
+                flex_flow="column", overflow="auto", min_height="120px", max_height="360px", width="100%",
                 border="1px solid var(--jp-border-color2,#e5e7eb)",
             ),
         )  # fmt: skip
+        scroller.add_class("nbllm-scroller")
+        self.behaviour = PanelBehaviour()
+        self.behaviour.on_msg(self._on_front_end_message)
 
-        self.input = widgets.Textarea(
-            placeholder="Message (Enter sends)",
-            rows=2,
-            continuous_update=True,  # every keystroke reaches the kernel: that is how Enter is seen
-            layout=widgets.Layout(flex="1 1 auto", width="auto", height="52px"),
+        # Enter is handled in the browser (ChatInput), which sends the text as one message.
+        self.input = ChatInput(
+            placeholder="Message (Enter sends, Shift+Enter: new line)",
+            layout=widgets.Layout(flex="1 1 auto", width="auto"),
         )
         self.input.add_class("nbllm-input")
-        self.input.observe(self._on_input_change, names="value")
+        self.input.on_msg(self._on_front_end_message)
         self.send_button = _button("Send", "paper-plane", "primary", "nbllm-send", lambda _: self.send())
         self.stop_button = _button("Stop", "stop", "warning", "nbllm-stop", lambda _: self.stop())
         self.regenerate_button = _button("Regenerate", "redo", "", "nbllm-regenerate", lambda _: self.regenerate())
@@ -464,26 +638,90 @@ class ChatPanel:
                 ),
                 chart_box,
                 settings_panel,
+                self.behaviour,
             ],
             layout=widgets.Layout(width="100%", max_width="880px", padding="4px"),
         )
         self.widget.add_class("nbllm-chat")
         self._render_history()
 
-    def _on_input_change(self, change: dict[str, Any]) -> None:
-        text = _without_typed_newline(str(change["old"]), str(change["new"]))
-        if text is None:
-            return  # ordinary typing (or our own reset of the box)
-        if self.busy or not text.strip():
-            self._set_input(text)
-            if self.busy:
-                self._set_status("Still answering: wait, or press Stop first.", "busy")
+    def _on_front_end_message(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        """What the page reports (chat_front_end.py): Enter, a button in a message, the model menu."""
+        if not isinstance(content, dict):
+            return
+        kind = content.get("type")
+        try:
+            if kind == "send":
+                self._on_enter(str(content.get("text", "")))
+            elif kind == "insert":
+                code_actions.insert_cell_below(str(content.get("code", "")))
+            elif kind == "edit":
+                found = [i for i, m in enumerate(self.messages) if m.id == content.get("message")]
+                if found:
+                    self.edit(found[0])
+            elif kind == "refresh-models":
+                self.refresh_models()
+        except Exception as error:  # a callback's error would only reach the kernel's log
+            log.exception("The chat panel could not handle %r", kind)
+            self._set_status(f"{type(error).__name__}: {error}", "error")
+
+    def _on_enter(self, text: str) -> None:
+        if self.busy:
+            if not self.input.value:  # the page emptied the box before it knew: the draft goes back
+                self._set_input(text)
+            self._set_status("Still answering: wait, or press Stop first.", "busy")
             return
         self.send(text)
 
     def _on_model_change(self, change: dict[str, Any]) -> None:
-        if not self.busy:
+        if not self.busy and not self._refreshing:
             self._set_status(f"{change['new']} answers the next message.", "ready")
+
+    # ----------------------------------------------------------------- keeping the conversation
+
+    def _save(self) -> None:
+        """Write the conversation to its file (if it has one); a failure is said, never raised."""
+        path = self.conversation_file
+        if path is None:
+            return
+        with self._lock:
+            messages = [
+                {
+                    "role": m.role,
+                    "content": m.content,
+                    **({"model": m.model} if m.model else {}),
+                    **{k: str(m.extra[k]) for k in ("name", "tool_call_id") if k in m.extra},
+                }
+                for m in self.messages
+                if not m.streaming and not m.extra.get("tool_calls")
+            ]
+        try:
+            chat_store.write_conversation(path, {"system_prompt": self.system_prompt.value, "messages": messages})
+        except OSError as error:
+            log.warning("The chat panel could not save its conversation to %s: %s", path, error)
+
+    def _restore(self) -> int:
+        """Bring back the saved conversation, if there is one; the number of messages."""
+        path = self.conversation_file
+        if path is None or not path.is_file():
+            return 0
+        try:
+            saved = chat_store.read_conversation(path)
+        except (OSError, ValueError) as error:
+            log.warning("The chat panel's saved conversation was not loaded: %s", error)
+            return 0
+        turns = [m for m in saved["messages"] if m["role"] in ("user", "assistant")]
+        self._replace_conversation(saved["system_prompt"] or self.system_prompt.value, turns)
+        return len(turns)
+
+    def _replace_conversation(self, system_prompt: str, messages: Sequence[Mapping[str, str]]) -> None:
+        with self._lock:
+            self.messages.clear()
+            self._left_out = 0
+            self._render_history()
+            self.system_prompt.value = system_prompt
+            for m in messages:
+                self._append(m["role"], m["content"], model=m.get("model", ""))
 
     def _set_input(self, text: str) -> None:
         self.input.value = text
@@ -513,6 +751,7 @@ class ChatPanel:
         message.view.value = _bubble(message)
 
     def _show_busy(self, busy: bool) -> None:
+        self.input.busy = busy
         self.send_button.disabled = busy
         self.regenerate_button.disabled = busy
         self.stop_button.disabled = not busy
@@ -538,24 +777,29 @@ def _button(text: str, icon: str, style: str, css_class: str, on_click: Any) -> 
     return button
 
 
-def _without_typed_newline(old: str, new: str) -> str | None:
-    """``new`` minus the newline Enter just put into it, or None if Enter was not what happened.
+def _chat_message(message: Message) -> dict[str, Any]:
+    extra = {k: v for k, v in message.extra.items() if k != "run"}
+    return {"role": message.role, "content": message.content, **extra}
 
-    The text box sends its whole value on every keystroke; Enter shows up as exactly one new
-    character, a newline. A pasted multi-line text adds more than one character and stays a
-    draft, to be sent with the Send button.
-    """
-    if len(new) != len(old) + 1:
-        return None
-    at = next((i for i, (a, b) in enumerate(zip(old, new, strict=False)) if a != b), len(old))
-    without = new[:at] + new[at + 1 :]
-    return without if new[at] == "\n" and without == old else None
+
+class _Counting:
+    """The lock owner while the panel counts a conversation's tokens (chat.py's _fit_context)."""
+
+    def __init__(self) -> None:
+        self.thread_id = threading.get_ident()
+
+    def is_suspended(self) -> bool:
+        return False
+
+    def abandon(self) -> None:  # counting is never left half-way
+        pass
 
 
 def _bubble(message: Message) -> str:
     if message.role == "tool":
         return _tool_bubble(message)
-    body = to_html(message.content) if message.content else ""
+    user = message.role == "user"
+    body = to_html(message.content, code_actions=not user) if message.content else ""
     if message.extra.get("tool_calls"):
         called = ", ".join(
             f"{c['function']['name']}({c['function']['arguments']})" for c in message.extra["tool_calls"]
@@ -563,14 +807,18 @@ def _bubble(message: Message) -> str:
         body = f"<i>calls</i> <code>{html.escape(called)}</code>"
     if message.streaming:
         body += '<span style="opacity:0.45">▍</span>'
-    user = message.role == "user"
-    name = "You" if user else (message.model or "assistant")
-    footer = "" if user or message.stats is None else _footer(message.stats)
+    name = "You" if user else html.escape(message.model or "assistant")
+    footer = "" if user else _footer(message)
+    if user:
+        name += (
+            f' <button type="button" class="nbllm-edit" data-message="{message.id}" title="Edit this message and '
+            f'answer again from here" style="{_EDIT_STYLE}">Edit</button>'
+        )
     return (
         f'<div style="display:flex;justify-content:{"flex-end" if user else "flex-start"}">'
         f'<div style="max-width:80%;{USER_BUBBLE if user else ASSISTANT_BUBBLE};padding:6px 12px;'
         'line-height:1.5;font-size:13px;overflow-wrap:anywhere">'
-        f'<div style="font-size:11px;opacity:0.6;margin-bottom:1px">{html.escape(name)}</div>'
+        f'<div style="font-size:11px;opacity:0.6;margin-bottom:1px">{name}</div>'
         f'<div class="nbllm-text">{body}</div>{footer}</div></div>'
     )
 
@@ -589,14 +837,24 @@ def _tool_bubble(message: Message) -> str:
     )
 
 
-def _footer(stats: RequestStats) -> str:
-    if stats.cached:
-        detail = f"{stats.completion_tokens} tokens · from the prompt cache"
-    else:
-        detail = f"{stats.completion_tokens} tokens · {stats.tokens_per_second:.1f} t/s"
-        if stats.finish_reason == "cancelled":
-            detail += " · stopped"
-    return f'<div style="font-size:11px;opacity:0.55;margin-top:2px">{detail}</div>'
+def _footer(message: Message) -> str:
+    """Under an answer: its length and speed, a mark if it was cut off, and a note if earlier
+    messages were left out of what the model saw."""
+    stats, lines = message.stats, []
+    if message.note:
+        lines.append(f'<div class="nbllm-note" style="{_NOTE_STYLE}">{html.escape(message.note)}</div>')
+    if stats is not None:
+        if stats.cached:
+            detail = f"{stats.completion_tokens} tokens · from the prompt cache"
+        else:
+            detail = f"{stats.completion_tokens} tokens · {stats.tokens_per_second:.1f} t/s"
+            if stats.finish_reason == "cancelled":
+                detail += " · stopped"
+        note = stats.truncation_note()
+        if note:
+            lines.append(f'<div class="nbllm-truncated" style="{_NOTE_STYLE}">{html.escape(note)}</div>')
+        lines.append(f'<div class="nbllm-footer" style="font-size:11px;opacity:0.55;margin-top:2px">{detail}</div>')
+    return "".join(lines)
 
 
 def _live_status(stream: Stream, now: float) -> str:

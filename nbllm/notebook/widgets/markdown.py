@@ -45,6 +45,16 @@ INLINE_CODE_STYLE = (
     "background:var(--jp-layout-color2,#f3f4f6);border-radius:3px;padding:0 3px;"
     "font-family:var(--jp-code-font-family,monospace);font-size:0.92em"
 )
+_BUTTON_STYLE = (
+    "font-size:11px;padding:0 6px;margin-right:4px;cursor:pointer;border-radius:3px;"
+    "border:1px solid var(--jp-border-color2,#d1d5db);background:var(--jp-layout-color1,white);"
+    "color:var(--jp-content-font-color2,#4b5563)"
+)
+_ACTIONS_STYLE = "margin:-2px 0 4px 0"
+_CODE_BUTTONS = (
+    f'<button type="button" class="nbllm-copy" style="{_BUTTON_STYLE}">Copy</button>'
+    f'<button type="button" class="nbllm-insert" style="{_BUTTON_STYLE}">Insert as new cell</button>'
+)
 _CELL_STYLE = "border:1px solid var(--jp-border-color2,#d1d5db);padding:2px 6px"
 _STYLES = {  # opening token type -> inline style
     "paragraph_open": "margin:2px 0",
@@ -64,9 +74,14 @@ def clean(text: str) -> str:
     return _CONTROL.sub("", text.replace("\r\n", "\n"))
 
 
-def to_html(text: str) -> str:
-    """Render ``text`` (Markdown) as HTML in which the text itself can never be markup."""
-    rendered: str = _parser().render(clean(text))  # typed Any: renderers may return other types
+def to_html(text: str, *, code_actions: bool = False) -> str:
+    """Render ``text`` (Markdown) as HTML in which the text itself can never be markup.
+
+    ``code_actions``: each code block gets Copy and "Insert as new cell" buttons (classes
+    ``nbllm-copy`` and ``nbllm-insert`` in a ``.nbllm-code`` wrapper), which do something only
+    where a page script handles their clicks (the chat panel's, chat_front_end.py)."""
+    env = {"code_actions": code_actions}
+    rendered: str = _parser().render(clean(text), env)  # typed Any: renderers may return other types
     return rendered
 
 
@@ -104,4 +119,7 @@ def _style_token(token: Token) -> None:
 
 
 def _code_block(self: RendererHTML, tokens: Sequence[Token], idx: int, options: OptionsDict, env: EnvType) -> str:
-    return f'<pre style="{CODE_STYLE}"><code>{escapeHtml(tokens[idx].content)}</code></pre>\n'
+    block = f'<pre style="{CODE_STYLE}"><code>{escapeHtml(tokens[idx].content)}</code></pre>'
+    if not env.get("code_actions"):
+        return block + "\n"
+    return f'<div class="nbllm-code">{block}<div style="{_ACTIONS_STYLE}">{_CODE_BUTTONS}</div></div>\n'

@@ -6,17 +6,27 @@ comes back. A download runs on a worker thread, so the kernel stays free (for th
 or other cells) while bytes arrive; the downloader's progress callback feeds the progress bar.
 In tests and scripts, ``panel.refresh()``, ``panel.recommend()``, ``panel.download(name, quant)``,
 ``panel.cancel()``, ``panel.load(name)`` and ``panel.wait()`` do what the buttons do.
+
+The Load menu offers every model that loads by name (downloaded files, the config's names, remote
+models, the embedded ones) with one already chosen. Once the panel is shown, a watcher thread
+looks at the models folder, the config and the loaded models every ``WATCH_SECONDS`` (one
+directory listing) and lists them again when they change: a model downloaded in another cell or
+a terminal, or a file copied into the folder, appears without pressing Refresh.
 """
 
 from __future__ import annotations
 
 import html
 import logging
+import os
 import threading
+import weakref
+from collections.abc import Hashable
 from typing import Any
 
 import ipywidgets as widgets
 
+from nbllm.core import paths
 from nbllm.core.errors import DownloadError, NbllmError
 from nbllm.core.units import format_bytes
 from nbllm.hub.catalog import DEFAULT_QUANT, load_catalog
@@ -24,6 +34,8 @@ from nbllm.hub.catalog import DEFAULT_QUANT, load_catalog
 __all__ = ["ModelsPanel"]
 
 log = logging.getLogger("nbllm")
+
+WATCH_SECONDS = 2.0
 
 _STATUS_COLORS = {
     "ready": "var(--jp-content-font-color2,#4b5563)",
@@ -46,6 +58,12 @@ class ModelsPanel:
         self.last_error: str | None = None
         self._thread: threading.Thread | None = None
         self._cancel = threading.Event()
+        self._listing = threading.RLock()  # refresh() runs from the kernel, the download and the watcher
+        self._seen: Hashable = None  # what the models looked like at the last refresh
+        self._rows: list[dict[str, Any]] = []  # the model table's rows at the last refresh
+        self._picked: str | None = None  # the Load menu's value when the panel chose it, not the user
+        self._watcher: threading.Thread | None = None
+        self._stop_watching = threading.Event()
         self._build()
         self.refresh()
         self._set_status("Ready. Pick a model, or press Recommend for advice on this machine.", "ready")
@@ -53,7 +71,34 @@ class ModelsPanel:
     # ----------------------------------------------------------------- display
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        self.watch()
         return self.widget._repr_mimebundle_(**kwargs)
+
+    def watch(self, interval: float = WATCH_SECONDS) -> None:
+        """List the models again whenever they change (started when the panel is shown)."""
+        if self._watcher is not None and self._watcher.is_alive():
+            return
+        self._stop_watching.clear()
+        panel, stop = weakref.ref(self), self._stop_watching
+
+        def loop() -> None:
+            while not stop.wait(interval):
+                current = panel()
+                if current is None:  # the panel is gone
+                    return
+                try:
+                    current.refresh(only_if_changed=True)
+                except Exception:  # a bug must not end the watching silently in a loop
+                    log.exception("Listing the models failed")
+                del current
+
+        self._watcher = threading.Thread(target=loop, name="nbllm-models-watch", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        """Stop watching the models folder and close the widgets."""
+        self._stop_watching.set()
+        self.widget.close()
 
     def _build(self) -> None:
         names = load_catalog().names()
@@ -78,6 +123,13 @@ class ModelsPanel:
         self.local = widgets.Dropdown(options=[], layout=widgets.Layout(width="340px"))
         self.load_button = widgets.Button(description="Load", icon="play")
         self.status = widgets.HTML()
+        for widget, name in (
+            (self.table, "table"),
+            (self.local, "load-menu"),
+            (self.load_button, "load"),
+            (self.status, "status"),
+        ):
+            widget.add_class(f"nbllm-models-{name}")  # for styling, and for the browser tests to find them
 
         self.refresh_button.on_click(lambda _: self.refresh())
         self.recommend_button.on_click(lambda _: self.recommend())
@@ -111,22 +163,37 @@ class ModelsPanel:
         """The status line as plain text."""
         return html.unescape(self.status.value.split(">", 1)[-1].rsplit("<", 1)[0])
 
-    def refresh(self) -> None:
-        """List the catalog and the local models again (downloaded, size, loaded)."""
+    def refresh(self, only_if_changed: bool = False) -> None:
+        """List the models again (downloaded, size, loaded) and what the Load menu offers."""
         import nbllm
         from nbllm.hub.manager import list_models
 
-        try:
-            table = list_models(nbllm.get_engine())
-        except NbllmError as error:
-            self._set_status(str(error), "error")
-            return
-        self.table.value = table._repr_html_()
-        loadable = [row["load with"] for row in table if row["downloaded"] and row["load with"] != "-"]
-        current = self.local.value
-        self.local.options = loadable
-        if current in loadable:
-            self.local.value = current
+        with self._listing:
+            engine = nbllm.get_engine()
+            seen = _models_state(engine)
+            if only_if_changed and seen == self._seen:
+                return
+            try:
+                table = list_models(engine)
+            except NbllmError as error:
+                self._set_status(str(error), "error")
+                return
+            self._seen = seen
+            self._rows = list(table)
+            self.table.value = table._repr_html_()
+            # Files here first (chat models before embedding models), then what loads by name
+            # without one yet (embedded, remote).
+            rows = sorted(
+                (row for row in table if row["load with"] != "-"),
+                key=lambda row: (row["downloaded"] is not True, row["kind"] == "embedding"),
+            )
+            loadable = list(dict.fromkeys(row["load with"] for row in rows))
+            # The user's choice stays; one the panel made is made again (a new file may be better).
+            chosen = self.local.value if self.local.value != self._picked else None
+            self.local.options = loadable
+            # ipywidgets keeps "nothing selected" across new options: choose, or Load has nothing.
+            self.local.value = _choice(chosen, rows, engine.settings.default_model) if loadable else None
+            self._picked = self.local.value if self.local.value != chosen else None
 
     def recommend(self) -> None:
         """Advice for this machine: which models fit, how fast, which quantization."""
@@ -184,7 +251,9 @@ class ModelsPanel:
         """Load a model now (``nbllm.load``), so the first answer starts at once."""
         import nbllm
 
-        name = name or self.local.value
+        if not name:
+            self.refresh(only_if_changed=True)  # a model added a moment ago counts
+            name = self.local.value
         if not name:
             self._set_status("Nothing to load: download a model first.", "error")
             return False
@@ -195,7 +264,9 @@ class ModelsPanel:
             self._set_status(str(error), "error")
             return False
         self.refresh()
-        self._set_status(f"Loaded {name}: use it with %%llm -m {name}, nbllm.chat(..., model={name!r}).", "done")
+        embeds = any(row["load with"] == name and row["kind"] == "embedding" for row in self._rows)
+        use = f"nbllm.embed(texts, model={name!r})" if embeds else f"%%llm -m {name}, nbllm.chat(..., model={name!r})"
+        self._set_status(f"Loaded {name}: use it with {use}.", "done")
         return True
 
     # ----------------------------------------------------------------- the worker
@@ -219,7 +290,8 @@ class ModelsPanel:
             self.last_download = result
             self.progress.value = 1.0
             self.refresh()
-            self.local.value = load_name(result.path) if load_name(result.path) in self.local.options else None
+            if load_name(result.path) in self.local.options:
+                self.local.value = load_name(result.path)
             self._finish(f"{result} Press Load to load it.", "done", "success")
 
     def _on_progress(self, done: int, total: int | None) -> None:
@@ -261,3 +333,36 @@ class ModelsPanel:
         self.status_kind = kind
         color = _STATUS_COLORS.get(kind, _STATUS_COLORS["ready"])
         self.status.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+
+
+def _models_state(engine: Any) -> Hashable:
+    """What the model list depends on, cheaply: the models folder's files (one directory
+    listing), the config's names and the loaded models."""
+    try:
+        with os.scandir(paths.models_dir()) as entries:
+            files = sorted(
+                (e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries if e.name.endswith(".gguf")
+            )
+    except OSError:  # no folder yet
+        files = []
+    settings = engine.settings
+    resident = sorted(r.spec.key for r in engine.registry.resident())
+    return (tuple(files), tuple(settings.models.items()), tuple(settings.remote_models), tuple(resident))
+
+
+def _choice(current: str | None, rows: list[dict[str, Any]], default_model: str) -> str:
+    """What the Load menu shows chosen: the user's choice while it is there, else the model used
+    last, else the configured default if its file is here, else the first file here (what the
+    user downloaded), else the default (installed on first use), else the first name."""
+    names = [str(row["load with"]) for row in rows]
+    if current is not None and current in names:
+        return current
+    loaded = [row for row in rows if row["loaded"]]
+    if loaded:
+        return str(max(loaded, key=lambda row: row["last used"] or 0.0)["load with"])
+    here = [row for row in rows if row["downloaded"] is True]
+    default = [row for row in rows if default_model in (row["name"], row["load with"])]
+    for candidates in ([row for row in default if row in here], here, default, rows):
+        if candidates:
+            return str(candidates[0]["load with"])
+    raise ValueError("no model to choose from")  # the caller asks only when there are some
