@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import nbllm
+from nbllm.host.default_model import SMOLLM2_SYSTEM_PROMPT
 
 # ---------------------------------------------------------------------------- checks
 
@@ -169,7 +170,8 @@ def runs_away(text: str) -> bool:
 
 # ---------------------------------------------------------------------------- configurations
 
-CONCISE_SYSTEM = "You are a helpful assistant. Answer briefly and correctly."
+CONCISE_SYSTEM = SMOLLM2_SYSTEM_PROMPT  # the winner here, so nbllm now sends it when a chat has none
+SMOLLM2_TEMPLATE_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # its template's
 GEMMA_PREAMBLE = "Short, correct answers to questions."
 
 
@@ -228,8 +230,8 @@ CONFIGS = {
         Config(
             "smollm2/template",
             SMOLLM2,
-            chat_with(SMOLLM2),
-            "SmolLM2, its chat template (with the template's own default system prompt)",
+            chat_with(SMOLLM2, SMOLLM2_TEMPLATE_SYSTEM),
+            "SmolLM2, its chat template with the template's own system prompt (given: nbllm now sends its own)",
         ),
         Config(
             "smollm2/template+system",

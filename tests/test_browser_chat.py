@@ -8,6 +8,7 @@ survives a reload, and a code block's Insert button.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from tests.browser_support import (
     wait_for_idle_kernel,
     write_notebook,
 )
+from tests.test_bootstrap_widget_state import load_bootstrap
 
+ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 12  # short replies: many of them, quickly
 
 
@@ -295,3 +298,61 @@ def test_insert_puts_a_code_block_into_a_new_cell_and_copy_copies_it(lab: tuple[
         assert poll(lambda: cells.count() == 3, 20), "a new cell"
         inserted = cells.nth(2).locator(".jp-InputArea-editor")
         assert poll(lambda: inserted.inner_text().strip() == code, 20), inserted.inner_text()
+
+
+# --------------------------------------------------------------------- 9. the conversation is in the notebook itself
+
+
+def saved_widget_state(notebook: Path) -> str:
+    """The widget state saved in ``notebook``'s metadata, as JSON text ("" when none)."""
+    try:
+        metadata = json.loads(notebook.read_text(encoding="utf-8"))["metadata"]
+    except (OSError, ValueError):  # being written just now
+        return ""
+    return json.dumps(metadata.get("widgets", {}), ensure_ascii=False)
+
+
+def test_the_conversation_is_saved_in_the_notebook_and_shown_when_reopened_without_running_it(
+    tmp_path: Path,
+) -> None:
+    # The environment's JupyterLab settings as scripts/bootstrap.py writes them (here into a
+    # settings folder of this test's own, beside a setting that was there before).
+    prefix = tmp_path / "prefix"
+    settings = prefix / "share" / "jupyter" / "lab" / "settings"
+    (prefix / "share" / "jupyter" / "lab" / "static").mkdir(parents=True)
+    settings.mkdir()
+    theirs = {"@jupyterlab/notebook-extension:tracker": {"recordTiming": True}}
+    (settings / "overrides.json").write_text(json.dumps(theirs), encoding="utf-8")
+    load_bootstrap().save_widget_state_by_default(prefix)
+    assert json.loads((settings / "overrides.json").read_text(encoding="utf-8")) == {
+        **theirs,
+        "@jupyter-widgets/jupyterlab-manager:plugin": {"saveState": True},
+    }
+    root = tmp_path / "root"
+    (root / "models").mkdir(parents=True)
+    make_tiny_model(root / "models" / "tiny-chat.gguf", seed=5)
+    notebook = root / "saved.ipynb"
+    write_notebook(notebook, notebook_cells(root))
+    question = "Remember the word pomegranate"
+    lab_args = [f"--LabApp.app_settings_dir={settings}"]
+    with browser_page(artifacts_dir(tmp_path), "chat-saved-state-failure.png") as page:
+        with running_lab(tmp_path, "saved.ipynb", extra_args=lab_args) as url:
+            page.goto(url + "&reset", wait_until="domcontentloaded", timeout=120_000)
+            run_all(page)
+            page.locator(".nbllm-status", has_text="Ready").wait_for(timeout=180_000)
+            page.locator(".nbllm-input textarea").fill(question)
+            page.locator(".nbllm-send").click()
+            assert poll(lambda: reply_done(page, 1), 60)
+            page.wait_for_timeout(500)  # the last redraw reaches the page's widget models
+            answer = page.locator(".nbllm-assistant .nbllm-text").inner_text().replace("▍", "").strip()
+            page.keyboard.press("Control+s")
+            assert poll(lambda: question in saved_widget_state(notebook), 30), "the notebook holds the conversation"
+        # A new JupyterLab and a new kernel that never ran the cell: only the notebook knows the chat.
+        with running_lab(tmp_path, "saved.ipynb", extra_args=lab_args) as url:
+            page.goto(url + "&reset", wait_until="domcontentloaded", timeout=120_000)
+            page.locator(".jp-Notebook").first.wait_for(timeout=120_000)
+            dismiss_kernel_dialog(page)
+            page.locator(".nbllm-user", has_text=question).wait_for(timeout=60_000)
+            shown = page.locator(".nbllm-assistant .nbllm-text").inner_text().replace("▍", "").strip()
+            assert shown == answer
+            assert "Conversation restored" not in page.locator(".nbllm-status").inner_text(), "no cell ran"

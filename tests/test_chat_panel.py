@@ -695,6 +695,83 @@ def test_a_damaged_saved_conversation_is_ignored_not_run(engine: Engine, tmp_pat
         assert "Ready" in panel.status_text
 
 
+def test_a_saved_conversation_is_readable_by_its_owner_alone(engine: Engine, tmp_path: Path) -> None:
+    import os
+    import stat
+
+    saved = tmp_path / ".nbllm" / "nb.ipynb.chat-x.json"
+    old = os.umask(0o022)  # the usual umask: files world-readable unless made otherwise
+    try:
+        panel = ChatPanel(engine, save_to=saved)
+        panel.max_tokens.value = 4
+        type_and_send(panel, "a private question")
+        finish(panel)
+    finally:
+        os.umask(old)
+    assert "a private question" in saved.read_text(encoding="utf-8")
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    assert stat.S_IMODE(saved.parent.stat().st_mode) == 0o700
+    assert [p.name for p in saved.parent.iterdir()] == [saved.name], "no temporary file left"
+
+
+def test_your_message_is_saved_when_sent_not_only_when_the_answer_ends(engine: Engine, tmp_path: Path) -> None:
+    saved = tmp_path / "chat.json"
+    panel = ChatPanel(engine, save_to=saved)
+    use_long_reply(engine, panel)
+    type_and_send(panel, "tell me everything")
+    try:
+        assert panel.busy, "the reply is still being written"
+        from nbllm.notebook.widgets.chat_store import read_conversation
+
+        on_disk = read_conversation(saved)["messages"]
+        assert on_disk == [{"role": "user", "content": "tell me everything"}], "a kernel crash now keeps the question"
+    finally:
+        panel.stop()
+        finish(panel)
+
+
+def test_concurrent_saves_leave_the_newest_conversation_on_disk(
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from nbllm.notebook.widgets import chat_store
+
+    saved = tmp_path / "chat.json"
+    panel = ChatPanel(engine, save_to=saved)
+    real_write = chat_store.write_conversation
+    first_started = threading.Event()
+
+    def slow_first_write(path: Path, data: dict[str, Any]) -> None:
+        if not first_started.is_set():  # the first writer is slow (a busy disk): the second overtakes it
+            first_started.set()
+            time.sleep(0.5)
+        real_write(path, data)
+
+    monkeypatch.setattr(chat_store, "write_conversation", slow_first_write)
+    panel._replace_conversation("", [{"role": "user", "content": "old"}])
+    older = threading.Thread(target=panel._save)
+    older.start()
+    assert first_started.wait(10)
+    panel._replace_conversation("", [{"role": "user", "content": "new"}])
+    panel._save()
+    older.join(10)
+    assert chat_store.read_conversation(saved)["messages"] == [{"role": "user", "content": "new"}]
+
+
+def test_a_saved_message_without_text_is_refused_not_a_crash(engine: Engine, tmp_path: Path) -> None:
+    from nbllm.notebook.widgets.chat_store import read_conversation
+
+    saved = tmp_path / "chat.json"
+    for message in ('{"role": "user"}', '{"role": "user", "content": null}', '{"role": "user", "content": 3}'):
+        saved.write_text('{"messages": [{"role": "user", "content": "fine"}, ' + message + "]}")
+        with pytest.raises(ValueError, match="not role and text"):
+            read_conversation(saved)
+        panel = ChatPanel(engine, save_to=saved)
+        assert panel.history == []
+        assert "Ready" in panel.status_text
+
+
 def test_a_saved_conversation_file_that_would_hang_or_overflow_is_refused(tmp_path: Path) -> None:
     import os
 
@@ -823,3 +900,82 @@ def test_code_blocks_in_answers_get_copy_and_insert_buttons() -> None:
     question = Message(role="user", content="```\nmine\n```", view=None)
     assert "nbllm-insert" not in _bubble(question), "your own code needs no Insert"
     assert "nbllm-copy" not in to_html("```\nx\n```"), "plain Markdown has no buttons"
+
+
+# --------------------------------------------------------------------- a conversation near the context's end
+
+
+def padded_conversation(engine: Engine, tokens: int, *, system: str = "") -> list[dict[str, str]]:
+    """Turns of filler, ending with a question, as long as possible while at most ``tokens``
+    tokens as tiny-a counts them."""
+    turns: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    turns.append({"role": "user", "content": "0: " + "word " * 30})
+    i = 1
+    while True:
+        grown = [
+            *turns,
+            {"role": "assistant", "content": f"{i}: " + "word " * 30},
+            {"role": "user", "content": f"{i}?"},
+        ]
+        if engine.count_chat_tokens(grown, "tiny-a") > tokens:
+            break
+        turns = grown
+        i += 1
+    while True:  # then word by word, in the last question
+        longer = [*turns[:-1], {"role": "user", "content": turns[-1]["content"] + " word"}]
+        if engine.count_chat_tokens(longer, "tiny-a") > tokens:
+            return turns
+        turns = longer
+
+
+def test_count_chat_tokens_is_the_prompt_the_model_is_sent(engine: Engine) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there, model"}]
+    counted = engine.count_chat_tokens(messages, "tiny-a")
+    answer = engine.chat(messages, "tiny-a", max_tokens=2)
+    assert counted == answer.stats.prompt_tokens > 4
+    assert engine.count_chat_tokens([*messages, {"role": "assistant", "content": "word " * 20}]) > counted + 15
+
+
+def test_a_conversation_near_the_context_end_is_trimmed_before_sending_with_room_for_the_answer(
+    engine: Engine,
+) -> None:
+    context = 512  # the fixtures' context
+    conversation = padded_conversation(engine, 440, system="Stay calm.")  # fits, but leaves < 100 for the answer
+    assert engine.count_chat_tokens(conversation, "tiny-a") + 100 > context
+    panel = ChatPanel(engine)
+    panel._replace_conversation("Stay calm.", conversation[1:])
+    panel.max_tokens.value = 100
+    assert panel.regenerate(), panel.status_text
+    finish(panel)
+    assert panel.status_kind == "done", panel.status_text
+    stats = panel.messages[-1].stats
+    assert stats is not None
+    assert stats.prompt_tokens + 100 <= context, "room for a max_tokens answer was kept"
+    assert panel.last_stream is not None
+    assert panel.last_stream.request.messages is not None
+    sent = panel.last_stream.request.messages
+    assert sent[0] == {"role": "system", "content": "Stay calm."}
+    left_out = len(conversation) - len(sent)
+    assert left_out > 0
+    assert f"{left_out} earlier message" in panel.messages[-1].view.value
+    assert not stats.context_full, "an answer cut short is cut at max_tokens, not by a full context"
+
+
+def test_an_answer_cut_by_a_full_context_says_so_not_raise_max_tokens(engine: Engine) -> None:
+    conversation = padded_conversation(engine, 508)
+    prompt = engine.count_chat_tokens(conversation, "tiny-a")
+    assert 500 <= prompt <= 508
+    for seed in range(50):  # a seed whose answer runs into the context's end (not its end token)
+        stats = engine.chat(conversation, "tiny-a", max_tokens=100, seed=seed).stats
+        if stats.finish_reason == "length":
+            break
+    assert stats.truncated
+    assert stats.completion_tokens == 512 - prompt
+    assert stats.truncation_note() == (
+        "[cut off: the context (512 tokens) is full — start a new conversation or use a model with a longer context]"
+    )
+    plain = engine.chat([{"role": "user", "content": "hi"}], "tiny-a", max_tokens=1).stats
+    assert plain.truncated
+    assert plain.truncation_note() == (
+        "[cut off at the 1-token limit: raise max_tokens (-n in %%llm and the CLI) for the rest]"
+    )

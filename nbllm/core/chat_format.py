@@ -37,6 +37,13 @@ class FormattedPrompt:
     trim_whitespace: bool = False
 
 
+def with_default_system(messages: list[dict[str, Any]], system: str | None) -> list[dict[str, Any]]:
+    """``messages`` with ``system`` first when they bring no system message of their own."""
+    if system is None or any(message.get("role") == "system" for message in messages):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
 def normalize_messages(messages: Any, *, tool_turns: bool = False) -> list[dict[str, Any]]:
     """Validated ``[{'role': ..., 'content': ...}]``; a bare string is one user message.
 

@@ -1,9 +1,11 @@
 """Fitting a conversation into a model's context: the oldest turns go first, the system prompt stays.
 
 Engine-neutral: the caller passes a function that counts a list of chat messages in tokens (the
-model's own template and tokenizer, or any estimate), so the chat panel and ``%%llm --chat`` can
-share it. What was left out is counted, for the note a front end shows ("3 earlier messages left
-out to fit the context"): a model that silently forgets is worse than one that says so.
+model's own template and tokenizer, ``Engine.count_chat_tokens``, or any estimate). The chat
+panel uses it before every message; ``%%llm --chat`` does not (it sends the whole conversation,
+and a too-long one is the model's context error). What was left out is counted, for the note
+a front end shows ("3 earlier messages left out to fit the context"): a model that silently
+forgets is worse than one that says so.
 """
 
 from __future__ import annotations

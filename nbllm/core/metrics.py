@@ -24,6 +24,9 @@ class RequestStats:
     seed: int | None = None
     schema: str | None = None  # what the answer had to fit (structured output), by name
     model_hash: str | None = None
+    # The answer's budget as asked for; None where unknown (an answer from the prompt cache). An
+    # answer that stopped short of it at "length" was cut by the context, which the prompt filled.
+    max_tokens: int | None = None
 
     @property
     def generation_seconds(self) -> float:
@@ -61,11 +64,23 @@ class RequestStats:
         """The answer stopped at its token budget (``max_tokens``), probably mid-sentence."""
         return self.finish_reason == "length"
 
+    @property
+    def context_full(self) -> bool:
+        """Cut off because prompt and answer filled the model's context, before ``max_tokens``:
+        raising max_tokens would not help."""
+        return self.truncated and self.max_tokens is not None and self.completion_tokens < self.max_tokens
+
     def truncation_note(self) -> str | None:
         """The one wording every front end (cell, chat panel, CLI) puts after a cut-off answer,
         so a reader never mistakes it for the model's whole answer; None when it was not cut."""
         if not self.truncated:
             return None
+        if self.context_full:
+            context = self.prompt_tokens + self.completion_tokens  # the backend's budget was what the prompt left
+            return (
+                f"[cut off: the context ({context:,} tokens) is full — start a new conversation or use a model "
+                "with a longer context]"
+            )
         return (
             f"[cut off at the {self.completion_tokens}-token limit: raise max_tokens "
             "(-n in %%llm and the CLI) for the rest]"

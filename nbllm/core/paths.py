@@ -13,15 +13,22 @@ import threading
 from pathlib import Path
 
 
-def write_text_atomically(target: Path, text: str) -> None:
+def write_text_atomically(target: Path, text: str, *, mode: int | None = None) -> None:
     """Write ``target`` whole or not at all: a temporary file beside it (named per process and
     thread, so concurrent writers never share one), then an atomic rename. Readers never see
     half a file. A failed write (OSError, typically) removes the temporary file and raises;
-    callers decide what it means for them."""
+    callers decide what it means for them. ``mode`` (0o600 for private files): the file has
+    exactly these permissions from its creation on, whatever the umask."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        if mode is None:
+            tmp.write_text(text, encoding="utf-8")
+        else:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
+            with open(os.open(tmp, flags, mode), "w", encoding="utf-8") as file:
+                os.chmod(file.fileno(), mode)  # a temporary file left by a crash had other permissions
+                file.write(text)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

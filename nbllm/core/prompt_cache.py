@@ -64,7 +64,8 @@ from nbllm.core import paths
 log = logging.getLogger("nbllm")
 
 # 3: answers record the schema they had to fit (structured output); older entries are misses.
-CACHE_FORMAT = 3
+# 4: and the max_tokens they were asked with (a cut by a full context is told apart from it).
+CACHE_FORMAT = 4
 _FORMAT_1_FUNC = ("nbllm", "core", "prompt_cache", "_cached_answer")  # pickles: deleted, never read
 _BACKEND_NAME = "nbllm-signed-json"
 _ITEM_FILE = "output.pkl"  # joblib's name for an entry's file (see the module's docstring)
@@ -113,6 +114,10 @@ def _is_optional_text(value: object) -> bool:
     return value is None or type(value) is str
 
 
+def _is_optional_count(value: object) -> bool:
+    return value is None or _is_count(value)
+
+
 def _is_seed(value: object) -> bool:
     return value is None or type(value) is int
 
@@ -150,6 +155,7 @@ _ANSWER_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "seed": (_is_seed, "an integer or null"),
     "model_hash": (_is_optional_text, "a string or null"),
     "schema": (_is_optional_text, "a string or null"),
+    "max_tokens": (_is_optional_count, "a count or null"),
 }
 
 

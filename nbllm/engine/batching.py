@@ -270,7 +270,10 @@ def run_many(
     """Answer every request, batched; results in input order. See ``Engine.generate_many``."""
     results: list[ManyResult | None] = [None] * len(requests)
     answers = [_Answer(index) for index in range(len(requests))]
-    tickets = [pipeline.prepare(engine, request, answer) for request, answer in zip(requests, answers, strict=True)]
+    tickets: list[pipeline.Ticket] = []
+    events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
+    items: dict[int, BatchItem] = {}
+    sessions: dict[int, BatchSession] = {}
     bar = progress_bar(progress, len(requests), "Prompts", "prompt")
 
     def deliver(result: ManyResult) -> None:
@@ -279,27 +282,29 @@ def run_many(
         if on_result is not None:
             on_result(result)
 
-    for index, (answer, ticket) in enumerate(zip(answers, tickets, strict=True)):
-        if ticket.cached is not None:
-            # Timed from here, not from before every prompt was looked up (as at submission below).
-            tickets[index] = ticket = dataclasses.replace(ticket, started=time.perf_counter())
-            for _ in pipeline.replay(engine, ticket, answer, quiet=True):
-                pass
-            assert answer.stats is not None
-            deliver(_finished(ticket.request, answer.index, "".join(answer.pieces), answer.stats))
-    events: queue.SimpleQueue[BatchEvent] = queue.SimpleQueue()
-    items: dict[int, BatchItem] = {}
-    sessions: dict[int, BatchSession] = {}
-    for answer, ticket in zip(answers, tickets, strict=True):
-        if ticket.cached is not None:
-            continue
-        request, index = ticket.request, answer.index
-        items[index] = BatchItem(
-            index, _batch_prompt(request), request.params, ticket.seed, events.put, usage=answer.usage
-        )
-        tickets[index] = dataclasses.replace(ticket, started=time.perf_counter())  # timed from submission
-        sessions[index] = engine.batches.submit(request.model, items[index])
+    # An interrupt anywhere from here (reading the cache, submitting hundreds of prompts, waiting)
+    # stops the batch the same way: what finished is kept, the rest is cancelled.
     try:
+        tickets += [
+            pipeline.prepare(engine, request, answer) for request, answer in zip(requests, answers, strict=True)
+        ]
+        for index, (answer, ticket) in enumerate(zip(answers, tickets, strict=True)):
+            if ticket.cached is not None:
+                # Timed from here, not from before every prompt was looked up (as at submission below).
+                tickets[index] = ticket = dataclasses.replace(ticket, started=time.perf_counter())
+                for _ in pipeline.replay(engine, ticket, answer, quiet=True):
+                    pass
+                assert answer.stats is not None
+                deliver(_finished(ticket.request, answer.index, "".join(answer.pieces), answer.stats))
+        for answer, ticket in zip(answers, tickets, strict=True):
+            if ticket.cached is not None:
+                continue
+            request, index = ticket.request, answer.index
+            items[index] = BatchItem(
+                index, _batch_prompt(request), request.params, ticket.seed, events.put, usage=answer.usage
+            )
+            tickets[index] = dataclasses.replace(ticket, started=time.perf_counter())  # timed from submission
+            sessions[index] = engine.batches.submit(request.model, items[index])
         remaining = len(items)
         while remaining:
             event = next_item(events)

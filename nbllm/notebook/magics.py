@@ -272,7 +272,7 @@ class NbllmMagics(Magics, Configurable):
         truncation = stream.stats.truncation_note() if stream.stats is not None else None
         bundle, note = render_answer(text, fmt, truncation)
         metadata = {"nbllm": provenance(stream, fmt, stopped)}
-        live.finish(stream, bundle, metadata, stats_line(stream.stats, stopped, note))
+        live.finish(stream, bundle, metadata, stats_line(stream.stats, stopped, note), note)
         blocks = answer_code(text, fmt, truncation) if live.redraws and fmt in ("markdown", "code") else []
         if blocks:  # a rich front end: Copy / Insert as new cell under the answer
             from nbllm.notebook.code_buttons import CodeButtons  # widgets: imported when needed
@@ -308,6 +308,8 @@ class NbllmMagics(Magics, Configurable):
                                                        "steps": completion.steps}})  # fmt: skip
         if self.show_stats:
             print(stats_line(completion.stats, False, note))
+        elif note is not None:  # the mark of a cut-off JSON answer: shown even without the stats line
+            print(note)
         if args.out:
             self.ipython.user_ns[args.out] = completion
 

@@ -14,8 +14,9 @@ for the front end.
 The browser side (chat_front_end.py) handles keys, scrolling and the buttons inside messages
 and sends the kernel ``{"type": ...}`` messages. The conversation is saved beside the notebook
 after every change (chat_store.py says where and why) and comes back when the cell runs again;
-``export_markdown`` / ``load_markdown`` move it in and out as a readable transcript. A
-conversation longer than the model's context is sent without its oldest turns
+``export_markdown`` / ``load_markdown`` move it in and out as a readable transcript. Before each
+reply the conversation is counted (``Engine.count_chat_tokens``); one that would leave less
+than max_tokens (at most half the context) for the answer is sent without its oldest turns
 (core/conversation.py), and the answer says how many were left out.
 """
 
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 
 from nbllm.core.conversation import from_markdown, left_out_note, to_markdown, trim_to_fit
-from nbllm.core.errors import ContextLengthError, NbllmError, StructuredOutputError
+from nbllm.core.errors import NbllmError, StructuredOutputError
 from nbllm.core.paths import read_bytes_limited, write_text_atomically
 from nbllm.core.tools import make_toolset
 from nbllm.engine.tool_loop import result_for_model, run_call
@@ -141,6 +142,8 @@ class ChatPanel:
         self.last_stream: Stream | None = None  # the latest reply's stream: its request and stats
         self._job: _Job | None = None
         self._lock = threading.RLock()
+        self._save_lock = threading.Lock()  # held while the file is written (_save)
+        self._snapshots = self._written = 0  # conversations taken to be saved; the latest on disk
         self._left_out = 0  # the oldest messages not sent, since the conversation outgrew the context
         # Where the conversation is kept: the file named, or beside the running notebook (keyed by
         # name= or by the cell), or nowhere (False, or outside a notebook).
@@ -200,6 +203,7 @@ class ChatPanel:
         self._set_input("")
         self.refresh_models()
         self._append("user", text)
+        self._save()  # now, not when the answer ends: a kernel that dies meanwhile keeps the question
         return self._answer()
 
     def edit(self, position: int) -> str:
@@ -325,9 +329,10 @@ class ChatPanel:
     def _answer(self, seed: int | None = None) -> bool:
         """Start the reply on a thread; False (with the reason in the status line) if it cannot."""
         model = str(self.model.value)
+        params = self._params(seed)
         try:
             request = self.engine.make_request(
-                messages=self._conversation(), model=model, params=self._params(seed), origin="panel"
+                messages=self._conversation(), model=model, params=params, origin="panel"
             )
             stream = self.engine.stream(request)  # an unknown or missing model fails here, at once
         except NbllmError as error:
@@ -335,7 +340,7 @@ class ChatPanel:
             return False
         self.last_stream = stream
         job = _Job(stream, self._append("assistant", "", model=model, streaming=True))
-        job.thread = threading.Thread(target=self._run, args=(job,), name="nbllm-chat-reply", daemon=True)
+        job.thread = threading.Thread(target=self._run, args=(job, params), name="nbllm-chat-reply", daemon=True)
         self._job = job
         self._show_busy(True)
         self._set_status(f"Waiting for {model}…", "busy")
@@ -348,44 +353,36 @@ class ChatPanel:
         # Not the answer being written (it is the reply to this, when the context overflowed).
         return prefix + [_chat_message(m) for m in self.messages[self._left_out :] if not m.streaming]
 
-    def _fit_context(self, job: _Job) -> _Job:
-        """After the conversation did not fit the model's context: leave out the oldest turns
-        (the system prompt stays) until it fits with room for an answer, and start again."""
-        request = job.stream.request
+    def _fit_context(self, job: _Job, params: dict[str, Any]) -> _Job:
+        """Before the reply starts: leave out the oldest turns (the system prompt stays) while the
+        conversation and room for the answer (max_tokens, at most half the context) do not fit the
+        model's context. Counted here, on the worker: counting may load the model, or wait while
+        it answers elsewhere. Without this the backend would shrink the answer to what the prompt
+        leaves, and a conversation near the limit would get answers of a few tokens."""
         model = str(self.model.value)
-        params = self._params(request.params.seed)
-        registry = self.engine.registry
-        resident = registry.checkout(model, _Counting())
-        try:
-            loaded = resident.model
+        spec = self.engine.registry.resolve(model)
+        context = spec.remote.context_size if spec.remote is not None else self.engine.context_size_for(spec)
+        budget = context - min(int(params["max_tokens"]), context // 2)
 
-            def count_tokens(messages: list[Mapping[str, Any]]) -> int:
-                made = self.engine.make_request(messages=messages, model=model, params=params)
-                return int(
-                    loaded.count_tokens(loaded.format_chat(list(made.messages or ()), made.params.template_tools()))
-                )
+        def count_tokens(messages: list[Mapping[str, Any]]) -> int:
+            return self.engine.count_chat_tokens(messages, model, **params)
 
-            context = int(loaded.context_size)
-            budget = context - min(int(self.max_tokens.value), context // 2)  # room for the answer
-            before = self._left_out
-            trimmed = trim_to_fit(self._conversation(), count_tokens, budget)
-        finally:
-            registry.checkin(resident)
-        self._left_out = before + trimmed.left_out
-        if trimmed.left_out == 0:
-            raise ContextLengthError(
-                f"Even without earlier messages the conversation is {trimmed.tokens:,} tokens and the context holds "
-                f"{context:,}, with {context - budget:,} kept for the answer. Shorten your message, lower max_tokens, "
-                "or raise performance.context_size."
-            )
-        message = job.message
-        message.note = left_out_note(self._left_out)
-        request = self.engine.make_request(messages=self._conversation(), model=model, params=params, origin="panel")
+        trimmed = trim_to_fit(self._conversation(), count_tokens, budget)
+        # The newest question alone over the budget is sent as it is: the answer is short, and
+        # says the context is full; a prompt over the whole context is the backend's error.
+        self._left_out += trimmed.left_out
+        job.message.note = left_out_note(self._left_out) if self._left_out else ""
+        if trimmed.left_out == 0 or job.stream.cancel.is_set():
+            return job
+        request = self.engine.make_request(messages=trimmed.messages, model=model, params=params, origin="panel")
         stream = self.engine.stream(request)
-        self.last_stream = stream
-        follow = _Job(stream, message, job.thread)
+        follow = _Job(stream, job.message, job.thread)
         with self._lock:
             self._job = follow
+            self.last_stream = stream
+        if job.stream.cancel.is_set():  # Stop pressed while the new stream was made
+            stream.stop()
+        job.stream.close()  # never started: nothing to end but the generator
         return follow
 
     def _params(self, seed: int | None) -> dict[str, Any]:
@@ -405,17 +402,12 @@ class ChatPanel:
             params["tool_choice"] = self.tool_choice
         return params
 
-    def _run(self, job: _Job) -> None:
+    def _run(self, job: _Job, params: dict[str, Any]) -> None:
         """The worker thread: consume the stream, redraw now and then, never raise. With tools,
         a reply that is calls runs them and the model goes on from their results."""
         try:
-            try:
-                self._consume(job, last=False)
-            except ContextLengthError:
-                if job.stream.tokens:
-                    raise
-                job = self._fit_context(job)
-                self._consume(job, last=False)
+            job = self._fit_context(job, params)
+            self._consume(job, last=False)
             self._finish(job)
             for _step in range(self.max_steps - 1):
                 follow = self._run_calls(job)
@@ -680,7 +672,12 @@ class ChatPanel:
     # ----------------------------------------------------------------- keeping the conversation
 
     def _save(self) -> None:
-        """Write the conversation to its file (if it has one); a failure is said, never raised."""
+        """Write the conversation to its file (if it has one); a failure is said, never raised.
+
+        The kernel thread and the reply's worker both save. Snapshots are numbered as they are
+        taken, and written one at a time, each only if no later one was written first: the file
+        never goes back to an older conversation. (The snapshot is taken under the panel's lock,
+        which a caller may hold; the write is not, so a slow disk never stalls the reply.)"""
         path = self.conversation_file
         if path is None:
             return
@@ -695,10 +692,18 @@ class ChatPanel:
                 for m in self.messages
                 if not m.streaming and not m.extra.get("tool_calls")
             ]
-        try:
-            chat_store.write_conversation(path, {"system_prompt": self.system_prompt.value, "messages": messages})
-        except OSError as error:
-            log.warning("The chat panel could not save its conversation to %s: %s", path, error)
+            data = {"system_prompt": self.system_prompt.value, "messages": messages}
+            self._snapshots += 1
+            number = self._snapshots
+        with self._save_lock:
+            if number < self._written:
+                return  # a later snapshot is on disk already
+            try:
+                chat_store.write_conversation(path, data)
+            except OSError as error:
+                log.warning("The chat panel could not save its conversation to %s: %s", path, error)
+                return
+            self._written = number
 
     def _restore(self) -> int:
         """Bring back the saved conversation, if there is one; the number of messages."""
@@ -780,19 +785,6 @@ def _button(text: str, icon: str, style: str, css_class: str, on_click: Any) -> 
 def _chat_message(message: Message) -> dict[str, Any]:
     extra = {k: v for k, v in message.extra.items() if k != "run"}
     return {"role": message.role, "content": message.content, **extra}
-
-
-class _Counting:
-    """The lock owner while the panel counts a conversation's tokens (chat.py's _fit_context)."""
-
-    def __init__(self) -> None:
-        self.thread_id = threading.get_ident()
-
-    def is_suspended(self) -> bool:
-        return False
-
-    def abandon(self) -> None:  # counting is never left half-way
-        pass
 
 
 def _bubble(message: Message) -> str:

@@ -1,10 +1,13 @@
 """Where a chat panel keeps its conversation between sessions: a JSON file beside the notebook.
 
-Why a file beside the notebook rather than widget state in the notebook's metadata: JupyterLab
-saves widget state only with "Save Widget State Automatically" switched on (off by default), and
-restored widget state is a picture of the panel that no kernel answers to; re-running the cell
-makes a new panel that would not see it. A file the kernel reads is there whatever the settings,
-whichever front end opened the notebook, and the kernel can write it after every answer.
+The conversation is also in the notebook itself, as widget state: JupyterLab writes the panel's
+widgets into the notebook's metadata when it saves, with "Save Widget State Automatically" on
+(``scripts/bootstrap.py`` turns it on for nbllm's environment), and shows them again when the
+notebook is reopened, before any cell runs. But restored widget state is a picture of the panel
+that no kernel answers to; re-running the cell makes a new panel that would not see it. The file
+is what the kernel reads: it is there whatever the settings and whichever front end opened the
+notebook, and the kernel writes it when a message is sent and when its answer ends. It holds
+your prompts, so it is readable by its owner alone (0600, in a 0700 folder).
 
 The notebook is found through ``JPY_SESSION_NAME`` (Jupyter Server sets it to the notebook's path
 for the notebook's kernel; ipykernel also shows it as ``__session__``). The file is
@@ -74,8 +77,10 @@ def _cell_key() -> str | None:
 
 
 def write_conversation(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` as JSON to ``path``, atomically."""
-    write_text_atomically(path, json.dumps(data, ensure_ascii=False, indent=1))
+    """Write ``data`` as JSON to ``path``, atomically, readable by its owner alone (a chat is as
+    private as the prompt history, history.db, which is 0600 too)."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    write_text_atomically(path, json.dumps(data, ensure_ascii=False, indent=1), mode=0o600)
 
 
 def read_conversation(path: Path) -> dict[str, Any]:
@@ -95,6 +100,7 @@ def read_conversation(path: Path) -> dict[str, Any]:
         if (
             not isinstance(message, dict)
             or message.get("role") not in ("user", "assistant", "tool")
+            or not isinstance(message.get("content"), str)  # required: every turn is text
             or not all(isinstance(message.get(key, ""), str) for key in _FIELDS)
         ):
             raise ValueError(f"{path} holds a message that is not role and text: {str(message)[:80]!r}.")

@@ -8,10 +8,12 @@ In tests and scripts, ``panel.refresh()``, ``panel.recommend()``, ``panel.downlo
 ``panel.cancel()``, ``panel.load(name)`` and ``panel.wait()`` do what the buttons do.
 
 The Load menu offers every model that loads by name (downloaded files, the config's names, remote
-models, the embedded ones) with one already chosen. Once the panel is shown, a watcher thread
+models, the embedded ones) with one already chosen. Once the panel is shown, the process's one watcher thread
 looks at the models folder, the config and the loaded models every ``WATCH_SECONDS`` (one
-directory listing) and lists them again when they change: a model downloaded in another cell or
-a terminal, or a file copied into the folder, appears without pressing Refresh.
+directory listing, for every shown panel at once) and lists them again when they change: a model
+downloaded in another cell or a terminal, or a file copied into the folder, appears without
+pressing Refresh. A panel whose widget is closed (``close()``, or by the front end) is no longer
+watched, and the thread ends when no panel is left to watch.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import html
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Hashable
 from typing import Any
@@ -62,9 +65,9 @@ class ModelsPanel:
         self._seen: Hashable = None  # what the models looked like at the last refresh
         self._rows: list[dict[str, Any]] = []  # the model table's rows at the last refresh
         self._picked: str | None = None  # the Load menu's value when the panel chose it, not the user
-        self._watcher: threading.Thread | None = None
-        self._stop_watching = threading.Event()
+        self._closed = False  # the widget was closed: no more watching
         self._build()
+        self.widget.observe(self._on_comm, names="comm")
         self.refresh()
         self._set_status("Ready. Pick a model, or press Recommend for advice on this machine.", "ready")
 
@@ -74,31 +77,37 @@ class ModelsPanel:
         self.watch()
         return self.widget._repr_mimebundle_(**kwargs)
 
-    def watch(self, interval: float = WATCH_SECONDS) -> None:
-        """List the models again whenever they change (started when the panel is shown)."""
-        if self._watcher is not None and self._watcher.is_alive():
+    def watch(self) -> None:
+        """List the models again whenever they change (started when the panel is shown), until
+        the panel's widget is closed, from Python or from the front end."""
+        if self._closed:
             return
-        self._stop_watching.clear()
-        panel, stop = weakref.ref(self), self._stop_watching
+        comm = self.widget.comm
+        if comm is not None:
+            panel = weakref.ref(self)  # the kernel's comm manager holds this callback: not the panel
 
-        def loop() -> None:
-            while not stop.wait(interval):
+            def closed_by_front_end(_msg: Any) -> None:
                 current = panel()
-                if current is None:  # the panel is gone
-                    return
-                try:
-                    current.refresh(only_if_changed=True)
-                except Exception:  # a bug must not end the watching silently in a loop
-                    log.exception("Listing the models failed")
-                del current
+                if current is not None:
+                    current._closed = True
 
-        self._watcher = threading.Thread(target=loop, name="nbllm-models-watch", daemon=True)
-        self._watcher.start()
+            comm.on_close(closed_by_front_end)
+        _WATCHER.add(self)
 
     def close(self) -> None:
         """Stop watching the models folder and close the widgets."""
-        self._stop_watching.set()
+        self._closed = True
         self.widget.close()
+
+    def _on_comm(self, change: dict[str, Any]) -> None:
+        if change["new"] is None:  # Widget.close(): ipywidgets drops the comm
+            self._closed = True
+
+    @property
+    def watched(self) -> bool:
+        """Whether the watcher still lists this panel's models again when they change."""
+        comm = self.widget.comm
+        return not self._closed and comm is not None and not getattr(comm, "_closed", False)
 
     def _build(self) -> None:
         names = load_catalog().names()
@@ -178,6 +187,11 @@ class ModelsPanel:
             except NbllmError as error:
                 self._set_status(str(error), "error")
                 return
+            self._show_models(engine, seen, table)
+
+    def _show_models(self, engine: Any, seen: Hashable, table: Any) -> None:
+        """Show a listing (``list_models``'s table, taken when the models looked like ``seen``)."""
+        with self._listing:
             self._seen = seen
             self._rows = list(table)
             self.table.value = table._repr_html_()
@@ -333,6 +347,68 @@ class ModelsPanel:
         self.status_kind = kind
         color = _STATUS_COLORS.get(kind, _STATUS_COLORS["ready"])
         self.status.value = f"<span style='color:{color}'>{html.escape(text)}</span>"
+
+
+class _Watcher:
+    """One thread for every shown panel of the process: each tick it looks at the models once
+    (one directory listing) and, when they changed, lists them once for all the panels that are
+    behind. Panels are held weakly; the thread ends when no open panel is left, and starts again
+    with the next one shown."""
+
+    def __init__(self) -> None:
+        self._panels: weakref.WeakSet[ModelsPanel] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, panel: ModelsPanel) -> None:
+        with self._lock:
+            self._panels.add(panel)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="nbllm-models-watch", daemon=True)
+                self._thread.start()
+
+    def _open_panels(self) -> list[ModelsPanel]:
+        with self._lock:
+            for panel in [p for p in self._panels if not p.watched]:
+                self._panels.discard(panel)
+            panels = list(self._panels)
+            if not panels:
+                self._thread = None  # add() starts a new thread from now on
+            return panels
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(WATCH_SECONDS)  # read each tick: tests make it shorter
+            panels = self._open_panels()
+            if not panels:
+                return
+            try:
+                self._tick(panels)
+            except Exception:  # a bug must not end the watching silently in a loop
+                log.exception("Listing the models failed")
+            del panels
+
+    @staticmethod
+    def _tick(panels: list[ModelsPanel]) -> None:
+        import nbllm
+        from nbllm.hub.manager import list_models
+
+        engine = nbllm.get_engine()
+        seen = _models_state(engine)
+        behind = [panel for panel in panels if panel._seen != seen]
+        if not behind:
+            return
+        try:
+            table = list_models(engine)
+        except NbllmError as error:
+            for panel in behind:
+                panel._set_status(str(error), "error")
+            return
+        for panel in behind:
+            panel._show_models(engine, seen, table)
+
+
+_WATCHER = _Watcher()
 
 
 def _models_state(engine: Any) -> Hashable:
