@@ -17,32 +17,22 @@ from nbllm.notebook.widgets import code_actions
 
 __all__ = ["CodeButtons"]
 
-_ESM = r"""
-async function copy(text) {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch (error) {  // no clipboard permission (an insecure origin): the old way
-    const scratch = document.createElement("textarea");
-    scratch.value = text;
-    document.body.appendChild(scratch);
-    scratch.select();
-    const done = document.execCommand("copy");
-    scratch.remove();
-    return done;
-  }
-}
-
-function flash(button, text) {
-  const before = button.dataset.label || button.textContent;
-  button.dataset.label = before;
-  button.textContent = text;
-  setTimeout(() => { button.textContent = before; }, 1200);
-}
-
+_ESM = (
+    code_actions.COPY_JS
+    + r"""
 const BUTTON = "margin-left:6px;padding:1px 8px;font-size:0.85em;cursor:pointer;" +
   "border:1px solid var(--jp-border-color1,#bdbdbd);border-radius:3px;" +
   "background:var(--jp-layout-color1,white);color:var(--jp-ui-font-color1,black)";
+
+function button(className, text, onClick) {
+  const made = document.createElement("button");
+  made.type = "button";
+  made.className = className;
+  made.textContent = text;
+  made.style.cssText = BUTTON;
+  made.addEventListener("click", onClick);
+  return made;
+}
 
 function render({ model, el }) {
   el.className = "nbllm-code-buttons";
@@ -55,20 +45,10 @@ function render({ model, el }) {
       const label = document.createElement("code");
       label.textContent = model.get("labels")[index];
       label.style.cssText = "overflow:hidden;text-overflow:ellipsis;white-space:nowrap;max-width:60%";
-      const copyButton = document.createElement("button");
-      copyButton.type = "button";
-      copyButton.className = "nbllm-copy";
-      copyButton.textContent = "Copy";
-      copyButton.style.cssText = BUTTON;
-      copyButton.addEventListener("click", () => {
+      const copyButton = button("nbllm-copy", "Copy", () => {
         copy(code).then((done) => flash(copyButton, done ? "Copied" : "Copy failed"));
       });
-      const insertButton = document.createElement("button");
-      insertButton.type = "button";
-      insertButton.className = "nbllm-insert";
-      insertButton.textContent = "Insert as new cell";
-      insertButton.style.cssText = BUTTON;
-      insertButton.addEventListener("click", () => {
+      const insertButton = button("nbllm-insert", "Insert as new cell", () => {
         model.send({ type: "insert", index });
         flash(insertButton, "Inserted");
       });
@@ -81,6 +61,7 @@ function render({ model, el }) {
 }
 export default { render };
 """
+)
 
 
 def _label(code: str) -> str:

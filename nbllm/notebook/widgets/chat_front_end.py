@@ -19,6 +19,8 @@ from __future__ import annotations
 import anywidget
 import traitlets
 
+from nbllm.notebook.widgets.code_actions import COPY_JS
+
 __all__ = ["ChatInput", "PanelBehaviour"]
 
 _INPUT_ESM = r"""
@@ -53,7 +55,9 @@ function render({ model, el }) {
 export default { render };
 """
 
-_BEHAVIOUR_ESM = r"""
+_BEHAVIOUR_ESM = (
+    COPY_JS
+    + r"""
 const NEAR_BOTTOM = 48;  // px: a reader this close to the end is following the conversation
 
 function follow(scroller) {
@@ -70,28 +74,6 @@ function follow(scroller) {
   if (scroller.firstElementChild) sizes.observe(scroller.firstElementChild);
   toBottom();
   return () => { scroller.removeEventListener("scroll", onScroll); mutations.disconnect(); sizes.disconnect(); };
-}
-
-async function copy(text) {
-  try {
-    await navigator.clipboard.writeText(text);
-    return true;
-  } catch (error) {  // no clipboard permission (an insecure origin): the old way
-    const scratch = document.createElement("textarea");
-    scratch.value = text;
-    document.body.appendChild(scratch);
-    scratch.select();
-    const done = document.execCommand("copy");
-    scratch.remove();
-    return done;
-  }
-}
-
-function flash(button, text) {
-  const before = button.dataset.label || button.textContent;
-  button.dataset.label = before;
-  button.textContent = text;
-  setTimeout(() => { button.textContent = before; }, 1200);
 }
 
 function render({ model, el }) {
@@ -139,6 +121,7 @@ function render({ model, el }) {
 }
 export default { render };
 """
+)
 
 
 class ChatInput(anywidget.AnyWidget):

@@ -17,10 +17,37 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-__all__ = ["INSERT_BELOW", "REPLACE_SELECTION", "insert_cell_below", "prepare"]
+__all__ = ["COPY_JS", "INSERT_BELOW", "REPLACE_SELECTION", "insert_cell_below", "prepare"]
 
 INSERT_BELOW = "notebook:insert-cell-below"
 REPLACE_SELECTION = "notebook:replace-selection"
+
+# The browser half of Copy, shared by the anywidget front ends that show code (the chat panel's
+# and the buttons under a %%llm answer): ``copy(text)`` resolves to whether it worked, and
+# ``flash(button, text)`` shows that on the button for a moment.
+COPY_JS = r"""
+async function copy(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch (error) {  // no clipboard permission (an insecure origin): the old way
+    const scratch = document.createElement("textarea");
+    scratch.value = text;
+    document.body.appendChild(scratch);
+    scratch.select();
+    const done = document.execCommand("copy");
+    scratch.remove();
+    return done;
+  }
+}
+
+function flash(button, text) {
+  const before = button.dataset.label || button.textContent;
+  button.dataset.label = before;
+  button.textContent = text;
+  setTimeout(() => { button.textContent = before; }, 1200);
+}
+"""
 
 _lock = threading.Lock()
 _front_end: Any = None
