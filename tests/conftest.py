@@ -132,3 +132,26 @@ def client(server: Any) -> Any:
     import openai
 
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60.0)
+
+
+@pytest.fixture(scope="module")
+def shell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One IPython shell for the module, its profile and history kept out of the user's home."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
+        config = Config()
+        config.HistoryManager.hist_file = ":memory:"
+        yield InteractiveShell.instance(config=config)
+
+
+@pytest.fixture
+def ip(shell: Any, global_engine: Engine) -> Iterator[Any]:
+    """The shell with ``%load_ext nbllm`` done, on a fresh engine; unloaded afterwards."""
+    shell.run_cell("%load_ext nbllm").raise_error()
+    yield shell
+    shell.run_cell("%unload_ext nbllm").raise_error()
+    shell.config.pop("NbllmMagics", None)  # %config writes into the shell's own config
+    shell.rl_next_input = None

@@ -187,15 +187,11 @@ def test_every_usage_mistake_is_one_line_with_a_suggestion_and_exit_1(args: tupl
     assert re.fullmatch(pattern + "\n", result.stderr), result.stderr
 
 
-def test_run_without_a_prompt_in_a_terminal_says_so_instead_of_waiting() -> None:
-    import pty
-
-    leader, follower = pty.openpty()
-    script = Path(sys.executable).parent / "nbllm"
-    process = subprocess.Popen([str(script), "run"], stdin=follower, stdout=follower, stderr=follower)
-    os.close(follower)
+def read_terminal(leader: int, quiet_for: float | None = None) -> bytes:
+    """All a pseudo-terminal's program wrote, until it closed the terminal (or, with
+    ``quiet_for``, went that many seconds without writing); closes ``leader``."""
     output = b""
-    while select.select([leader], [], [], 60)[0]:  # nothing for a minute: it waits for the terminal
+    while quiet_for is None or select.select([leader], [], [], quiet_for)[0]:
         try:
             chunk = os.read(leader, 4096)
         except OSError:  # the terminal closed: the process has ended
@@ -204,6 +200,17 @@ def test_run_without_a_prompt_in_a_terminal_says_so_instead_of_waiting() -> None
             break
         output += chunk
     os.close(leader)
+    return output
+
+
+def test_run_without_a_prompt_in_a_terminal_says_so_instead_of_waiting() -> None:
+    import pty
+
+    leader, follower = pty.openpty()
+    script = Path(sys.executable).parent / "nbllm"
+    process = subprocess.Popen([str(script), "run"], stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    output = read_terminal(leader, quiet_for=60)  # nothing for a minute: it waits for the terminal
     try:
         code = process.wait(timeout=30)
     except subprocess.TimeoutExpired:
@@ -320,16 +327,7 @@ def test_verbose_log_lines_start_on_their_own_line_in_a_terminal(tiny_models: di
         [*command, "-n", "6", "--seed", "1", "--raw", "--no-cache"], stdout=follower, stderr=follower
     )
     os.close(follower)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(leader, 4096)
-        except OSError:  # the terminal closed: the process has ended
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(leader)
+    output = read_terminal(leader)
     assert process.wait(timeout=120) == 0
     lines = output.decode(errors="replace").replace("\r\n", "\n").split("\n")
     logged = [i for i, line in enumerate(lines) if line.startswith("Generated ") and line.endswith("t/s)")]

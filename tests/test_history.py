@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -38,24 +37,9 @@ def log_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def history_settings(settings: Settings, log_file: Path) -> Settings:
+def settings(settings: Settings, log_file: Path) -> Settings:
+    """The shared tiny-model settings, the history log in this test's own file."""
     return settings.merged({"history": {"file": str(log_file)}})
-
-
-@pytest.fixture
-def engine(history_settings: Settings) -> Iterator[Engine]:
-    eng = Engine(history_settings)
-    yield eng
-    eng.close()
-
-
-@pytest.fixture
-def global_engine(history_settings: Settings) -> Iterator[Engine]:
-    eng = Engine(history_settings)
-    previous, nbllm._engine = nbllm._engine, eng
-    yield eng
-    eng.close()
-    nbllm._engine = previous
 
 
 def rows(engine: Engine, **filters: Any) -> list[dict[str, Any]]:
@@ -514,21 +498,6 @@ def test_the_cli_records_with_origin_cli_and_lists_the_history(tiny_models: dict
 # ----------------------------------------------------------------- the notebook front ends
 
 
-@pytest.fixture
-def ip(global_engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    """A real IPython shell with ``%load_ext nbllm`` on this test's engine."""
-    from IPython.core.interactiveshell import InteractiveShell
-    from traitlets.config import Config
-
-    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
-    config = Config()
-    config.HistoryManager.hist_file = ":memory:"
-    shell = InteractiveShell.instance(config=config)
-    shell.run_cell("%load_ext nbllm").raise_error()
-    yield shell
-    shell.run_cell("%unload_ext nbllm")
-
-
 def test_magic_answers_are_recorded_with_origin_magic_and_shown_by_llm_history(ip: Any, global_engine: Engine) -> None:
     from IPython.core.error import UsageError
     from IPython.utils.capture import capture_output
@@ -576,12 +545,12 @@ def test_chat_panel_answers_are_recorded_with_origin_panel(engine: Engine) -> No
 
 
 def test_an_answer_that_fails_mid_stream_is_recorded_with_its_error_and_what_it_wrote(
-    history_settings: Settings,
+    settings: Settings,
     tiny_server: TinyServer,  # noqa: F811  (the fixture)
 ) -> None:
     """Review of issue 18: an answer that broke off after its first pieces was recorded as an
     error without the error's text. Here a real connection breaks off mid-answer."""
-    engine = Engine(history_settings.merged({"remote_models": {"tiny": {"url": tiny_server.url}}}))
+    engine = Engine(settings.merged({"remote_models": {"tiny": {"url": tiny_server.url}}}))
     try:
         tiny_server.mode = "drop"  # two pieces, then the body breaks off
         with pytest.raises(GenerationError, match="broke off") as raised:

@@ -12,7 +12,6 @@ import importlib.util
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,7 +20,6 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import ExecutionResult, InteractiveShell
 from IPython.utils.capture import CapturedIO, RichOutput, capture_output
-from traitlets.config import Config
 
 import nbllm
 from nbllm.engine import Engine
@@ -35,26 +33,6 @@ QUESTION = "Question: What is a GPU?\nAnswer:"
 
 
 # ----------------------------------------------------------------- the shell
-
-
-@pytest.fixture(scope="module")
-def shell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InteractiveShell]:
-    """One IPython shell for the module, its profile and history kept out of the user's home."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
-        config = Config()
-        config.HistoryManager.hist_file = ":memory:"
-        yield InteractiveShell.instance(config=config)
-
-
-@pytest.fixture
-def ip(shell: InteractiveShell, global_engine: Engine) -> Iterator[InteractiveShell]:
-    """The shell with ``%load_ext nbllm`` done, on a fresh engine; unloaded afterwards."""
-    run(shell, "%load_ext nbllm")
-    yield shell
-    run(shell, "%unload_ext nbllm")
-    shell.config.pop("NbllmMagics", None)  # %config writes into the shell's own config
-    shell.rl_next_input = None
 
 
 def run(ip: InteractiveShell, source: str) -> ExecutionResult:

@@ -22,11 +22,11 @@ from nbllm.notebook import cell_context
 from nbllm.notebook.cell_context import context_block, explain_prompt, last_error, previous_cells
 from nbllm.notebook.interpolation import MAX_VALUE_CHARS, describe, interpolate
 from nbllm.notebook.magics import NbllmMagics
-from tests.test_magics import provenance, shell  # noqa: F401  (the module's shell fixture)
+from tests.test_magics import provenance
 
 
 @pytest.fixture
-def ip(shell: InteractiveShell, global_engine: Engine) -> Iterator[InteractiveShell]:  # noqa: F811
+def ip(shell: InteractiveShell, global_engine: Engine) -> Iterator[InteractiveShell]:
     global_engine.configure(performance={"context_size": 2048})
     cell(shell, "%load_ext nbllm")
     forget_the_last_error()

@@ -10,7 +10,6 @@ spec merges single newlines exactly as JupyterLab's does (the browser test,
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
@@ -18,20 +17,10 @@ from IPython.utils.capture import capture_output
 from markdown_it import MarkdownIt
 
 from nbllm.core.metrics import RequestStats
-from nbllm.engine import Engine
 from nbllm.notebook.answer_markdown import as_code_block, code_blocks, hard_line_breaks, open_fence, with_note
 from nbllm.notebook.code_buttons import CodeButtons
 from nbllm.notebook.live_output import answer_code, render_answer
-from tests.test_magics import answer_text, final_answer, provenance, run, shell  # noqa: F401  (the shell fixture)
-
-
-@pytest.fixture
-def ip(shell: InteractiveShell, global_engine: Engine) -> Iterator[InteractiveShell]:  # noqa: F811
-    run(shell, "%load_ext nbllm")
-    yield shell
-    run(shell, "%unload_ext nbllm")
-    shell.rl_next_input = None
-
+from tests.test_magics import answer_text, final_answer, provenance, run
 
 NOTE = RequestStats(model="m", completion_tokens=12, finish_reason="length").truncation_note()
 assert NOTE is not None

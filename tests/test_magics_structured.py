@@ -12,7 +12,7 @@ from IPython.utils.capture import capture_output
 from pydantic import BaseModel, Field
 
 from nbllm.engine import Engine
-from tests.test_magics import run, shell  # noqa: F401  (the module's shell fixture)
+from tests.test_magics import run
 
 
 class Pet(BaseModel):
@@ -26,7 +26,7 @@ class Tag(BaseModel):
 
 
 @pytest.fixture
-def ip(shell: InteractiveShell, global_engine: Engine) -> Iterator[InteractiveShell]:  # noqa: F811
+def ip(shell: InteractiveShell, global_engine: Engine) -> Iterator[InteractiveShell]:
     global_engine.configure(performance={"context_size": 1024})
     run(shell, "%load_ext nbllm")
     shell.user_ns.update(Pet=Pet, Tag=Tag)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import zipfile
-from collections.abc import Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
-from traitlets.config import Config
 
 import nbllm
 from nbllm.core.config import Settings
@@ -173,18 +171,6 @@ def test_ask_over_texts_an_index_and_what_has_no_text(global_engine: Engine, tmp
         nbllm.ask("anything?", tmp_path / "empty")
     with pytest.raises(ParameterError, match="question is empty"):
         nbllm.ask("  ", list(ANIMALS))
-
-
-@pytest.fixture
-def ip(tmp_path_factory: pytest.TempPathFactory, global_engine: Engine) -> Iterator[InteractiveShell]:
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("IPYTHONDIR", str(tmp_path_factory.mktemp("ipython")))
-        config = Config()
-        config.HistoryManager.hist_file = ":memory:"
-        shell = InteractiveShell.instance(config=config)
-        shell.run_cell("%load_ext nbllm").raise_error()
-        yield shell
-        shell.run_cell("%unload_ext nbllm")
 
 
 def test_the_docs_option_answers_from_a_variable_and_lists_the_sources(ip: InteractiveShell, docs: Path) -> None:
