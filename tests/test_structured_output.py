@@ -85,19 +85,46 @@ def test_python_types_and_dict_schemas(engine: Engine) -> None:
     assert list(result.data) == ["ok", "n", "tags"], "properties come in the schema's order"
 
 
-def test_greedy_answers_are_the_same_as_with_the_grammar_first(engine: Engine, tiny_models: dict[str, Path]) -> None:
-    """Sampling first and asking the grammar only about the sampled token (what makes it fast)
-    must not change greedy answers: compared with llama-cpp-python's grammar-at-the-head chain."""
+class Place(BaseModel):
+    city: str = Field(max_length=12)
+    unit: Literal["C", "F"]
+
+
+class Call(BaseModel):
+    """A tool call's shape: few tokens fit at each key and name (the trie's case, token_trie.py)."""
+
+    name: Literal["get_weather", "get_forecast"]
+    arguments: Place
+
+
+@pytest.mark.parametrize(
+    ("model", "schema", "prompt"),
+    [
+        ("tiny", Owner, "The owner"),
+        ("default", Call, 'Call a tool, as JSON: {"name": "get_weather", "arguments": ...}\n'),
+    ],
+)
+def test_greedy_answers_are_the_same_as_with_the_grammar_first(
+    request: pytest.FixtureRequest, tiny_models: dict[str, Path], model: str, schema: type[BaseModel], prompt: str
+) -> None:
+    """Sampling first and asking the grammar only about the sampled token (what makes it fast),
+    and finding small allowed sets in the vocabulary's trie, must not change greedy answers:
+    compared with llama-cpp-python's grammar-at-the-head chain, on a random model and on the
+    default model's real vocabulary."""
     from nbllm.backends.llama_cpp_grammar import grammar_text
     from nbllm.core.schema import make_constraint
 
-    constraint = make_constraint(Owner)
+    constraint = make_constraint(schema)
     assert constraint is not None
-    ours = engine.generate("The owner", schema=Owner, temperature=0, repeat_penalty=1.0, max_tokens=300, seed=1)
-    llm = llama_cpp.Llama(str(tiny_models["a"]), n_ctx=1024, verbose=False)
+    if model == "tiny":
+        engine, path = request.getfixturevalue("engine"), tiny_models["a"]
+    else:
+        engine, path = request.getfixturevalue("default_engine"), request.getfixturevalue("default_model_path")
+    ours = engine.generate(prompt, schema=schema, temperature=0, repeat_penalty=1.0, max_tokens=300, seed=1)
+    llm = llama_cpp.Llama(str(path), n_ctx=1024, verbose=False)
     try:
         grammar = llama_cpp.LlamaGrammar.from_string(grammar_text(constraint), verbose=False)
-        tokens = llm.tokenize(b"The owner")
+        tokens = llm.tokenize(prompt.encode())
         out = []
         for token in llm.generate(tokens, temp=0.0, top_k=40, repeat_penalty=1.0, grammar=grammar):
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) >= 300:
@@ -107,6 +134,7 @@ def test_greedy_answers_are_the_same_as_with_the_grammar_first(engine: Engine, t
     finally:
         llm.close()
     assert ours.text == theirs.strip()
+    assert isinstance(ours.data, schema)
 
 
 def test_an_answer_cut_off_by_max_tokens_keeps_its_text_and_says_what_to_do(engine: Engine) -> None:

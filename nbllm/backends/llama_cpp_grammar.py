@@ -25,6 +25,7 @@ import llama_cpp
 import numpy as np
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from nbllm.backends.token_trie import TokenTrie
 from nbllm.core.errors import GenerationError, SchemaError
 from nbllm.core.schema import Constraint
 
@@ -137,12 +138,20 @@ class GrammarSampler:
       (they only ever lower logits). For greedy decoding the min_p part is 0: the same token
       comes out as with the grammar first. Where no such bound holds (min_p off, penalties that
       raise logits), ``FAR`` nats: a factor of 5e8 in probability.
+
+    When the first look does not settle it, the allowed set is usually small (a key, a tool's
+    name, a quote) and its members unlikely ones, so a search down the logits would go deep.
+    The vocabulary's trie (token_trie.py) finds such a set whole from a few hundred candidates:
+    exactly the grammar-first answer, in ~0.5 ms instead of 4-10 ms on a 49k vocabulary.
     """
 
     FAR = 20.0
     FIRST_LOOK = 256
     SORTED_LOOK = 2048
     DEEP_LOOK = 16384
+    # The most candidates a search down the trie (token_trie.py) may end with; more means the
+    # allowed set is large, and the search by logits finds its best members sooner.
+    TRIE_BUDGET = 4096
 
     def __init__(
         self,
@@ -173,17 +182,22 @@ class GrammarSampler:
         self._columns[:, 2] = 0.0
         self._ids = np.arange(n_vocab, dtype=np.int32)
         self._array = llama_cpp.llama_token_data_array(self._data, n_vocab, -1, False)
+        # Set again before each use, in case a sampler pointed it elsewhere (cast once: ~10 us).
+        self._data_pointer = ctypes.cast(self._data, ctypes.POINTER(llama_cpp.llama_token_data))
         self._one = (llama_cpp.llama_token_data * 1)()
         self._one_array = llama_cpp.llama_token_data_array(self._one, 1, -1, False)
         self.rejections = 0  # sampled tokens the grammar refused (then sampled again)
         self._known: KnownSets | None = None
+        self._trie: TokenTrie | None = None
         self._text = b""  # the answer so far, for knowing when a JSON object or array is complete
         self._steps = 0
         self._path: list[int] | None = []  # the tokens so far, while few: the key of known sets
 
-    def know(self, known: KnownSets) -> None:
-        """Where the allowed tokens are known without a search: at the start, and at the end."""
+    def know(self, known: KnownSets, trie: TokenTrie | None = None) -> None:
+        """Where the allowed tokens are known without a search (at the start, and at the end),
+        and the model's vocabulary as a trie, for finding small allowed sets (token_trie.py)."""
         self._known = known
+        self._trie = trie
 
     def sample(self, ctx: Any, idx: int = -1) -> int:
         pointer = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
@@ -236,20 +250,14 @@ class GrammarSampler:
         self._columns[:count, 0] = ids.view(np.float32)
         self._columns[:count, 1] = logits
         array = self._array
-        array.data = ctypes.cast(self._data, ctypes.POINTER(llama_cpp.llama_token_data))
+        array.data = self._data_pointer
         array.size, array.selected, array.sorted = count, -1, False
 
     def _fill_allowed(self, logits: np.ndarray, refused: list[int]) -> None:
         """The candidates the grammar allows among the most likely ones (see the class)."""
         exact = self._exact_candidates()
-        if exact is not None:  # the whole allowed set, known: nothing to search
-            self._fill(exact, logits[exact])
-            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._array))
-            kept = self._columns[: self._array.size, 1]
-            if refused:
-                kept[np.isin(exact, refused)] = -np.inf
-            if np.isfinite(kept).any():
-                return
+        if exact is not None and self._fill_from(exact, logits, refused):  # known: nothing to search
+            return
         n_vocab, look = self._n_vocab, 0
         # First look: the k most likely candidates, which top-k just picked for this token (kept
         # by _apply_chain), so the usual refusal costs no pass over the vocabulary.
@@ -257,6 +265,7 @@ class GrammarSampler:
         if first is None:
             look = self.FIRST_LOOK
         ranked: np.ndarray | None = None  # the SORTED_LOOK most likely, best first: one pass for two looks
+        searched_trie = False
         while True:
             if look == 0 and first is not None:
                 ids = first
@@ -287,6 +296,15 @@ class GrammarSampler:
                 margin = self._margin_base + abs(best) * self._margin_per_logit
                 if count >= self._keep or rest_below < best - margin:
                     return
+            if not searched_trie and self._trie is not None and not self._pending:
+                searched_trie = True
+                # The most likely candidates did not settle it: the allowed set is small, or
+                # its best members are unlikely ones. The trie finds a small set whole.
+                superset = self._trie.candidates(self._refuses, self.TRIE_BUDGET)
+                if superset is not None:
+                    if self._fill_from(superset, logits, refused, remember=True):
+                        return
+                    raise GenerationError("No token fits the schema's grammar here; the answer cannot be completed.")
             if look >= n_vocab:
                 if count:
                     return
@@ -298,6 +316,24 @@ class GrammarSampler:
                 # DEEP_LOOK a few, and early positions that differ between answers (argument
                 # values) would pay the full pass without ever being met again.
                 look = n_vocab
+
+    def _fill_from(self, ids: np.ndarray, logits: np.ndarray, refused: list[int], *, remember: bool = False) -> bool:
+        """The candidates: those of ``ids`` (a superset of the allowed set) that the grammar
+        allows, less ``refused``; False when none is left."""
+        self._fill(ids, logits[ids])
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._array))
+        kept = self._columns[: self._array.size, 1]
+        if remember:
+            self._remember(ids[np.isfinite(kept)])
+        if refused:
+            kept[np.isin(ids, refused)] = -np.inf
+        return bool(np.isfinite(kept).any())
+
+    def _refuses(self, ids: np.ndarray) -> np.ndarray:
+        """Per id, whether the grammar refuses it here (one call; for the trie's search)."""
+        self._fill(ids, np.zeros(len(ids), dtype=np.float32))
+        llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(self._array))
+        return ~np.isfinite(self._columns[: self._array.size, 1])
 
     def _remember(self, allowed: np.ndarray) -> None:
         """Keep the whole allowed set found at this point of the answer, for the next answer to
@@ -365,6 +401,20 @@ class GrammarSampler:
 
     def __del__(self) -> None:
         self.close()
+
+
+def grammar_pieces(vocab: Any, n_vocab: int) -> list[bytes]:
+    """Every token's text as llama.cpp's grammar reads it: special tokens rendered (the piece
+    cache in llama-vocab.cpp), for the vocabulary's trie (token_trie.py)."""
+    buffer = ctypes.create_string_buffer(256)
+    pieces = []
+    for token in range(n_vocab):
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+        if n < 0:  # longer than the buffer: -n bytes
+            buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+        pieces.append(buffer.raw[: max(n, 0)])
+    return pieces
 
 
 def _margins(options: dict[str, Any], last_n: int) -> tuple[float, float]:
