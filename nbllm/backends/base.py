@@ -72,6 +72,8 @@ class Usage:
     completion_tokens: int = 0  # kept current while generating, for progress displays
     first_token_at: float | None = None  # time.perf_counter() when the first token was sampled
     finish_reason: str = "unknown"
+    drafted_tokens: int = 0  # speculative decoding: tokens guessed and checked by the model
+    accepted_tokens: int = 0  # of those, the ones the model sampled too (kept)
 
 
 # ---------------------------------------------------------------------------- batches

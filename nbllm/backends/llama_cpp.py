@@ -33,6 +33,7 @@ from nbllm.backends.compute_thread import ComputeThreads
 from nbllm.backends.llama_cpp_batch import BatchDecoder
 from nbllm.backends.llama_cpp_embed import POOLING_CODES, EmbeddingCancelled, embed_token_lists, tokenize_all
 from nbllm.backends.llama_cpp_grammar import GrammarSampler, KnownSets, grammar_pieces, grammar_text, known_sets
+from nbllm.backends.llama_cpp_speculative import batches_are_exact, speculative_steps
 from nbllm.backends.token_trie import TokenTrie
 from nbllm.core.cancel import Cancel
 from nbllm.core.chat_format import FormattedPrompt
@@ -48,6 +49,7 @@ from nbllm.core.errors import (
 from nbllm.core.params import GenerationParams
 from nbllm.core.prefix_cache import PrefixCache, Snapshot, Tokens, common_prefix
 from nbllm.core.schema import Constraint
+from nbllm.core.speculation import DecodeCosts, DraftPolicy
 from nbllm.core.stop import TextAssembler
 from nbllm.core.waiting import next_item
 from nbllm.host import build_flags
@@ -324,6 +326,8 @@ class LlamaCppModel:
         self._grammar_sets: dict[str, KnownSets] = {}  # per schema: see llama_cpp_grammar.known_sets
         self._end_tokens: np.ndarray | None = None
         self._trie: TokenTrie | None = None  # the vocabulary as the grammar reads it: token_trie.py
+        self._decode_costs = DecodeCosts()  # seconds per decode by size, for speculative decoding
+        self._exact_batches: bool | None = None  # see llama_cpp_speculative.batches_are_exact
         self._abort_callback: Any = None  # see _set_abort
 
     @property
@@ -553,6 +557,8 @@ class LlamaCppModel:
         llm = self._llm
         # Here, on the compute thread, no signal lands: a Ctrl-C between restoring a KV snapshot
         # and updating llama-cpp-python's record of the KV content would leave them disagreeing.
+        if params.speculation == "auto" and self._exact_batches is None:
+            self._exact_batches = batches_are_exact(llm)  # before the KV cache is prepared: it empties it
         self._prepare_kv(tokens)
         usage.reused_prompt_tokens = max(self._reusable_prefix(tokens), 0)
         llm.set_seed(seed)
@@ -562,7 +568,11 @@ class LlamaCppModel:
         abortable = len(tokens) - usage.reused_prompt_tokens > _ABORTABLE_PROMPT_TOKENS
         if abortable:
             self._set_abort(cancel)
-        steps = llm.generate(tokens, **sampling_options(params))
+        policy = DraftPolicy(self._decode_costs) if self._speculates(params.speculation) else None
+        if policy is not None:
+            steps = speculative_steps(llm, tokens, sampling_options(params), max_tokens, self._decode_costs, policy)
+        else:
+            steps = llm.generate(tokens, **sampling_options(params))
         try:
             for token in steps:
                 if produced == 0:
@@ -619,6 +629,12 @@ class LlamaCppModel:
             llm._requires_eval = True
             usage.completion_tokens = produced
             usage.finish_reason = finish
+            if policy is not None:
+                usage.drafted_tokens, usage.accepted_tokens = policy.drafted, policy.accepted
+
+    def _speculates(self, mode: str) -> bool:
+        """Whether to draft (speculation auto: only where batches are exact, checked in _stream)."""
+        return mode == "on" or (mode == "auto" and bool(self._exact_batches))
 
     def _set_abort(self, cancel: threading.Event | None) -> None:
         """Let llama.cpp's decode stop as soon as ``cancel`` is set (None: never).

@@ -41,6 +41,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--frequency-penalty", type=float)
     group.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
     group.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    group.add_argument("--speculation", choices=("auto", "on", "off"), help="drafts from the text so far")
 
 
 def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,6 +56,7 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "frequency_penalty",
         "seed",
         "stop",
+        "speculation",
     )
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

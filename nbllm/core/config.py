@@ -60,7 +60,7 @@ class Performance:
     )
     use_mmap: bool = _spec(True, "memory-map the model file")
     use_mlock: bool = _spec(False, "lock the model in RAM (never swapped out)")
-    flash_attention: bool | None = _spec(None, "flash attention; null = tuned value or off")
+    flash_attention: bool | None = _spec(None, "flash attention; null = tuned value or on")
     parallel: int | None = _spec(
         None, "sequences decoded together by generate_many and the server; null = tuned value or 8", min=1, max=256
     )
@@ -78,6 +78,12 @@ class Generation:
     presence_penalty: float = _spec(0.0, "penalty for tokens already present", min=-2.0, max=2.0)
     frequency_penalty: float = _spec(0.0, "penalty growing with token frequency", min=-2.0, max=2.0)
     seed: int | None = _spec(None, "random seed; null = a new one per request, recorded in stats", min=0, max=2**32 - 1)
+    speculation: str = _spec(
+        "auto",
+        "speculative decoding, drafts from the text so far where they pay: auto = where the answer stays "
+        "exactly the same (checked once per model), on = also where near-ties may turn out otherwise, off",
+        choices=("auto", "on", "off"),
+    )
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ class RequestStats:
     # The answer's budget as asked for; None where unknown (an answer from the prompt cache). An
     # answer that stopped short of it at "length" was cut by the context, which the prompt filled.
     max_tokens: int | None = None
+    # Speculative decoding (core/speculation.py): tokens drafted and checked, and of those kept.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     @property
     def generation_seconds(self) -> float:
@@ -55,9 +58,11 @@ class RequestStats:
         prompt cache, which was not generated now, where it came from and how fast."""
         if self.cached:
             return f"{self.completion_tokens} tokens from the prompt cache in {self.total_seconds * 1000:.1f} ms"
-        return (
-            f"Generated {self.completion_tokens} tokens in {self.total_seconds:.2f}s ({self.tokens_per_second:.1f} t/s)"
-        )
+        speed = f"{self.total_seconds:.2f}s ({self.tokens_per_second:.1f} t/s)"
+        line = f"Generated {self.completion_tokens} tokens in {speed}"
+        if self.drafted_tokens:
+            line += f", {self.accepted_tokens} of {self.drafted_tokens} drafted tokens kept"
+        return line
 
     @property
     def truncated(self) -> bool:
@@ -145,6 +150,8 @@ class StatsCollector:
     embedding_cache_hits: int = 0
     embedding_tokens: int = 0
     embedding_seconds: float = 0.0
+    drafted_tokens: int = 0  # speculative decoding: tokens drafted, and of those kept
+    accepted_tokens: int = 0
     per_model: dict[str, _ModelTotals] = field(default_factory=dict)
     last: RequestStats | None = None
 
@@ -175,6 +182,9 @@ class StatsCollector:
             self.prompt_tokens += stats.prompt_tokens
             self.completion_tokens += stats.completion_tokens
             self.reused_prompt_tokens += stats.reused_prompt_tokens
+            if not stats.cached:  # a cached answer's counts are of the run that made it
+                self.drafted_tokens += stats.drafted_tokens
+                self.accepted_tokens += stats.accepted_tokens
             totals.requests += 1
             totals.prompt_tokens += stats.prompt_tokens
             totals.completion_tokens += stats.completion_tokens
@@ -254,6 +264,8 @@ class StatsCollector:
                 "embedding_cache_hits": self.embedding_cache_hits,
                 "embedding_tokens": self.embedding_tokens,
                 "embedding_seconds": self.embedding_seconds,
+                "drafted_tokens": self.drafted_tokens,
+                "accepted_tokens": self.accepted_tokens,
                 "per_model": per_model,
                 "last_request": self.last.as_dict() if self.last else None,
             }

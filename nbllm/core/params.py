@@ -24,6 +24,7 @@ _CONFIG_FIELD = {
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "seed": "seed",
+    "speculation": "speculation",
 }
 PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos", "schema", "choices", "tools", "tool_choice")
 MAX_STOPS = 16
@@ -48,6 +49,9 @@ class GenerationParams:
     constraint: Constraint | None = None
     # Tool calls (core/tools.py): the tools the model may call; their grammar is ``constraint``.
     tools: ToolSet | None = None
+    # Speculative decoding (core/speculation.py): auto | on | off. How fast, not what: left out
+    # of cache keys and records (as_dict).
+    speculation: str = "auto"
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools for a chat template that renders them itself (None: nbllm describes them)."""
@@ -61,6 +65,7 @@ class GenerationParams:
         """Plain data (cache keys, provenance): a constraint by its kind, name and hash."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["stop"] = list(self.stop)
+        del data["speculation"]
         if self.constraint is None:
             del data["constraint"]  # keys of answers cached before structured output stay valid
         else:

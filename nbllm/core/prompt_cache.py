@@ -65,7 +65,8 @@ log = logging.getLogger("nbllm")
 
 # 3: answers record the schema they had to fit (structured output); older entries are misses.
 # 4: and the max_tokens they were asked with (a cut by a full context is told apart from it).
-CACHE_FORMAT = 4
+# 5: and the tokens speculative decoding drafted and kept.
+CACHE_FORMAT = 5
 _FORMAT_1_FUNC = ("nbllm", "core", "prompt_cache", "_cached_answer")  # pickles: deleted, never read
 _BACKEND_NAME = "nbllm-signed-json"
 _ITEM_FILE = "output.pkl"  # joblib's name for an entry's file (see the module's docstring)
@@ -156,6 +157,8 @@ _ANSWER_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {
     "model_hash": (_is_optional_text, "a string or null"),
     "schema": (_is_optional_text, "a string or null"),
     "max_tokens": (_is_optional_count, "a count or null"),
+    "drafted_tokens": (_is_count, "a count"),
+    "accepted_tokens": (_is_count, "a count"),
 }
 
 

@@ -185,7 +185,10 @@ class Engine:
             gpu_layers=gpu_layers,
             use_mmap=perf.use_mmap,
             use_mlock=perf.use_mlock,
-            flash_attention=bool(perf.flash_attention) or info.pooling is not None,
+            # On unless turned off: llama.cpp's own default ("auto"), as fast as off on a CPU, and
+            # what makes a batch of tokens give the same logits as one token at a time there
+            # (exact speculative decoding: backends/llama_cpp_speculative.py).
+            flash_attention=perf.flash_attention is not False or info.pooling is not None,
             prefix_cache_bytes=self._settings.cache.prefix_cache_bytes if info.pooling is None else 0,
             pooling=info.pooling,
         )

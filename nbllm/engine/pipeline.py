@@ -131,6 +131,8 @@ def finish(
         model_hash=ticket.model_hash,
         schema=_schema_name(ticket.request),
         max_tokens=ticket.request.params.max_tokens,
+        drafted_tokens=usage.drafted_tokens,
+        accepted_tokens=usage.accepted_tokens,
     )
     if usage.first_token_at is not None:
         stats.time_to_first_token = usage.first_token_at - ticket.started

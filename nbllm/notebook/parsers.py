@@ -38,6 +38,7 @@ GENERATION_OPTIONS = (
     "frequency_penalty",
     "seed",
     "stop",
+    "speculation",
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -169,6 +170,9 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
     generation.add_argument("--frequency-penalty", type=float, help="penalty growing with token frequency")
     generation.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
     generation.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
+    generation.add_argument(
+        "--speculation", choices=("auto", "on", "off"), help="drafts from the text so far (same answers, sooner)"
+    )
     return parser
 
 

@@ -1,0 +1,197 @@
+"""Speculative decoding by prompt lookup (core/speculation.py, backends/llama_cpp_speculative.py).
+
+The promise: the same answers, sooner where they copy their input. Checked on real llama.cpp
+with the default model (a copy task drafts and keeps most of its drafts; greedy and sampled
+answers are the very answers without speculation; an answer stopped in the middle of a draft
+leaves the KV cache as a plain answer would), and the policy's arithmetic on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from nbllm.core.config import Settings
+from nbllm.core.errors import ParameterError
+from nbllm.core.speculation import DecodeCosts, DraftPolicy, NgramIndex
+from nbllm.engine import Engine
+
+PASSAGE = (
+    "The river rose slowly through the night, and by morning the lower fields were under water. Farmers moved "
+    "their animals to the hill, where the old church stood above the flood. Nobody had seen the water so high "
+    "since the winter of the great storm, forty years before."
+)
+COPY = f"Repeat this text exactly, word for word:\n\n{PASSAGE}"
+
+
+def fresh_engine(**performance: object) -> Engine:
+    """An engine of its own: a KV cache no earlier answer touched (greedy answers compared to the
+    bit must read their prompts the same way), no prompt cache, no KV snapshots; flash attention
+    and the batch size named, not taken from what a tuner test measured."""
+    settings = {"context_size": 1024, "batch_size": 512, "flash_attention": True, **performance}
+    return Engine(Settings().merged({"performance": settings, "cache": {"enabled": False, "prefix_cache_bytes": 0}}))
+
+
+@pytest.fixture
+def engines(default_model_path: Path) -> Iterator[tuple[Engine, Engine]]:
+    first, second = fresh_engine(), fresh_engine()
+    yield first, second
+    first.close()
+    second.close()
+
+
+# ---------------------------------------------------------------------------- on llama.cpp
+
+
+def test_a_copy_task_drafts_and_keeps_most_drafts_and_the_answer_is_the_same(engines: tuple[Engine, Engine]) -> None:
+    plain, speculating = engines
+    without = plain.chat(COPY, max_tokens=80, temperature=0, speculation="off")
+    with_drafts = speculating.chat(COPY, max_tokens=80, temperature=0)  # the default: auto
+    assert with_drafts.text == without.text
+    assert "river rose slowly" in with_drafts.text
+    assert without.stats.drafted_tokens == 0
+    stats = with_drafts.stats
+    assert stats.drafted_tokens >= 20, "a copied passage is drafted (auto: flash attention makes batches exact)"
+    assert stats.accepted_tokens >= 0.7 * stats.drafted_tokens
+    assert stats.as_dict()["accepted_tokens"] == stats.accepted_tokens
+    assert f"{stats.accepted_tokens} of {stats.drafted_tokens} drafted tokens kept" in stats.summary()
+    totals = speculating.stats.snapshot()
+    assert (totals["drafted_tokens"], totals["accepted_tokens"]) == (stats.drafted_tokens, stats.accepted_tokens)
+
+
+def test_sampled_answers_are_the_same_answers_with_the_same_seed(engines: tuple[Engine, Engine]) -> None:
+    """Every token is still sampled by the request's sampler, position after position: the
+    random numbers fall on the same positions, so a seed gives the same text."""
+    plain, speculating = engines
+    for seed in (1, 2):
+        without = plain.chat(COPY, max_tokens=60, temperature=0.8, seed=seed, speculation="off")
+        with_drafts = speculating.chat(COPY, max_tokens=60, temperature=0.8, seed=seed, speculation="on")
+        assert with_drafts.text == without.text
+
+
+class Copy(BaseModel):
+    text: str
+
+
+def test_structured_answers_are_drafted_under_their_grammar(engines: tuple[Engine, Engine]) -> None:
+    plain, speculating = engines
+    prompt = f'Put this text into JSON as {{"text": ...}}:\n\n{PASSAGE}'
+    without = plain.chat(prompt, schema=Copy, max_tokens=120, temperature=0, speculation="off")
+    with_drafts = speculating.chat(prompt, schema=Copy, max_tokens=120, temperature=0, speculation="on")
+    assert with_drafts.text == without.text
+    assert isinstance(with_drafts.data, Copy)
+
+
+def test_an_answer_stopped_inside_a_draft_leaves_the_kv_cache_as_a_plain_answer_would(
+    engines: tuple[Engine, Engine],
+) -> None:
+    """The same three requests on both engines (each reuses what the last left in the KV cache,
+    drafted tokens included): the same answers."""
+    answers: dict[str, list[str]] = {}
+    for engine, mode in zip(engines, ("off", "on"), strict=True):
+        short = engine.chat(COPY, max_tokens=23, temperature=0, speculation=mode)
+        assert short.stats.completion_tokens == 23
+        stopped = engine.chat(COPY, max_tokens=80, temperature=0, stop=["church"], speculation=mode)
+        assert "church" not in stopped.text
+        assert stopped.stats.finish_reason == "stop"
+        again = engine.chat(COPY, max_tokens=80, temperature=0, speculation=mode)
+        answers[mode] = [short.text, stopped.text, again.text]
+    assert answers["on"] == answers["off"]
+
+
+def test_auto_drafts_only_where_a_batch_gives_the_same_logits_as_single_tokens(default_model_path: Path) -> None:
+    """Without flash attention llama.cpp's CPU attention takes another kernel for a batch of
+    queries: auto then drafts nothing (answers could change at near-ties); on drafts anyway."""
+    engine = fresh_engine(flash_attention=False)
+    try:
+        auto = engine.chat(COPY, max_tokens=60, temperature=0)
+        assert auto.stats.drafted_tokens == 0
+        forced = engine.chat(COPY, max_tokens=60, temperature=0, speculation="on")
+        assert forced.stats.drafted_tokens > 0
+    finally:
+        engine.close()
+
+
+def test_free_writing_drafts_little(engines: tuple[Engine, Engine]) -> None:
+    _, speculating = engines
+    answer = speculating.chat("Write a short poem about autumn leaves.", max_tokens=80, temperature=0.7, seed=3)
+    assert answer.stats.drafted_tokens <= 16, "guesses that fail are not drafted"
+
+
+def test_a_bad_speculation_value_says_what_is_allowed(engines: tuple[Engine, Engine]) -> None:
+    engine, _ = engines
+    with pytest.raises(ParameterError, match="auto, on, off"):
+        engine.chat("Hi", speculation=True)
+
+
+# ---------------------------------------------------------------------------- the policy's arithmetic
+
+
+def test_the_lookup_proposes_what_followed_the_latest_longest_match() -> None:
+    index = NgramIndex([1, 2, 3, 4, 5, 9, 2, 3, 7, 8])
+    for token in (1, 2, 3):
+        index.append(token)
+    # The text ends 1 2 3: as a 3-gram it occurred at the start, followed by 4 5 9 ...
+    assert index.draft(3) == ([4, 5, 9], 3)
+    index.append(6)  # ... 1 2 3 6: no n-gram of 2-4 tokens ending in "3 6" occurred before
+    assert index.draft(4) == ([], 0)
+    index.append(2)
+    index.append(3)  # ... 6 2 3: "6 2 3" is new, "2 3" last occurred followed by 6 (just now)
+    assert index.draft(2) == ([6, 2], 2)
+
+
+def test_nothing_is_drafted_where_a_batch_costs_as_much_as_its_tokens_one_by_one() -> None:
+    costs = DecodeCosts()
+    for size in (1, 2, 4, 8):
+        costs.observe(size, 0.01 * size)
+    policy = DraftPolicy(costs)
+    for _ in range(20):
+        policy.observe(4, drafted=4, accepted=4)
+    assert policy.length(4, 16) == 0
+
+
+def test_drafts_grow_with_the_guesses_kept_and_shrink_when_they_fail() -> None:
+    costs = DecodeCosts()
+    costs.observe(1, 0.010)
+    costs.observe(9, 0.020)  # a GPU-like cost: 9 tokens for twice one
+    policy = DraftPolicy(costs)
+    assert policy.length(4, 16) <= 2, "unproven guesses: little or nothing"
+    for _ in range(10):
+        policy.observe(4, drafted=8, accepted=8)
+    assert policy.length(4, 16) >= 8
+    assert policy.length(4, 3) <= 3, "never more than the lookup offers"
+    assert policy.length(0, 16) == 0, "no match, no draft"
+    for _ in range(10):
+        policy.observe(4, drafted=8, accepted=0)
+    assert policy.length(4, 16) <= 1
+    assert (policy.drafted, policy.accepted) == (160, 80)
+
+
+def test_guesses_not_drafted_still_teach_the_policy() -> None:
+    costs = DecodeCosts()
+    costs.observe(1, 0.010)
+    costs.observe(9, 0.020)
+    policy = DraftPolicy(costs)
+    for _ in range(10):
+        policy.observe_guess(3, kept=True)
+    assert policy.length(3, 16) >= 8
+    assert policy.length(2, 16) <= 2, "each n-gram length learns on its own"
+
+
+# ---------------------------------------------------------------------------- front ends
+
+
+def test_the_magic_and_the_cli_take_speculation(ip: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from nbllm.cli.main import _generation_params, build_parser
+    from tests.test_magics import usage_error_of
+
+    ip.run_cell("%%llm --speculation off -n 3\nHello").raise_error()
+    magics = ip.magics_manager.registry["NbllmMagics"]
+    assert magics.last_request.params.speculation == "off"
+    assert "auto, on, off" in usage_error_of(ip, "%%llm --speculation sometimes\nHello", capsys).replace("'", "")
+    args = build_parser().parse_args(["run", "--speculation", "on", "Hello"])
+    assert _generation_params(args)["speculation"] == "on"
