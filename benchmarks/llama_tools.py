@@ -10,6 +10,7 @@ The tools land in the nbllm wheelhouse next to the wheel: ~/.cache/nbllm/wheels/
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +70,16 @@ def ensure_tools() -> dict[str, Path]:
         for name in TOOLS:
             shutil.copy2(build / "bin" / name, target / name)
     return found
+
+
+def llama_bench_tg(binary: str | Path, model: str, threads: int, tokens: int = 128, repetitions: int = 2) -> float:
+    """llama-bench's generation speed (tg``tokens``, t/s) on the CPU with flash attention, nbllm's default."""
+    out = subprocess.run(
+        [str(binary), "-m", model, "-p", "0", "-n", str(tokens), "-t", str(threads), "-ngl", "0", "-fa", "on",
+         "-r", str(repetitions), "-o", "json"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return float(json.loads(out)[0]["avg_ts"])
 
 
 if __name__ == "__main__":

@@ -26,14 +26,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import threading
 import time
 from typing import Any
 
 import llama_cpp
 from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-from llama_tools import ensure_tools
+from llama_tools import ensure_tools, llama_bench_tg
 
 import nbllm
 from nbllm.host import default_model, machine
@@ -71,15 +70,6 @@ PROMPTS = {
         "Explain how a refrigerator works, for a ten-year-old.",
     ],
 }
-
-
-def llama_bench_tg(binary: str, model: str, threads: int) -> float:
-    out = subprocess.run(
-        [binary, "-m", model, "-p", "0", "-n", "128", "-t", str(threads), "-ngl", "0", "-fa", "on", "-r", "2",
-         "-o", "json"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return float(json.loads(out)[0]["avg_ts"])
 
 
 def llama_cpp_python_speed(

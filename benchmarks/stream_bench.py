@@ -16,27 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import threading
 import time
 
 import llama_cpp
-from llama_tools import ensure_tools
+from llama_tools import ensure_tools, llama_bench_tg
 
 import nbllm
 from nbllm.host import default_model, machine
 
 PROMPT = "Write a long story about a lighthouse keeper."
 TOKENS = 128
-
-
-def llama_bench_tg(binary: str, model: str, threads: int) -> float:
-    out = subprocess.run(
-        [binary, "-m", model, "-p", "0", "-n", str(TOKENS), "-t", str(threads), "-ngl", "0", "-fa", "on",
-         "-r", "3", "-o", "json"],
-        capture_output=True, text=True, check=True,
-    ).stdout  # fmt: skip
-    return float(json.loads(out)[0]["avg_ts"])
 
 
 def raw_generate(llm: llama_cpp.Llama, tokens: list[int]) -> float:
@@ -74,7 +64,7 @@ def main() -> None:
     print(f"{nbllm.settings().default_model}, {threads} threads, tg{TOKENS}, {args.rounds} rounds")
     ours, theirs, raw = [], [], []
     for round_number in range(args.rounds):
-        theirs.append(llama_bench_tg(bench, model, threads))
+        theirs.append(llama_bench_tg(bench, model, threads, TOKENS, repetitions=3))
         answer = nbllm.generate(PROMPT, max_tokens=TOKENS, temperature=0, ignore_eos=True, speculation="off")
         ours.append(answer.stats.generation_tokens_per_second)
         raw.append(raw_generate(llm, tokens))

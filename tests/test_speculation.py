@@ -116,6 +116,22 @@ def test_auto_drafts_only_where_a_batch_gives_the_same_logits_as_single_tokens(d
         engine.close()
 
 
+def test_drafts_never_exceed_what_one_decode_holds(default_model_path: Path) -> None:
+    """batch_size 4: llama-cpp-python's batch has 4 slots, so a step is the newest token and at
+    most 3 drafted ones (more would write past the batch's arrays)."""
+    engine = fresh_engine(batch_size=4)
+    try:
+        answer = engine.chat(COPY, max_tokens=60, temperature=0, speculation="on")
+        plain = engine.chat(COPY, max_tokens=60, temperature=0, speculation="off")
+        (resident,) = engine.registry.resident()
+        steps = sorted(resident.model._decode_costs._seconds)
+    finally:
+        engine.close()
+    assert answer.stats.drafted_tokens > 0
+    assert answer.text == plain.text
+    assert max(steps) <= 4, steps
+
+
 def test_free_writing_drafts_little(engines: tuple[Engine, Engine]) -> None:
     _, speculating = engines
     answer = speculating.chat("Write a short poem about autumn leaves.", max_tokens=80, temperature=0.7, seed=3)

@@ -30,7 +30,7 @@ def speculative_steps(
     token = next(first)
     first.close()  # the prompt is read and its first token sampled; the loop below goes on
     sampler, ctx, batch = llm._sampler, llm._ctx, llm._batch
-    n_ctx = llm.n_ctx()
+    n_ctx, n_batch = llm.n_ctx(), int(llm.n_batch)
     index = NgramIndex(tokens)
     given = 0
     while True:
@@ -39,7 +39,9 @@ def speculative_steps(
         index.append(token)
         guess, matched = index.draft(MOST_DRAFTED)
         n_past = llm.n_tokens
-        room = min(n_ctx - n_past - 1, max_tokens - given - 1)  # KV cells left; tokens still wanted
+        # KV cells left, tokens still wanted, and what one decode holds (llama-cpp-python's batch
+        # has n_batch slots: a longer step would write past them).
+        room = min(n_ctx - n_past - 1, max_tokens - given - 1, n_batch - 1)
         drafted = guess[: policy.length(matched, min(len(guess), room))] if room > 0 else []
         step = [token, *drafted]
         batch.set_batch(batch=step, n_past=n_past, logits_all=True)
@@ -82,7 +84,7 @@ def batches_are_exact(llm: Any) -> bool:
     Checked once per loaded model on a few tokens (~10 decodes), which leaves the KV cache empty."""
     tokens = llm.tokenize(b"The quick brown fox jumps over the lazy dog, 1 2 3 4 5 6 7 8 9 10.", add_bos=True)
     prefix, checked = tokens[:4], tokens[4:13]
-    if len(checked) < 9:
+    if len(checked) < 9 or int(llm.n_batch) < 9:  # too few tokens to check, or too small a batch for drafts
         return False
     try:
         runs = [_logits(llm, prefix, checked, steps) for steps in _CHECKED_STEPS]

@@ -21,6 +21,7 @@ Pure Python, no llama.cpp: the backend's loop (backends/llama_cpp_speculative.py
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 # The n-grams looked up: the last 2 to 4 tokens. A single token repeats too often to predict
@@ -102,7 +103,7 @@ class DecodeCosts:
             return known[low] + (known[high] - known[low]) * (size - low) / (high - low)
         if len(sizes) == 1:
             return known[low] * (1 + 0.5 * (size - low) / low)
-        steps = [(known[b] - known[a]) / (b - a) for a, b in zip(sizes, sizes[1:], strict=False)]
+        steps = [(known[b] - known[a]) / (b - a) for a, b in itertools.pairwise(sizes)]
         return known[low] + max(min(steps), 0.0) * (size - low)
 
 
