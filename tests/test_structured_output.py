@@ -120,7 +120,9 @@ def test_greedy_answers_are_the_same_as_with_the_grammar_first(
         engine, path = request.getfixturevalue("engine"), tiny_models["a"]
     else:
         engine, path = request.getfixturevalue("default_engine"), request.getfixturevalue("default_model_path")
-    ours = engine.generate(prompt, schema=schema, temperature=0, repeat_penalty=1.0, max_tokens=300, seed=1)
+    ours = engine.generate(
+        prompt, schema=schema, temperature=0, repeat_penalty=1.0, max_tokens=300, seed=1, speculation="off"
+    )
     llm = llama_cpp.Llama(str(path), n_ctx=1024, verbose=False)
     try:
         grammar = llama_cpp.LlamaGrammar.from_string(grammar_text(constraint), verbose=False)

@@ -6,9 +6,11 @@ the vocabulary. Asking the grammar about every token costs ~10 ms on a 49k vocab
 (~50 ms on 262k); searching down the logits until nothing unseen could win costs as much when
 the allowed tokens are unlikely ones.
 
-A token's text is accepted by llama.cpp's grammar only if every prefix of it is (the grammar
-reads a token one character at a time; a prefix that ends inside a UTF-8 character is tested
-as a partial character, which the full character satisfies). So the grammar is asked about
+A token's text is accepted by llama.cpp's grammar only if every prefix of it that ends on a
+whole character is (the grammar reads a token one character at a time). A prefix that ends
+inside a UTF-8 character is no such evidence: the grammar tests it as a partial character,
+which a negated class such as [^é] refuses for the whole range (à included), so such prefixes
+are never asked about; their subtrees are searched below them. So the grammar is asked about
 the tokens that are themselves prefixes of many others: the single bytes first, then, under
 each accepted one, its longer prefixes. Every subtree under a refused prefix is left out
 without asking about its tokens. What remains is a small superset of the allowed tokens,
@@ -25,10 +27,12 @@ import numpy as np
 # The first bytes of every piece are kept as a table (children of shallow prefixes in numpy);
 # deeper ones, under fewer tokens, are read from the pieces themselves.
 DEPTH = 4
-# Below this many bytes a subtree is a leaf whatever its size (runs of blank space are long).
+# At this depth (bytes) a subtree is a leaf whatever its size (runs of blank space are long).
 MAX_DEPTH = 64
-# A subtree this small is taken whole rather than asked about prefix by prefix.
+# A subtree this small is taken whole rather than asked about prefix by prefix, once its
+# prefix was allowed; one whose prefix could not be asked about, only when smaller still.
 LEAF = 24
+UNASKED_LEAF = 2
 
 
 class TokenTrie:
@@ -60,6 +64,8 @@ class TokenTrie:
         self._pieces = [pieces[t] for t in ordered]
         self._lengths = lengths[self._ids]
         self._grid = grid[self._ids]
+        # Whether a token's text is whole characters: only those are asked about (module docstring).
+        self._whole = np.array([_whole_characters(p) for p in self._pieces], dtype=bool)
         self._always = np.array(sorted(always_set | set(odd)), dtype=np.int32)
         # (lo, hi, depth) -> the node's children as arrays (lo, hi, probe token or -1)
         self._children: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -72,6 +78,8 @@ class TokenTrie:
         is refused. The grammar must not be inside an unfinished UTF-8 character."""
         found = [self._always]
         total = len(self._always)
+        if not len(self._ids):  # a vocabulary of special, empty or broken pieces only
+            return np.array(self._always)
         frontier = [(0, len(self._ids), 0)]
         while frontier:
             los, his, probes, depths = [], [], [], []
@@ -90,7 +98,11 @@ class TokenTrie:
             size = hi_all - lo_all
             # First and last piece no longer than the prefix: copies of one piece, nothing below.
             copies = (self._lengths[lo_all] <= depth_all) & (self._lengths[hi_all - 1] <= depth_all)
-            leaf = keep & ((size <= LEAF) | (depth_all >= MAX_DEPTH) | copies)
+            # A small range is taken whole once the grammar has said yes to its prefix; one it could
+            # not be asked about (no token is exactly the prefix, or the prefix ends inside a
+            # character) is split further, down to ranges of a few tokens, to be asked below.
+            small = np.where(probe_all >= 0, size <= LEAF, size <= UNASKED_LEAF)
+            leaf = keep & (small | (depth_all >= MAX_DEPTH) | copies)
             total += int(size[leaf].sum())
             if total > budget:
                 return None
@@ -99,7 +111,9 @@ class TokenTrie:
             frontier = list(
                 zip(lo_all[deeper].tolist(), hi_all[deeper].tolist(), depth_all[deeper].tolist(), strict=True)
             )
-        return np.concatenate(found)
+        # In id order, as llama.cpp's grammar-first pass sees them: a sampler that keeps the order
+        # (no top-k, no top-p) draws the same token for a seed.
+        return np.sort(np.concatenate(found))
 
     def _children_of(self, lo: int, hi: int, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The ranges under a prefix of ``depth`` bytes, one per next byte (the prefix's own
@@ -116,7 +130,8 @@ class TokenTrie:
         ends = np.append(starts[1:], hi)
         # The shortest piece of a range comes first: it is the range's prefix exactly when it is
         # no longer than the depth reached.
-        probes = np.where(self._lengths[starts] <= depth + 1, self._ids[starts], -1).astype(np.int32)
+        exact = (self._lengths[starts] <= depth + 1) & self._whole[starts]
+        probes = np.where(exact, self._ids[starts], -1).astype(np.int32)
         known = (starts.astype(np.int64), ends.astype(np.int64), probes)
         self._children[key] = known
         return known
@@ -128,4 +143,12 @@ def _utf8_prefix(piece: bytes) -> bool:
         piece.decode("utf-8")
     except UnicodeDecodeError as error:
         return error.reason == "unexpected end of data" and error.end == len(piece)
+    return True
+
+
+def _whole_characters(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
     return True

@@ -41,7 +41,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--frequency-penalty", type=float)
     group.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
     group.add_argument("--stop", action="append", help="stop sequence (repeatable)")
-    group.add_argument("--speculation", choices=("auto", "on", "off"), help="drafts from the text so far")
+    group.add_argument("--speculation", choices=("auto", "off"), help="drafts from the text so far")
 
 
 def _generation_params(args: argparse.Namespace) -> dict[str, Any]:

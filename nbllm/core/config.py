@@ -60,7 +60,7 @@ class Performance:
     )
     use_mmap: bool = _spec(True, "memory-map the model file")
     use_mlock: bool = _spec(False, "lock the model in RAM (never swapped out)")
-    flash_attention: bool | None = _spec(None, "flash attention; null = tuned value or on")
+    flash_attention: bool | None = _spec(None, "flash attention; null = tuned value, else on without a GPU")
     parallel: int | None = _spec(
         None, "sequences decoded together by generate_many and the server; null = tuned value or 8", min=1, max=256
     )
@@ -80,9 +80,8 @@ class Generation:
     seed: int | None = _spec(None, "random seed; null = a new one per request, recorded in stats", min=0, max=2**32 - 1)
     speculation: str = _spec(
         "auto",
-        "speculative decoding, drafts from the text so far where they pay: auto = where the answer stays "
-        "exactly the same (checked once per model), on = also where near-ties may turn out otherwise, off",
-        choices=("auto", "on", "off"),
+        "speculative decoding: auto = draft from the text so far where it measurably pays, off = never",
+        choices=("auto", "off"),
     )
 
 

@@ -49,7 +49,7 @@ class GenerationParams:
     constraint: Constraint | None = None
     # Tool calls (core/tools.py): the tools the model may call; their grammar is ``constraint``.
     tools: ToolSet | None = None
-    # Speculative decoding (core/speculation.py): auto | on | off. How fast, not what: left out
+    # Speculative decoding (core/speculation.py): auto | off. How fast, not what: left out
     # of cache keys and records (as_dict).
     speculation: str = "auto"
 

@@ -6,8 +6,11 @@ and answer) occurred before, the tokens that followed them then are a good guess
 comes next. The model checks such a guess (a "draft") in one decode of several tokens: the
 answer keeps each drafted token the model itself samples there, and the first one it does not
 sample is replaced by the token it did. Every token is still sampled by the model from its own
-distribution, in order, by the same sampler: the answer is exactly what it would have been
-without drafting (the same seed gives the same text), only the number of decodes changes.
+distribution, in order, by the same sampler, with the same random numbers: the answer is the
+one it would have been without drafting, only the number of decodes changes. (To the letter
+where llama.cpp gives a decode of several tokens the logits single tokens get; where its
+kernels differ, as they do on a CPU past 256 tokens of context, the logits differ in rounding
+and an exact near-tie may go the other way, as it may when a prompt is read in other batches.)
 
 Drafting is not free: on a CPU a decode of 8 tokens costs ~4.5x one of a single token (2 cores,
 a 135M model), so a draft pays only when most of it is kept. ``DraftPolicy`` decides per step,

@@ -185,10 +185,14 @@ class Engine:
             gpu_layers=gpu_layers,
             use_mmap=perf.use_mmap,
             use_mlock=perf.use_mlock,
-            # On unless turned off: llama.cpp's own default ("auto"), as fast as off on a CPU, and
-            # what makes a batch of tokens give the same logits as one token at a time there
-            # (exact speculative decoding: backends/llama_cpp_speculative.py).
-            flash_attention=perf.flash_attention is not False or info.pooling is not None,
+            # Unset: on where nothing goes to a GPU (as fast as off on a CPU here, and with it a
+            # batch of a few tokens gets the logits single tokens get, up to 256 tokens of context,
+            # which keeps drafted answers the plain ones: core/speculation.py). With GPU layers, off unless
+            # tuned: llama-cpp-python's True forces it (not llama.cpp's "auto"), and a GPU without
+            # it for this model would run attention on the CPU.
+            flash_attention=bool(perf.flash_attention)
+            or (perf.flash_attention is None and gpu_layers == 0)
+            or info.pooling is not None,
             prefix_cache_bytes=self._settings.cache.prefix_cache_bytes if info.pooling is None else 0,
             pooling=info.pooling,
         )

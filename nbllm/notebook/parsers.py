@@ -171,7 +171,7 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
     generation.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
     generation.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
     generation.add_argument(
-        "--speculation", choices=("auto", "on", "off"), help="drafts from the text so far (same answers, sooner)"
+        "--speculation", choices=("auto", "off"), help="drafts from the text so far (same answers, sooner)"
     )
     return parser
 
