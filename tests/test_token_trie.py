@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from nbllm.backends.llama_cpp_grammar import grammar_pieces, grammar_text
+from nbllm.backends.llama_cpp_grammar import grammar_pieces, grammar_text, partial_characters_trusted
 from nbllm.backends.token_trie import TokenTrie
 from nbllm.core.tools import make_toolset
 
@@ -86,7 +86,9 @@ def test_the_candidates_hold_every_allowed_token_and_few_others(
     n_vocab = llm.n_vocab()
     constraint = make_toolset([get_weather, add_event], "required").constraint()
     assert constraint is not None
-    grammar = Grammar(llm._model.vocab, n_vocab, grammar_text(constraint))
+    text = grammar_text(constraint)
+    assert partial_characters_trusted(text), "nbllm's JSON grammars exclude only ASCII characters"
+    grammar = Grammar(llm._model.vocab, n_vocab, text)
     everything = np.arange(n_vocab, dtype=np.int32)
     pieces = grammar_pieces(llm._model.vocab, n_vocab)
     rest, text, small_sets, checked, steps = answer.encode(), b"", 0, 0, 0
@@ -98,7 +100,7 @@ def test_the_candidates_hold_every_allowed_token_and_few_others(
             except UnicodeDecodeError:
                 pass  # inside a character: the sampler does not use the trie here
             else:
-                candidates = trie.candidates(grammar.refuses, budget=n_vocab)
+                candidates = trie.candidates(grammar.refuses, budget=n_vocab, partial=True)
                 assert candidates is not None
                 missing = set(allowed_ids.tolist()) - set(candidates.tolist())
                 assert not missing, f"after {text!r} the trie left out allowed tokens {sorted(missing)[:10]}"
@@ -157,6 +159,8 @@ def test_a_negated_class_refusing_a_partial_character_prunes_nothing(
     must not drop \xc3's subtree on that refusal."""
     llm, trie = vocabulary
     n_vocab = llm.n_vocab()
+    assert not partial_characters_trusted('root ::= [^é"] "x"')
+    assert not partial_characters_trusted("root ::= [^\\xe9]")
     grammar = Grammar(llm._model.vocab, n_vocab, 'root ::= [^é"] "x"')
     try:
         everything = np.arange(n_vocab, dtype=np.int32)

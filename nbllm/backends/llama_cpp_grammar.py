@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -189,6 +190,7 @@ class GrammarSampler:
         self.rejections = 0  # sampled tokens the grammar refused (then sampled again)
         self._known: KnownSets | None = None
         self._trie: TokenTrie | None = None
+        self._partial_trusted = partial_characters_trusted(grammar)  # see token_trie.py
         self._text = b""  # the answer so far, for knowing when a JSON object or array is complete
         self._steps = 0
         self._path: list[int] | None = []  # the tokens so far, while few: the key of known sets
@@ -300,7 +302,7 @@ class GrammarSampler:
                 searched_trie = True
                 # The most likely candidates did not settle it: the allowed set is small, or
                 # its best members are unlikely ones. The trie finds a small set whole.
-                superset = self._trie.candidates(self._refuses, self.TRIE_BUDGET)
+                superset = self._trie.candidates(self._refuses, self.TRIE_BUDGET, partial=self._partial_trusted)
                 if superset is not None:
                     if self._fill_from(superset, logits, refused, remember=True):
                         return
@@ -401,6 +403,21 @@ class GrammarSampler:
 
     def __del__(self) -> None:
         self.close()
+
+
+def partial_characters_trusted(grammar: str) -> bool:
+    """Whether ``grammar``'s refusal of a partial UTF-8 character means every character it could
+    begin is refused: true unless a negated class excludes something outside ASCII (a non-ASCII
+    character, or an escape that can name one). nbllm's own JSON and tool grammars exclude only
+    quotes, backslashes and control characters."""
+    for match in _NEGATED_CLASS.finditer(grammar):
+        body = match.group(1)
+        if any(ord(c) > 0x7F for c in body) or re.search(r"\\(x[89a-fA-F]|u|U)", body):
+            return False
+    return True
+
+
+_NEGATED_CLASS = re.compile(r"\[\^((?:\\.|[^\]\\])*)\]")
 
 
 def grammar_pieces(vocab: Any, n_vocab: int) -> list[bytes]:

@@ -8,9 +8,10 @@ the allowed tokens are unlikely ones.
 
 A token's text is accepted by llama.cpp's grammar only if every prefix of it that ends on a
 whole character is (the grammar reads a token one character at a time). A prefix that ends
-inside a UTF-8 character is no such evidence: the grammar tests it as a partial character,
-which a negated class such as [^é] refuses for the whole range (à included), so such prefixes
-are never asked about; their subtrees are searched below them. So the grammar is asked about
+inside a UTF-8 character is such evidence only where no negated class of the grammar excludes
+a character outside ASCII: the grammar tests it as a partial character, which [^é] refuses for
+the whole range (à included). Under such a grammar these prefixes are not asked about; their
+subtrees are searched below them. So the grammar is asked about
 the tokens that are themselves prefixes of many others: the single bytes first, then, under
 each accepted one, its longer prefixes. Every subtree under a refused prefix is left out
 without asking about its tokens. What remains is a small superset of the allowed tokens,
@@ -68,14 +69,19 @@ class TokenTrie:
         self._whole = np.array([_whole_characters(p) for p in self._pieces], dtype=bool)
         self._always = np.array(sorted(always_set | set(odd)), dtype=np.int32)
         # (lo, hi, depth) -> the node's children as arrays (lo, hi, probe token or -1)
-        self._children: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._children: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
 
-    def candidates(self, refuses: Callable[[np.ndarray], np.ndarray], budget: int) -> np.ndarray | None:
+    def candidates(
+        self, refuses: Callable[[np.ndarray], np.ndarray], budget: int, *, partial: bool = False
+    ) -> np.ndarray | None:
         """A superset of the tokens the grammar allows now, or None when it would hold more than
         ``budget`` tokens (the allowed set is large; a search by logits finds it faster).
 
         ``refuses(ids)`` asks the grammar about ``ids`` (one call) and says, per id, whether it
-        is refused. The grammar must not be inside an unfinished UTF-8 character."""
+        is refused. The grammar must not be inside an unfinished UTF-8 character. ``partial``:
+        its refusal of a prefix that ends inside a character can be trusted too (no negated
+        class of the grammar excludes a character outside ASCII: partial_characters_trusted),
+        which saves splitting the ranges under such prefixes."""
         found = [self._always]
         total = len(self._always)
         if not len(self._ids):  # a vocabulary of special, empty or broken pieces only
@@ -84,10 +90,10 @@ class TokenTrie:
         while frontier:
             los, his, probes, depths = [], [], [], []
             for lo, hi, depth in frontier:
-                child_lo, child_hi, child_probe = self._children_of(lo, hi, depth)
+                child_lo, child_hi, child_probe, child_whole = self._children_of(lo, hi, depth)
                 los.append(child_lo)
                 his.append(child_hi)
-                probes.append(child_probe)
+                probes.append(child_probe if partial else np.where(child_whole, child_probe, -1))
                 depths.append(np.full(len(child_lo), depth + 1, dtype=np.int32))
             lo_all, hi_all, probe_all = np.concatenate(los), np.concatenate(his), np.concatenate(probes)
             depth_all = np.concatenate(depths)
@@ -115,9 +121,10 @@ class TokenTrie:
         # (no top-k, no top-p) draws the same token for a seed.
         return np.sort(np.concatenate(found))
 
-    def _children_of(self, lo: int, hi: int, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _children_of(self, lo: int, hi: int, depth: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The ranges under a prefix of ``depth`` bytes, one per next byte (the prefix's own
-        token, if any, as a range of one), each with the token that is exactly its prefix."""
+        token, if any, as a range of one), each with the token that is exactly its prefix (or
+        -1), and whether that token's text is whole characters."""
         key = (lo, hi, depth)
         known = self._children.get(key)
         if known is not None:
@@ -130,9 +137,8 @@ class TokenTrie:
         ends = np.append(starts[1:], hi)
         # The shortest piece of a range comes first: it is the range's prefix exactly when it is
         # no longer than the depth reached.
-        exact = (self._lengths[starts] <= depth + 1) & self._whole[starts]
-        probes = np.where(exact, self._ids[starts], -1).astype(np.int32)
-        known = (starts.astype(np.int64), ends.astype(np.int64), probes)
+        probes = np.where(self._lengths[starts] <= depth + 1, self._ids[starts], -1).astype(np.int32)
+        known = (starts.astype(np.int64), ends.astype(np.int64), probes, self._whole[starts])
         self._children[key] = known
         return known
 
