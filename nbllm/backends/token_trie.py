@@ -56,7 +56,9 @@ class TokenTrie:
         usable = np.ones(len(pieces), dtype=bool)
         usable[list(always_set)] = False
         usable &= grid[:, 0] > 0  # empty, or a NUL first: llama.cpp's grammar refuses these outright
-        odd = [t for t in np.flatnonzero(usable).tolist() if not _utf8_prefix(pieces[t])]
+        # Each piece decoded once: whole characters, or an unfinished one at the end, or not UTF-8.
+        kinds = {t: _utf8_kind(pieces[t]) for t in np.flatnonzero(usable).tolist()}
+        odd = [t for t, kind in kinds.items() if kind == "odd"]
         usable[odd] = False
         # Sorted by piece: every prefix's tokens are one range, the prefix's own token first.
         ordered = sorted(np.flatnonzero(usable).tolist(), key=pieces.__getitem__)
@@ -66,7 +68,7 @@ class TokenTrie:
         self._lengths = lengths[self._ids]
         self._grid = grid[self._ids]
         # Whether a token's text is whole characters: only those are asked about (module docstring).
-        self._whole = np.array([_whole_characters(p) for p in self._pieces], dtype=bool)
+        self._whole = np.array([kinds[t] == "whole" for t in ordered], dtype=bool)
         self._always = np.array(sorted(always_set | set(odd)), dtype=np.int32)
         # (lo, hi, depth) -> the node's children as arrays (lo, hi, probe token or -1)
         self._children: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -143,18 +145,11 @@ class TokenTrie:
         return known
 
 
-def _utf8_prefix(piece: bytes) -> bool:
-    """Whether ``piece`` is UTF-8, allowing an unfinished character at its end."""
+def _utf8_kind(piece: bytes) -> str:
+    """ "whole" (UTF-8 characters), "prefix" (an unfinished character at the end) or "odd"."""
     try:
         piece.decode("utf-8")
     except UnicodeDecodeError as error:
-        return error.reason == "unexpected end of data" and error.end == len(piece)
-    return True
-
-
-def _whole_characters(piece: bytes) -> bool:
-    try:
-        piece.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+        unfinished = error.reason == "unexpected end of data" and error.end == len(piece)
+        return "prefix" if unfinished else "odd"
+    return "whole"
