@@ -231,3 +231,96 @@ def test_the_facade_exposes_generate_many(global_engine: Engine) -> None:
     assert all(isinstance(r.text, str) for r in results)
     chats = nbllm.chat_many(["hi", "hello"], max_tokens=4, seed=1, progress=False)
     assert len(chats) == 2
+
+
+# ---------------------------------------------------------------------------- shared prefixes
+
+# Longer than the tests' batch size (64 tokens; ~100 on the tiny models), so the first sequence reads it over two steps
+# while the others wait for it.
+INSTRUCTION = "Read the text below about the model and the cache. " * 2
+
+
+def _reading_tokens(engine: Engine, text: str) -> int:
+    resident = engine.registry.load(None)
+    return resident.model.count_tokens(nbllm.core.chat_format.FormattedPrompt(text))
+
+
+def test_prompts_that_begin_alike_read_the_shared_part_once_and_answer_as_one_at_a_time(
+    batch_engine: Engine,
+) -> None:
+    prompts = [f"{INSTRUCTION}Text {i}: the cache {i}." for i in range(10)]
+    shared = _reading_tokens(batch_engine, INSTRUCTION) - 1  # its last token may merge with what follows
+    batched = batch_engine.generate_many(prompts, max_tokens=12, temperature=0, progress=False)
+    single = [batch_engine.generate(p, max_tokens=12, temperature=0).text for p in prompts]
+    assert [r.text for r in batched] == single
+    reused = [r.stats.reused_prompt_tokens for r in batched if r.stats]
+    assert reused[0] == 0, "the first prompt has nothing to start from"
+    assert all(n >= shared for n in reused[1:]), reused
+    assert all(n < r.stats.prompt_tokens for n, r in zip(reused, batched, strict=True) if r.stats)
+    again = batch_engine.generate_many(prompts, max_tokens=12, temperature=0, progress=False)
+    assert [r.text for r in again] == single, "a second run starts from what the first left, or from nothing"
+
+
+def test_sampled_answers_from_a_shared_prefix_keep_their_seeds(batch_engine: Engine) -> None:
+    prompts = [f"{INSTRUCTION}Text {i}." for i in range(6)]
+    per_item = [{"seed": 7 + i, "temperature": 1.0, "max_tokens": 10} for i in range(6)]
+    batched = batch_engine.generate_many(prompts, per_item=per_item, progress=False)
+    assert sum(r.stats.reused_prompt_tokens for r in batched if r.stats) > 0
+    for result, item in zip(batched, per_item, strict=True):
+        assert result.text == batch_engine.generate(prompts[result.index], **item).text
+
+
+class _CancelledOnSecondLook(threading.Event):
+    """Admitted (the first look, in ``_admit``), then gone before its first step (the second, in
+    ``_drop_cancelled``): deterministic, as long as the loop looks at the flag just there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.looks = 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= 2 or super().is_set()
+
+
+def test_a_prompt_waiting_for_a_shared_prefix_reads_it_itself_when_the_reader_leaves(batch_engine: Engine) -> None:
+    """Driven through the backend's batch loop with a feed filled beforehand, so that the three
+    prompts are admitted together: 1 and 2 wait for 0, which leaves before reading anything."""
+    import queue
+
+    from nbllm.backends.base import BatchItem, BatchProgress
+    from nbllm.core.chat_format import FormattedPrompt
+
+    prompts = [f"{INSTRUCTION}Text {i}." for i in range(3)]
+    expected = [batch_engine.generate(p, max_tokens=8, temperature=0).text for p in prompts]
+    shared = _reading_tokens(batch_engine, INSTRUCTION) - 1
+    texts: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    params = batch_engine.make_request(prompt="x", params={"max_tokens": 8, "temperature": 0}).params
+
+    def sink(event: Any) -> None:
+        if event.kind == "piece":
+            texts[event.item.key].append(event.text)
+
+    items = [BatchItem(i, FormattedPrompt(p), params, 0, sink) for i, p in enumerate(prompts)]
+    items[0].cancel = _CancelledOnSecondLook()
+    feed: queue.SimpleQueue[BatchItem | None] = queue.SimpleQueue()
+    for item in items:
+        feed.put(item)
+    model = batch_engine.registry.load(None).model
+    model.run_batch(feed, threading.Event(), BatchProgress(), lambda: True, parallel=4, seq_context=256)
+    assert items[0].usage.finish_reason == "cancelled"
+    assert {items[1].usage.finish_reason, items[2].usage.finish_reason} <= {"length", "stop"}
+    assert ["".join(texts[i]) for i in (1, 2)] == expected[1:]
+    assert items[1].usage.reused_prompt_tokens == 0, "its reader left: it read the prompt itself"
+    assert items[2].usage.reused_prompt_tokens >= shared, "then waited for 1 instead"
+
+
+def test_more_sequences_than_a_batch_holds_still_decode_together(settings: Settings) -> None:
+    """Each step carries a token of every generating sequence: a batch_size below parallel used
+    to write past llama.cpp's batch (and abort the process)."""
+    engine = Engine(settings.merged({"performance": {"parallel": 8, "batch_size": 4, "parallel_context_size": 128}}))
+    try:
+        results = engine.generate_many(PROMPTS[:8], max_tokens=6, ignore_eos=True, temperature=0, progress=False)
+        assert all(r.ok and r.stats is not None and r.stats.completion_tokens == 6 for r in results)
+    finally:
+        engine.close()

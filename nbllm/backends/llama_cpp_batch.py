@@ -12,7 +12,12 @@ little more than one carrying a single token. This module runs that loop:
   of sequences that are still reading theirs (continuous batching: when a sequence finishes,
   the next prompt takes its place at once);
 - items arrive through a queue while the loop runs (a server's concurrent requests join it),
-  and each has its own cancel flag (a client that hung up) besides the loop's own stop.
+  and each has its own cancel flag (a client that hung up) besides the loop's own stop;
+- a prompt that begins like one already in the cache (a shared instruction, a system prompt, a
+  chat template's preamble: what ``generate_many`` over a list of inputs usually is) is not read
+  again: its sequence keeps what it held of it, or copies the cache of a sequence that holds more,
+  or waits a step for a sequence still reading that prefix (``_place``). A finished sequence's
+  cache stays until its slot is reused, so the next prompt can start from it too.
 
 Like ``llama_cpp.py`` it imports ``llama_cpp``, which only modules under ``nbllm/backends/`` may
 (an import-linter contract in pyproject.toml). Its item, event and progress types are the
@@ -30,13 +35,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llama_cpp
+import numpy as np
 from llama_cpp import _internals as internals
 
 from nbllm.backends.base import BatchEvent, BatchItem, BatchProgress
 from nbllm.core.chat_format import FormattedPrompt
 from nbllm.core.errors import ContextLengthError, GenerationError, NbllmError
 from nbllm.core.params import GenerationParams
+from nbllm.core.prefix_cache import common_prefix
 from nbllm.core.stop import TextAssembler
+
+# Copying another sequence's cache copies its whole KV stream (llama.cpp keeps one per sequence
+# and copies between them only whole), not just the shared tokens: for a 135M model's 512-token
+# stream that is ~12 MB, about a millisecond, against ~6 ms per prompt token read on 2 CPU cores;
+# for an 8B model's 4096-token stream ~0.5 GB against ~0.15 s a token. A few tokens always pay
+# for it; below this many, reading them is as cheap and keeps the step simple. A sequence's own
+# cache is reused from one token on: that costs nothing.
+MIN_SHARED_TOKENS = 8
 
 
 @dataclass(eq=False)
@@ -45,16 +60,24 @@ class _Slot:
     item: BatchItem
     sampler: Any
     text: TextAssembler
+    prompt: list[int]
     pending: list[int]  # prompt tokens not evaluated yet
     max_tokens: int
     n_past: int = 0
     last_token: int = -1
     produced: int = 0
     started: float = field(default_factory=time.perf_counter)
+    # Waiting for another sequence to finish reading the prefix both prompts share (that slot,
+    # and how many tokens); nothing of this prompt is read meanwhile.
+    wait: tuple[_Slot, int] | None = None
 
     @property
     def generating(self) -> bool:
         return not self.pending
+
+    @property
+    def reading(self) -> bool:
+        return bool(self.pending) and self.wait is None
 
 
 class BatchDecoder:
@@ -77,7 +100,9 @@ class BatchDecoder:
     ) -> None:
         self.parallel = parallel
         self.seq_context = seq_context
-        self.batch_size = batch_size
+        # Every generating sequence adds a token to each step: the batch must hold them all,
+        # whatever performance.batch_size says (llama.cpp aborts on a batch over n_batch).
+        self.batch_size = batch_size = max(batch_size, parallel)
         self._llm = llm
         self._piece_of = piece_of
         self._tokenize = tokenize
@@ -96,6 +121,18 @@ class BatchDecoder:
         self._batch = internals.LlamaBatch(n_tokens=batch_size, embd=0, n_seq_max=1, verbose=False)
         self._vocab = llm._model.vocab
         self._is_eog = llama_cpp.llama_vocab_is_eog
+        # The tokens each sequence's KV cache holds, position by position (what it read and
+        # generated): the prefixes a new prompt may take over instead of reading them.
+        self._held: list[list[int]] = [[] for _ in range(parallel)]
+        # Recurrent state (Mamba, RWKV, hybrids) is one state per sequence, not one entry per
+        # position: it cannot be cut back to a prefix, so there every prompt is read whole.
+        model = llm._model.model
+        self._can_share = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
+        # Sliding-window attention (Gemma 2/3...) keeps only the last n_swa positions of a
+        # sequence in its windowed layers: a prefix is usable only while the window before its
+        # end is still there (_usable).
+        self._n_swa = int(llama_cpp.llama_model_n_swa(model))
+        self._memory = llama_cpp.llama_get_memory(self._ctx.ctx)
 
     def close(self) -> None:
         self._batch.close()
@@ -146,6 +183,7 @@ class BatchDecoder:
                 item.usage.finish_reason = "cancelled" if failure is None else "error"
                 item.sink(BatchEvent(item, "done") if failure is None else BatchEvent(item, "error", error=failure))
             self._ctx.kv_cache_clear()
+            self._held = [[] for _ in range(self.parallel)]
 
     def _take_new(
         self,
@@ -188,6 +226,81 @@ class BatchDecoder:
                     item.sink(BatchEvent(item, "error", error=failure))
                     continue
                 slots[seq_id] = slot
+                self._place(slot, slots)
+
+    # ------------------------------------------------------------------ shared prefixes
+
+    def _place(self, slot: _Slot, slots: list[_Slot | None]) -> None:
+        """Start ``slot`` from the longest prefix of its prompt that some sequence's cache holds,
+        or have it wait for a sequence still reading a longer one."""
+        prompt, seq_id = slot.prompt, slot.seq_id
+        if not self._can_share:
+            self._take_prefix(slot, seq_id, 0)
+            return
+        limit = len(prompt) - 1  # the last prompt token is always read: its logits start the answer
+        own = self._usable(seq_id, min(_shared(self._held[seq_id], prompt), limit))
+        best, source = own, seq_id
+        for other in range(self.parallel):
+            if other != seq_id:
+                shared = self._usable(other, min(_shared(self._held[other], prompt), limit))
+                if shared > best and shared >= MIN_SHARED_TOKENS:
+                    best, source = shared, other
+        later: tuple[_Slot, int] | None = None
+        for other_slot in slots:
+            if other_slot is None or other_slot is slot or not other_slot.reading:
+                continue
+            shared = min(_shared(other_slot.prompt, prompt), limit)
+            if len(self._held[other_slot.seq_id]) >= shared:
+                continue  # already read: its cache was weighed above
+            if shared >= best + MIN_SHARED_TOKENS and (later is None or shared > later[1]):
+                later = (other_slot, shared)
+        if later is not None:
+            slot.wait = later
+            return
+        self._take_prefix(slot, source, best)
+
+    def _usable(self, seq_id: int, shared: int) -> int:
+        """``shared``, or 0 where the sequence's sliding-window layers no longer hold the window
+        before that position (they drop what falls out of it as a sequence goes on): llama-server's
+        test, ``pos_min <= shared - n_swa``."""
+        if shared <= 0 or self._n_swa <= 0:
+            return shared
+        first = llama_cpp.llama_memory_seq_pos_min(self._memory, seq_id)
+        return shared if 0 <= first <= max(0, shared - self._n_swa) else 0  # -1: the sequence is empty
+
+    def _take_prefix(self, slot: _Slot, source: int, shared: int) -> None:
+        seq_id = slot.seq_id
+        if source != seq_id:
+            # Across sequences llama.cpp copies whole streams (a partial copy aborts the process),
+            # applied before the next decode; what lies past the shared prefix is dropped after.
+            self._ctx.kv_cache_seq_cp(source, seq_id, -1, -1)
+        if not self._ctx.kv_cache_seq_rm(seq_id, shared, -1):
+            # A memory that cannot cut a sequence back (llama.h: "removing a whole sequence never
+            # fails") reads this prompt whole instead.
+            self._ctx.kv_cache_seq_rm(seq_id, -1, -1)
+            source, shared = seq_id, 0
+        self._held[seq_id] = self._held[source][:shared]
+        slot.n_past = shared
+        slot.pending = slot.prompt[shared:]
+        slot.item.usage.reused_prompt_tokens = shared
+
+    def _resolve_waits(self, slots: list[_Slot | None]) -> None:
+        """A waiting sequence takes the shared prefix once its source has read it; if the source
+        left first (cancelled, failed), it looks for another start."""
+        for slot in slots:
+            if slot is None or slot.wait is None:
+                continue
+            source, shared = slot.wait
+            held = self._held[source.seq_id]
+            if len(held) >= shared:  # read (or read past: a window may have moved on)
+                slot.wait = None
+                if held[:shared] == slot.prompt[:shared] and self._usable(source.seq_id, shared) == shared:
+                    self._take_prefix(slot, source.seq_id, shared)
+                else:
+                    self._place(slot, slots)
+            elif slots[source.seq_id] is not source or not source.reading:
+                slot.wait = None
+                self._place(slot, slots)
 
     def _start(self, seq_id: int, item: BatchItem) -> _Slot:
         # A chat is formatted here, by the model (its template or the transcript): stop
@@ -212,11 +325,13 @@ class BatchDecoder:
             item=item,
             sampler=self._make_sampler(item.params, item.seed),
             text=TextAssembler((*item.params.stop, *stops), trim),
+            prompt=tokens,
             pending=tokens,
             max_tokens=min(item.params.max_tokens, self.seq_context - len(tokens)),
         )
 
     def _step(self, slots: list[_Slot | None], progress: BatchProgress) -> None:
+        self._resolve_waits(slots)
         batch = self._batch.batch
         n = 0
         sample_at: list[tuple[_Slot, int]] = []
@@ -224,6 +339,7 @@ class BatchDecoder:
         for slot in slots:
             if slot is not None and slot.generating:
                 n = self._add(batch, n, slot.last_token, slot.n_past, slot.seq_id, True)
+                self._held[slot.seq_id].append(slot.last_token)
                 slot.n_past += 1
                 sample_at.append((slot, n - 1))
         # ... then prompt chunks with the room left.
@@ -231,21 +347,27 @@ class BatchDecoder:
             room = self.batch_size - n
             if room <= 0:
                 break
-            if slot is None or slot.generating:
+            if slot is None or not slot.reading:
                 continue
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]
             for index, token in enumerate(chunk):
                 last = not slot.pending and index == len(chunk) - 1
                 n = self._add(batch, n, token, slot.n_past + index, slot.seq_id, last)
+            self._held[slot.seq_id] += chunk
             slot.n_past += len(chunk)
             if not slot.pending:
                 sample_at.append((slot, n - 1))
+        if n == 0:  # cannot happen: after _resolve_waits every waiting slot's source is reading
+            raise GenerationError("The batch loop had nothing to decode while prompts were waiting (an nbllm bug).")
         batch.n_tokens = n
         result = llama_cpp.llama_decode(self._ctx.ctx, batch)
         if result != 0:
             raise GenerationError(f"llama.cpp could not decode a batch of {n} tokens (llama_decode returned {result}).")
         for slot, index in sample_at:
             self._sample(slot, index, slots, progress)
+        # Now, before the next admission can take over (and trim) the cache of a sequence that
+        # has just read a prefix and ended at once, as an answer of one token does.
+        self._resolve_waits(slots)
 
     @staticmethod
     def _add(batch: Any, n: int, token: int, pos: int, seq_id: int, logits: bool) -> int:
@@ -284,6 +406,7 @@ class BatchDecoder:
         slot.item.usage.finish_reason = "error"
         slot.item.usage.completion_tokens = slot.produced
         try:
+            self._held[slot.seq_id] = []
             self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
         finally:
             slot.sampler.close()
@@ -298,10 +421,19 @@ class BatchDecoder:
                 item.sink(BatchEvent(item, "piece", tail))
         item.usage.finish_reason = reason
         item.usage.completion_tokens = slot.produced
-        self._ctx.kv_cache_seq_rm(slot.seq_id, -1, -1)
+        # The sequence's cache stays (``_held``) until its slot is taken: the next prompts may
+        # start with what this one read.
         slot.sampler.close()
         progress.finished += 1
         item.sink(BatchEvent(item, "done"))
+
+
+def _shared(held: list[int], prompt: list[int]) -> int:
+    """How many leading tokens two token lists share."""
+    n = min(len(held), len(prompt))
+    if n == 0 or held[0] != prompt[0]:
+        return 0
+    return common_prefix(np.asarray(held[:n], dtype=np.int32), np.asarray(prompt[:n], dtype=np.int32))
 
 
 def _as_generation_error(error: Exception) -> GenerationError:
