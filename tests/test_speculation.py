@@ -236,6 +236,28 @@ def test_guesses_not_drafted_still_teach_the_policy() -> None:
     assert policy.length(2, 16) <= 2, "each n-gram length learns on its own"
 
 
+def test_a_draft_models_guesses_are_weighed_with_what_they_cost() -> None:
+    from nbllm.core.speculation import DRAFT_MODEL
+
+    gpu = DecodeCosts()
+    gpu.observe(1, 0.010)
+    gpu.observe(17, 0.012)
+    policy = DraftPolicy(gpu)
+    assert policy.length(DRAFT_MODEL, 16, seconds_per_guess=0.0005) >= 4, "cheap guesses from a model: drafted"
+    assert policy.length(DRAFT_MODEL, 16, seconds_per_guess=0.010) <= policy.length(DRAFT_MODEL, 16, 0.0005)
+    assert policy.could_pay(16, 0.0005)
+    cpu = DecodeCosts()
+    for size, seconds in ((1, 0.010), (2, 0.014), (9, 0.045), (17, 0.075)):  # 2 cores, measured shape
+        cpu.observe(size, seconds)
+    as_slow = DraftPolicy(cpu)
+    assert as_slow.length(DRAFT_MODEL, 16, seconds_per_guess=0.010) == 0
+    assert not as_slow.could_pay(16, 0.010), "a draft as slow as the model is not even tried"
+    for _ in range(10):
+        policy.observe(DRAFT_MODEL, drafted=8, accepted=0)
+    assert policy.length(DRAFT_MODEL, 16, seconds_per_guess=0.0005) <= 1, "wrong guesses stop the drafts"
+    assert policy.could_pay(16, 0.0005), "but a probe may still show they came right again"
+
+
 # ---------------------------------------------------------------------------- front ends
 
 
@@ -249,3 +271,82 @@ def test_the_magic_and_the_cli_take_speculation(ip: Any, capsys: pytest.CaptureF
     assert "auto, off" in usage_error_of(ip, "%%llm --speculation sometimes\nHello", capsys).replace("'", "")
     args = build_parser().parse_args(["run", "--speculation", "off", "Hello"])
     assert _generation_params(args)["speculation"] == "off"
+    ip.run_cell("%%llm --draft-model tiny-a -n 3\nHello").raise_error()  # the model drafting for itself
+    assert magics.last_request.params.draft_model == "tiny-a"
+    args = build_parser().parse_args(["run", "--draft-model", "small", "Hello"])
+    assert _generation_params(args)["draft_model"] == "small"
+
+
+# ---------------------------------------------------------------------------- a draft model
+
+
+def pin_draft_costs(engine: Engine, draft: Path) -> None:
+    """Load the draft model and fix what a guess costs to a twentieth of a single decode, the
+    shape of a small model drafting for a large one (here the draft is the model itself: no
+    smaller model of its vocabulary is at hand, and guesses of the very model are the test's
+    point: they are right, so they are drafted and kept)."""
+    (resident,) = engine.registry.resident()
+    drafter = resident.model._draft_model(draft)
+    drafter.seconds_per_guess = 0.0005
+    drafter.observe = lambda seconds: None
+
+
+def test_a_draft_model_drafts_and_the_answers_are_the_same(
+    engines: tuple[Engine, Engine], default_model_path: Path
+) -> None:
+    plain, speculating = engines
+    pin_draft_costs(speculating, default_model_path)
+    prompt = "Write a short story about a lighthouse keeper."
+    without = plain.chat(prompt, max_tokens=60, temperature=0, repeat_penalty=1.0, speculation="off")
+    drafted = speculating.chat(
+        prompt, max_tokens=60, temperature=0, repeat_penalty=1.0, draft_model=str(default_model_path)
+    )
+    assert drafted.text == without.text
+    stats = drafted.stats
+    assert stats.drafted_tokens >= 20, "free writing, drafted: the guesses come from a model, not the text"
+    assert stats.accepted_tokens >= 0.9 * stats.drafted_tokens, "a model's greedy guesses are its greedy answer"
+    for seed in (1, 2):  # sampled: the request's own sampler decides every token, as without drafts
+        alone = plain.chat(prompt, max_tokens=40, temperature=0.7, seed=seed, speculation="off")
+        helped = speculating.chat(
+            prompt, max_tokens=40, temperature=0.7, seed=seed, draft_model=str(default_model_path)
+        )
+        assert helped.text == alone.text
+
+
+def test_a_draft_model_is_named_like_any_model_and_set_in_the_config(
+    engines: tuple[Engine, Engine], default_model_path: Path
+) -> None:
+    _, speculating = engines
+    speculating.configure(models={"drafter": str(default_model_path)}, generation={"draft_model": "drafter"})
+    pin_costs_where_drafts_pay(speculating)  # a new configuration: the model was loaded again
+    pin_draft_costs(speculating, default_model_path)
+    prompt = "Write a short story about a lighthouse keeper."
+    answer = speculating.chat(prompt, max_tokens=30, temperature=0, repeat_penalty=1.0)
+    assert answer.stats.drafted_tokens > 0
+    off = speculating.chat(prompt, max_tokens=30, temperature=0, speculation="off")
+    assert off.stats.drafted_tokens == 0, "speculation off: no drafts, from a model either"
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_with_what_to_do(
+    engines: tuple[Engine, Engine], tiny_models: dict[str, Path]
+) -> None:
+    from nbllm.core.errors import ModelLoadError, ModelNotFoundError
+
+    plain, _ = engines
+    refused = r"cannot draft for this model: its (tokenizer is of another kind|vocabulary has).* draft_model"
+    with pytest.raises(ModelLoadError, match=refused):
+        plain.chat("Hi", max_tokens=4, draft_model=str(tiny_models["a"]))
+    with pytest.raises(ModelNotFoundError):
+        plain.chat("Hi", max_tokens=4, draft_model="no-such-draft-model")
+    assert plain.chat("Hi", max_tokens=4, seed=1).stats.completion_tokens > 0, "the model still answers"
+
+
+def test_a_draft_model_that_is_not_a_model_file_is_refused(engines: tuple[Engine, Engine], tmp_path: Path) -> None:
+    from nbllm.core.errors import NbllmError
+
+    plain, _ = engines
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(NbllmError):
+        plain.chat("Hi", max_tokens=4, draft_model=str(junk))
+    assert plain.chat("Hi", max_tokens=4, seed=1).stats.completion_tokens > 0

@@ -31,6 +31,7 @@ from llama_cpp import _internals as internals
 from nbllm.backends.base import BatchItem, BatchProgress, EmbeddedTexts, LoadSettings, ModelSpec, Usage
 from nbllm.backends.compute_thread import ComputeThreads
 from nbllm.backends.llama_cpp_batch import BatchDecoder
+from nbllm.backends.llama_cpp_draft import DraftModel
 from nbllm.backends.llama_cpp_embed import POOLING_CODES, EmbeddingCancelled, embed_token_lists, tokenize_all
 from nbllm.backends.llama_cpp_grammar import GrammarSampler, KnownSets, grammar_pieces, grammar_text, known_sets
 from nbllm.backends.llama_cpp_speculative import speculative_steps
@@ -331,6 +332,7 @@ class LlamaCppModel:
         model = llm._model.model
         self._can_draft = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         self._abort_callback: Any = None  # see _set_abort
+        self._drafter: DraftModel | None = None  # the draft model last asked for (llama_cpp_draft.py)
 
     @property
     def context_size(self) -> int:
@@ -569,8 +571,11 @@ class LlamaCppModel:
         if abortable:
             self._set_abort(cancel)
         policy = DraftPolicy(self._decode_costs) if params.speculation == "auto" and self._can_draft else None
+        drafter = self._draft_model(Path(params.draft_model)) if policy is not None and params.draft_model else None
         if policy is not None:
-            steps = speculative_steps(llm, tokens, sampling_options(params), max_tokens, self._decode_costs, policy)
+            steps = speculative_steps(
+                llm, tokens, sampling_options(params), max_tokens, self._decode_costs, policy, drafter
+            )
         else:
             steps = llm.generate(tokens, **sampling_options(params))
         try:
@@ -631,6 +636,17 @@ class LlamaCppModel:
             usage.finish_reason = finish
             if policy is not None:
                 usage.drafted_tokens, usage.accepted_tokens = policy.drafted, policy.accepted
+
+    def _draft_model(self, path: Path) -> DraftModel:
+        """The draft model at ``path``, loaded on first use and kept until another is asked for
+        (one at a time: a draft model is read once per guess, it must stay in memory)."""
+        if self._drafter is not None and self._drafter.path == path:
+            return self._drafter
+        if self._drafter is not None:
+            self._drafter.close()
+            self._drafter = None
+        self._drafter = DraftModel(path, self._llm, self.settings)
+        return self._drafter
 
     def _set_abort(self, cancel: threading.Event | None) -> None:
         """Let llama.cpp's decode stop as soon as ``cancel`` is set (None: never).
@@ -828,6 +844,8 @@ class LlamaCppModel:
         self._worker.wait_idle()
         if self._batcher is not None:
             self._batcher.close()
+        if self._drafter is not None:
+            self._drafter.close()
         self._prefixes.clear()
         self._llm.close()
 

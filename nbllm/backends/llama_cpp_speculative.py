@@ -1,4 +1,5 @@
-"""Speculative decoding on llama.cpp: drafts from the text so far, checked in one decode each.
+"""Speculative decoding on llama.cpp: drafts from the text so far (or from a draft model,
+llama_cpp_draft.py), checked in one decode each.
 
 What is drafted and when it pays is core/speculation.py's business; here is the decode loop.
 Llama.generate reads the prompt (reusing the KV cache's shared prefix) and samples the first
@@ -19,31 +20,59 @@ from typing import Any
 
 import llama_cpp
 
+from nbllm.backends.llama_cpp_draft import DraftModel
 from nbllm.core.errors import GenerationError
-from nbllm.core.speculation import MOST_DRAFTED, DecodeCosts, DraftPolicy, NgramIndex
+from nbllm.core.speculation import DRAFT_MODEL, MOST_DRAFTED, DecodeCosts, DraftPolicy, NgramIndex
+
+# With a draft model, a step the policy drafts nothing still tries one guess this often: a
+# draft model's guesses are evidence only when made (a lookup's come free with every token).
+# Only where drafts could pay if the guesses were right: a probe costs the draft model the
+# tokens it has not read yet (the whole prompt, the first time), and a draft model as slow as
+# the model (per guess, on this machine) can never pay.
+PROBE_EVERY = 16
 
 
 def speculative_steps(
-    llm: Any, tokens: list[int], options: dict[str, Any], max_tokens: int, costs: DecodeCosts, policy: DraftPolicy
+    llm: Any,
+    tokens: list[int],
+    options: dict[str, Any],
+    max_tokens: int,
+    costs: DecodeCosts,
+    policy: DraftPolicy,
+    drafter: DraftModel | None = None,
 ) -> Generator[int, None, None]:
-    """The answer's tokens, as ``llm.generate(tokens, **options)`` would give them."""
+    """The answer's tokens, as ``llm.generate(tokens, **options)`` would give them; drafted
+    from the text so far, or by ``drafter`` when one is given."""
     first = llm.generate(tokens, **options)
     token = next(first)
     first.close()  # the prompt is read and its first token sampled; the loop below goes on
     sampler, ctx, batch = llm._sampler, llm._ctx, llm._batch
     n_ctx, n_batch = llm.n_ctx(), int(llm.n_batch)
-    index = NgramIndex(tokens)
-    given = 0
+    index = NgramIndex(tokens) if drafter is None else None
+    text = list(tokens)  # prompt and answer: what a draft model continues
+    given = since_guess = 0
     while True:
         yield token
         given += 1
-        index.append(token)
-        guess, matched = index.draft(MOST_DRAFTED)
+        text.append(token)
         n_past = llm.n_tokens
         # KV cells left, tokens still wanted, and what one decode holds (llama-cpp-python's batch
         # has n_batch slots: a longer step would write past them).
         room = min(n_ctx - n_past - 1, max_tokens - given - 1, n_batch - 1)
-        drafted = guess[: policy.length(matched, min(len(guess), room))] if room > 0 else []
+        if index is not None:
+            index.append(token)
+            guess, matched = index.draft(MOST_DRAFTED)
+            drafted = guess[: policy.length(matched, min(len(guess), room))] if room > 0 else []
+        else:
+            assert drafter is not None
+            matched = DRAFT_MODEL
+            wanted = policy.length(matched, min(MOST_DRAFTED, room), drafter.seconds_per_guess) if room > 0 else 0
+            since_guess = 0 if wanted else since_guess + 1
+            if since_guess >= PROBE_EVERY and room > 0:
+                since_guess = 0
+                if policy.could_pay(min(MOST_DRAFTED, room), drafter.seconds_per_guess):
+                    wanted = 1
+            guess = drafted = drafter.draft(text, wanted) if wanted else []
         step = [token, *drafted]
         batch.set_batch(batch=step, n_past=n_past, logits_all=True)
         started = time.perf_counter()
@@ -59,7 +88,9 @@ def speculative_steps(
                 kept += 1
                 yield token
                 given += 1
-                index.append(token)
+                text.append(token)
+                if index is not None:
+                    index.append(token)
                 continue
             break
         if drafted:

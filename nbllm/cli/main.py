@@ -42,6 +42,7 @@ def _add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, help="random seed, for a reproducible answer")
     group.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     group.add_argument("--speculation", choices=("auto", "off"), help="drafts from the text so far")
+    group.add_argument("--draft-model", metavar="MODEL", help="a smaller model of the same vocabulary drafts instead")
 
 
 def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
@@ -57,6 +58,7 @@ def _generation_params(args: argparse.Namespace) -> dict[str, Any]:
         "seed",
         "stop",
         "speculation",
+        "draft_model",
     )
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 

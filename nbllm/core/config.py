@@ -83,6 +83,11 @@ class Generation:
         "speculative decoding: auto = draft from the text so far where it measurably pays, off = never",
         choices=("auto", "off"),
     )
+    draft_model: str | None = _spec(
+        None,
+        "a smaller model of the same vocabulary that drafts for speculation (a name or GGUF path); "
+        "null = draft from the text so far",
+    )
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ _CONFIG_FIELD = {
     "frequency_penalty": "frequency_penalty",
     "seed": "seed",
     "speculation": "speculation",
+    "draft_model": "draft_model",
 }
 PARAM_NAMES = (*_CONFIG_FIELD, "stop", "ignore_eos", "schema", "choices", "tools", "tool_choice")
 MAX_STOPS = 16
@@ -52,6 +53,10 @@ class GenerationParams:
     # Speculative decoding (core/speculation.py): auto | off. How fast, not what: left out
     # of cache keys and records (as_dict).
     speculation: str = "auto"
+    # A smaller model of the same vocabulary that drafts (backends/llama_cpp_draft.py): a name
+    # or path as given; the engine hands the backend its file's path. None: drafts come from
+    # the text so far. Left out of cache keys and records too.
+    draft_model: str | None = None
 
     def template_tools(self) -> list[dict[str, Any]] | None:
         """The tools for a chat template that renders them itself (None: nbllm describes them)."""
@@ -65,7 +70,7 @@ class GenerationParams:
         """Plain data (cache keys, provenance): a constraint by its kind, name and hash."""
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["stop"] = list(self.stop)
-        del data["speculation"]
+        del data["speculation"], data["draft_model"]
         if self.constraint is None:
             del data["constraint"]  # keys of answers cached before structured output stay valid
         else:

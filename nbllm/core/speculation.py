@@ -32,6 +32,8 @@ from collections.abc import Sequence
 SHORTEST_NGRAM = 2
 LONGEST_NGRAM = 4
 MOST_DRAFTED = 16  # tokens drafted at most per step
+# The draft policy's key for guesses from a draft model (n-gram keys are their lengths, 2-4).
+DRAFT_MODEL = 1
 # Prompts longer than this are indexed from their end only (the part an answer copies most).
 INDEXED_PROMPT_TOKENS = 16_384
 
@@ -119,6 +121,9 @@ class DraftPolicy:
     """
 
     PRIOR = 0.5  # an unproven guess: not worth a draft on a CPU until the text shows it is
+    # A draft model was chosen for agreeing with its target (same family, same vocabulary):
+    # trusted more at first, then measured like the rest.
+    MODEL_PRIOR = 0.7
     SMOOTHING = 0.3  # three right guesses in a row make a draft worth it on a 2-core CPU
     # Never plan on more: a run of kept guesses ends where the copied passage does, and a chance
     # of 1 would draft the most tokens every time (a 16-token draft costs 8 single decodes).
@@ -128,11 +133,14 @@ class DraftPolicy:
         self._costs = costs
         self._most = most
         self._kept = dict.fromkeys(range(SHORTEST_NGRAM, LONGEST_NGRAM + 1), self.PRIOR)
+        self._kept[DRAFT_MODEL] = self.MODEL_PRIOR
         self.drafted = 0  # tokens drafted in this answer
         self.accepted = 0  # of those, kept
 
-    def length(self, matched: int, available: int) -> int:
-        """Tokens to draft when an n-gram of ``matched`` tokens gave ``available`` guesses."""
+    def length(self, matched: int, available: int, seconds_per_guess: float = 0.0) -> int:
+        """Tokens to draft when an n-gram of ``matched`` tokens (or ``DRAFT_MODEL``) can give
+        ``available`` guesses, each costing ``seconds_per_guess`` to make (a draft model's decode;
+        a lookup's guesses are free)."""
         if matched == 0 or available == 0:
             return 0
         single = self._costs.seconds(1)
@@ -145,9 +153,19 @@ class DraftPolicy:
             chance *= p
             expected += chance
             cost = self._costs.seconds(k + 1)
-            if cost is not None and expected / cost > best_rate:
+            if cost is not None and expected / (cost + k * seconds_per_guess) > best_rate:
                 best, best_rate = k, expected / cost
         return best
+
+    def could_pay(self, available: int, seconds_per_guess: float) -> bool:
+        """Whether a draft of up to ``available`` guesses would pay if they were as right as
+        guesses ever are (``MOST_LIKELY``): if not, trying one only to measure is a waste."""
+        saved = self._kept[DRAFT_MODEL]
+        self._kept[DRAFT_MODEL] = self.MOST_LIKELY
+        try:
+            return self.length(DRAFT_MODEL, available, seconds_per_guess) > 0
+        finally:
+            self._kept[DRAFT_MODEL] = saved
 
     def observe(self, matched: int, drafted: int, accepted: int) -> None:
         """A draft of ``drafted`` guesses from an n-gram of ``matched`` tokens kept ``accepted``."""

@@ -34,7 +34,7 @@ from nbllm.core.fit import GpuFit, fit_gpu_layers, kv_cache_bytes
 from nbllm.core.gguf_file import GGUFInfo, read_gguf
 from nbllm.core.history import ORIGINS, HistoryLog
 from nbllm.core.metrics import StatsCollector
-from nbllm.core.params import resolve_params
+from nbllm.core.params import GenerationParams, resolve_params
 from nbllm.core.prompt_cache import PromptCache
 from nbllm.core.tool_syntax import syntax_for_template
 from nbllm.core.tools import ToolCall, with_tool_instructions
@@ -426,6 +426,7 @@ class Engine:
         Returns the (locked) model, the first piece (None: the answer is empty) and the rest.
         """
         request = ticket.request
+        params = self._with_draft_path(request.params)
         while True:
             try:
                 resident = self.registry.checkout(request.model, stream)
@@ -439,7 +440,7 @@ class Engine:
             stream.load_seconds = time.perf_counter() - ticket.started
             try:
                 prompt = self._format(resident.model, request)
-                steps = resident.model.generate(prompt, request.params, ticket.seed, stream.usage, stream.cancel)
+                steps = resident.model.generate(prompt, params, ticket.seed, stream.usage, stream.cancel)
                 first = next(steps, None)
             except GpuOutOfMemoryError:
                 self.registry.checkin(resident)
@@ -459,6 +460,20 @@ class Engine:
                 self.registry.checkin(resident)
                 raise
             return resident, first, steps
+
+    def _with_draft_path(self, params: GenerationParams) -> GenerationParams:
+        """The parameters with the draft model named by its file (the backend loads files), or
+        without one where nothing will be drafted."""
+        name = params.draft_model
+        if not name or params.speculation == "off":
+            return params
+        spec = self.registry.resolve(name)
+        if spec.remote is not None:
+            raise ParameterError(
+                f"draft_model {name!r} is a model on a server; a draft model must be a local GGUF file "
+                "(a smaller model of the same family as the one answering)."
+            )
+        return dataclasses.replace(params, draft_model=str(spec.path))
 
     @staticmethod
     def _format(model: Any, request: Request) -> FormattedPrompt:

@@ -39,6 +39,7 @@ GENERATION_OPTIONS = (
     "seed",
     "stop",
     "speculation",
+    "draft_model",
 )
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -172,6 +173,9 @@ def llm_option_parser(description: str | None = None) -> CellOptionParser:
     generation.add_argument("--stop", action="append", metavar="TEXT", help="stop before TEXT (repeatable)")
     generation.add_argument(
         "--speculation", choices=("auto", "off"), help="drafts from the text so far (same answers, sooner)"
+    )
+    generation.add_argument(
+        "--draft-model", metavar="MODEL", help="a smaller model of the same vocabulary drafts instead"
     )
     return parser
 

@@ -1,0 +1,121 @@
+"""A draft model for speculative decoding: a smaller model of the target's vocabulary guesses
+the next tokens greedily, and the target checks them in one decode (llama_cpp_speculative.py).
+
+The draft keeps its own KV cache of the text so far (prompt and answer), reusing its longest
+shared prefix from the previous step or request: each step it first catches up with the tokens
+the target kept (dropping its refused guesses), then decodes one token per guess. Which guesses
+are worth making is core/speculation.py's ``DraftPolicy``, which is told what a guess costs here.
+
+Only a model whose tokens mean what the target's mean can draft for it: the same vocabulary
+type, size and special tokens, and the same text for every token (llama.cpp's own
+``common_speculative_are_compatible`` checks a subset of this; nbllm checks every token, once
+per load, ~50 ms for 50k tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from nbllm.backends.base import LoadSettings
+from nbllm.core.errors import ModelLoadError
+from nbllm.core.prefix_cache import common_prefix
+
+
+class DraftModel:
+    """A loaded draft model for one target (``target``: its ``llama_cpp.Llama``)."""
+
+    SMOOTHING = 0.2  # seconds per guess: a moving average, as DecodeCosts keeps the target's
+
+    def __init__(self, path: Path, target: Any, settings: LoadSettings) -> None:
+        self.path = path
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=int(target.n_ctx()),
+                n_batch=settings.batch_size,
+                n_ubatch=settings.batch_size,
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads,
+                n_gpu_layers=settings.gpu_layers,
+                flash_attn=settings.flash_attention,
+                use_mmap=settings.use_mmap,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as error:
+            raise ModelLoadError(f"The draft model {path.name} could not be loaded: {error}.") from error
+        try:
+            _check_compatible(target, self.llm, path)
+        except BaseException:
+            self.llm.close()
+            raise
+        self.seconds_per_guess = 0.0  # unknown until measured: guesses look free at first
+
+    def draft(self, text: list[int], count: int) -> list[int]:
+        """Up to ``count`` greedy guesses of what follows ``text`` (prompt and answer so far)."""
+        llm = self.llm
+        room = llm.n_ctx() - len(text) - 1
+        count = min(count, room)
+        if count <= 0 or not text:
+            return []
+        held = np.asarray(llm.input_ids[: llm.n_tokens], dtype=np.int32)
+        # Keep what the draft already read of ``text``; the last token is read again when all of
+        # it was kept: its logits (the next guess) are not kept between steps.
+        keep = min(common_prefix(held, np.asarray(text, dtype=np.int32)), len(text) - 1)
+        if keep < llm.n_tokens:
+            if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
+                llm._ctx.kv_cache_clear()
+                keep = 0
+            llm.n_tokens = keep
+        llm.eval(text[keep:])
+        guesses: list[int] = []
+        started = time.perf_counter()
+        n_vocab = llm.n_vocab()
+        while True:
+            # llama-cpp-python keeps no logits without logits_all: read the last position's.
+            logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+            guess = int(np.argmax(logits))
+            guesses.append(guess)
+            if len(guesses) == count or llama_cpp.llama_vocab_is_eog(llm._model.vocab, guess):
+                break
+            llm.eval([guess])
+        if len(guesses) > 1:  # each guess after the first took a decode; the first came with catching up
+            self.observe((time.perf_counter() - started) / (len(guesses) - 1))
+        return guesses
+
+    def observe(self, seconds: float) -> None:
+        """What one guess took (a decode of the draft model), averaged."""
+        old = self.seconds_per_guess
+        self.seconds_per_guess = seconds if old == 0.0 else old + self.SMOOTHING * (seconds - old)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _check_compatible(target: Any, draft: Any, path: Path) -> None:
+    """Refuse a draft model whose token ids mean other text than the target's."""
+    t_vocab, d_vocab = target._model.vocab, draft._model.vocab
+    why = None
+    if llama_cpp.llama_vocab_type(t_vocab) != llama_cpp.llama_vocab_type(d_vocab):
+        why = "its tokenizer is of another kind"
+    elif target.n_vocab() != draft.n_vocab():
+        why = f"its vocabulary has {draft.n_vocab():,} tokens, the model's {target.n_vocab():,}"
+    elif (target.token_bos(), target.token_eos()) != (draft.token_bos(), draft.token_eos()):
+        why = "its start and end tokens differ"
+    else:
+        text = llama_cpp.llama_vocab_get_text
+        for token in range(target.n_vocab()):
+            ours, theirs = text(t_vocab, token), text(d_vocab, token)
+            if ours != theirs:
+                why = f"token {token} is {theirs!r} there but {ours!r} here"
+                break
+    if why is not None:
+        raise ModelLoadError(
+            f"{path.name} cannot draft for this model: {why}. A draft model must share the model's "
+            "vocabulary (a smaller model of the same family, e.g. SmolLM2-135M for SmolLM2-1.7B); "
+            "set generation.draft_model to such a model, or to null."
+        )
