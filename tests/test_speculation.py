@@ -246,6 +246,12 @@ def test_a_draft_models_guesses_are_weighed_with_what_they_cost() -> None:
     assert policy.length(DRAFT_MODEL, 16, seconds_per_guess=0.0005) >= 4, "cheap guesses from a model: drafted"
     assert policy.length(DRAFT_MODEL, 16, seconds_per_guess=0.010) <= policy.length(DRAFT_MODEL, 16, 0.0005)
     assert policy.could_pay(16, 0.0005)
+    right = DraftPolicy(gpu)
+    for _ in range(10):
+        right.observe(DRAFT_MODEL, drafted=8, accepted=8)
+    # At p = 0.95 a draft of 14 yields ~10.7 tokens for 0.012 s + 14 guesses of 1 ms: the best
+    # rate (a draft of 4 was chosen while the rate to beat left the guesses' cost out).
+    assert right.length(DRAFT_MODEL, 16, seconds_per_guess=0.001) == 14
     cpu = DecodeCosts()
     for size, seconds in ((1, 0.010), (2, 0.014), (9, 0.045), (17, 0.075)):  # 2 cores, measured shape
         cpu.observe(size, seconds)
@@ -313,6 +319,34 @@ def test_a_draft_model_drafts_and_the_answers_are_the_same(
         assert helped.text == alone.text
 
 
+def test_a_draft_model_drops_refused_guesses_and_goes_on_from_the_text_kept(default_model_path: Path) -> None:
+    """Its guesses after a text that left its last guesses behind are those of a draft that
+    read that text from scratch: its KV cache follows the answer, not its own guesses."""
+    engine = fresh_engine()
+    try:
+        engine.chat("Hi", max_tokens=1, speculation="off")
+        (resident,) = engine.registry.resident()
+        model = resident.model
+        drafter = model._draft_model(default_model_path)
+        text = model._llm.tokenize(b"The history of the old mill by the river begins", add_bos=False)
+
+        def fresh(tokens: list[int], count: int = 6) -> list[int]:
+            drafter.llm._ctx.kv_cache_clear()
+            drafter.llm.n_tokens = 0
+            return drafter.draft(tokens, count)
+
+        first = drafter.draft(text, 6)
+        assert len(first) == 6
+        refused = [*text, first[0], (first[1] + 1) % model._llm.n_vocab()]  # kept one, then another token
+        again = drafter.draft(refused, 6)
+        assert again == fresh(refused)
+        kept_all = [*text, *first]
+        assert drafter.draft(kept_all, 4) == fresh(kept_all, 4)
+        assert drafter.draft(text, 6) == first, "back to a shorter text: the same guesses as before"
+    finally:
+        engine.close()
+
+
 def test_a_draft_model_is_named_like_any_model_and_set_in_the_config(
     engines: tuple[Engine, Engine], default_model_path: Path
 ) -> None:
@@ -333,7 +367,7 @@ def test_a_draft_model_of_another_vocabulary_is_refused_with_what_to_do(
     from nbllm.core.errors import ModelLoadError, ModelNotFoundError
 
     plain, _ = engines
-    refused = r"cannot draft for this model: its (tokenizer is of another kind|vocabulary has).* draft_model"
+    refused = r"cannot draft for this model: its (tokenizer is of another kind|vocabulary has).*draft_model"
     with pytest.raises(ModelLoadError, match=refused):
         plain.chat("Hi", max_tokens=4, draft_model=str(tiny_models["a"]))
     with pytest.raises(ModelNotFoundError):

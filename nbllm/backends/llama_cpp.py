@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import dataclasses
 import functools
 import io
 import logging
@@ -263,51 +264,56 @@ class _Llama(llama_cpp.Llama):  # type: ignore[misc]  # llama_cpp is untyped her
         self._metadata = {k: v for k, v in value.items() if k not in self.chat_templates}
 
 
+def _load_llama(path: Path, settings: LoadSettings) -> _Llama:
+    """llama.cpp's model and context for ``path``, or the nbllm error that says why not (the
+    answering model and a draft model load alike)."""
+    _recent_problems.clear()
+    try:
+        # verbose=True avoids llama-cpp-python's stdout/stderr file-descriptor swap during the
+        # load (it would swallow other threads' output in a kernel); its Python-level prints
+        # are caught here instead, and llama.cpp's own log goes through _route_llama_log.
+        with (
+            contextlib.redirect_stderr(_DebugWriter()),
+            _interrupts_inside_callbacks() as interrupted,
+            _errors_held() as held,
+        ):
+            embedding = {"embedding": True, "pooling_type": POOLING_CODES[settings.pooling]} if settings.pooling else {}
+            llm = _Llama(
+                model_path=str(path),
+                n_ctx=settings.context_size,
+                n_batch=settings.batch_size,
+                n_ubatch=settings.batch_size,
+                n_threads=settings.threads,
+                n_threads_batch=settings.threads,
+                n_gpu_layers=settings.gpu_layers,
+                use_mmap=settings.use_mmap,
+                use_mlock=settings.use_mlock,
+                flash_attn=settings.flash_attention,
+                verbose=True,
+                **embedding,
+            )
+    except Exception as error:  # whatever llama-cpp-python raises: ValueError, RuntimeError, OSError...
+        if settings.gpu_layers > 0 and _out_of_memory_reported():
+            raise GpuOutOfMemoryError(
+                f"Not enough GPU memory to load {path.name} with {settings.gpu_layers} GPU layers."
+            ) from error
+        raise ModelLoadError(_load_failure(path, error)) from error
+    for message in held:  # errors llama.cpp logged, although the model loaded
+        llama_log.error("%s", message)
+    if interrupted.is_set():  # Ctrl-C during the load: give the memory back, then stop
+        llm.close()
+        raise KeyboardInterrupt
+    llm.verbose = False
+    return llm
+
+
 class LlamaCppModel:
     """One loaded GGUF model with its context. Not thread-safe: the registry's lock guards it."""
 
     def __init__(self, path: Path, settings: LoadSettings) -> None:
         self.path = path
         self.settings = settings
-        _recent_problems.clear()
-        try:
-            # verbose=True avoids llama-cpp-python's stdout/stderr file-descriptor swap during the
-            # load (it would swallow other threads' output in a kernel); its Python-level prints
-            # are caught here instead, and llama.cpp's own log goes through _route_llama_log.
-            with (
-                contextlib.redirect_stderr(_DebugWriter()),
-                _interrupts_inside_callbacks() as interrupted,
-                _errors_held() as held,
-            ):
-                embedding = (
-                    {"embedding": True, "pooling_type": POOLING_CODES[settings.pooling]} if settings.pooling else {}
-                )
-                self._llm = _Llama(
-                    model_path=str(path),
-                    n_ctx=settings.context_size,
-                    n_batch=settings.batch_size,
-                    n_ubatch=settings.batch_size,
-                    n_threads=settings.threads,
-                    n_threads_batch=settings.threads,
-                    n_gpu_layers=settings.gpu_layers,
-                    use_mmap=settings.use_mmap,
-                    use_mlock=settings.use_mlock,
-                    flash_attn=settings.flash_attention,
-                    verbose=True,
-                    **embedding,
-                )
-        except Exception as error:  # whatever llama-cpp-python raises: ValueError, RuntimeError, OSError...
-            if settings.gpu_layers > 0 and _out_of_memory_reported():
-                raise GpuOutOfMemoryError(
-                    f"Not enough GPU memory to load {path.name} with {settings.gpu_layers} GPU layers."
-                ) from error
-            raise ModelLoadError(_load_failure(path, error)) from error
-        for message in held:  # errors llama.cpp logged, although the model loaded
-            llama_log.error("%s", message)
-        if interrupted.is_set():  # Ctrl-C during the load: give the memory back, then stop
-            self._llm.close()
-            raise KeyboardInterrupt
-        self._llm.verbose = False
+        self._llm = _load_llama(path, settings)
         llm = self._llm
         try:  # compiled once, here: a template that does not compile fails the load, naming the file
             self._template = self._make_template(llm, path)
@@ -333,6 +339,7 @@ class LlamaCppModel:
         self._can_draft = not (llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model))
         self._abort_callback: Any = None  # see _set_abort
         self._drafter: DraftModel | None = None  # the draft model last asked for (llama_cpp_draft.py)
+        self._draft_refusals: dict[Path, NbllmError] = {}
 
     @property
     def context_size(self) -> int:
@@ -567,11 +574,11 @@ class LlamaCppModel:
         vocab, is_eog, piece_of = self._vocab, llama_cpp.llama_vocab_is_eog, self._piece
         text = TextAssembler((*params.stop, *prompt.stop), prompt.trim_whitespace)
         finish, produced, at_stop_sequence = "length", 0, False
+        policy = DraftPolicy(self._decode_costs) if params.speculation == "auto" and self._can_draft else None
+        drafter = self._draft_model(Path(params.draft_model)) if policy is not None and params.draft_model else None
         abortable = len(tokens) - usage.reused_prompt_tokens > _ABORTABLE_PROMPT_TOKENS
         if abortable:
             self._set_abort(cancel)
-        policy = DraftPolicy(self._decode_costs) if params.speculation == "auto" and self._can_draft else None
-        drafter = self._draft_model(Path(params.draft_model)) if policy is not None and params.draft_model else None
         if policy is not None:
             steps = speculative_steps(
                 llm, tokens, sampling_options(params), max_tokens, self._decode_costs, policy, drafter
@@ -639,13 +646,28 @@ class LlamaCppModel:
 
     def _draft_model(self, path: Path) -> DraftModel:
         """The draft model at ``path``, loaded on first use and kept until another is asked for
-        (one at a time: a draft model is read once per guess, it must stay in memory)."""
+        (one at a time: a draft model is read once per guess, it must stay in memory). A file
+        refused once is refused again at once, not loaded and checked on every request."""
         if self._drafter is not None and self._drafter.path == path:
             return self._drafter
+        refused = self._draft_refusals.get(path)
+        if refused is not None:
+            raise type(refused)(str(refused))
         if self._drafter is not None:
             self._drafter.close()
             self._drafter = None
-        self._drafter = DraftModel(path, self._llm, self.settings)
+        # Same threads, batch, context and GPU layers as the answering model; no KV snapshots.
+        settings = dataclasses.replace(self.settings, prefix_cache_bytes=0, pooling=None)
+        try:
+            llm = _load_llama(path, settings)
+            try:
+                self._drafter = DraftModel(path, llm, self._llm)
+            except BaseException:
+                llm.close()
+                raise
+        except NbllmError as error:
+            self._draft_refusals[path] = error
+            raise
         return self._drafter
 
     def _set_abort(self, cancel: threading.Event | None) -> None:

@@ -153,8 +153,11 @@ class DraftPolicy:
             chance *= p
             expected += chance
             cost = self._costs.seconds(k + 1)
-            if cost is not None and expected / (cost + k * seconds_per_guess) > best_rate:
-                best, best_rate = k, expected / cost
+            if cost is None:
+                continue
+            rate = expected / (cost + k * seconds_per_guess)
+            if rate > best_rate:
+                best, best_rate = k, rate
         return best
 
     def could_pay(self, available: int, seconds_per_guess: float) -> bool:
