@@ -72,7 +72,7 @@ def decode_rate(engine: Engine, model: str) -> float:
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two thread teams contend only on two or more CPUs")
 def test_a_model_keeps_its_speed_after_others_were_used(three_resident: Engine) -> None:
     ratios = []
-    for _round in range(3):  # alternated, so that machine noise hits both alike
+    for _round in range(5):  # alternated, so that machine noise hits both alike; a median of 5 outlasts a hiccup
         three_resident.registry.unload_all()
         decode_rate(three_resident, "tiny-c")  # warm
         alone = decode_rate(three_resident, "tiny-c")

@@ -286,13 +286,20 @@ def test_the_magic_and_the_cli_take_speculation(ip: Any, capsys: pytest.CaptureF
 # ---------------------------------------------------------------------------- a draft model
 
 
+def on_worker(model: Any, work: Any) -> Any:
+    """``work()`` on a compute thread of the model's, as nbllm runs llama.cpp: a decode on the
+    test's own thread would leave it an OpenMP team for the rest of the session, and slow the
+    tests after it (backends/compute_thread.py)."""
+    return model._worker.submit(work).result()
+
+
 def pin_draft_costs(engine: Engine, draft: Path) -> None:
     """Load the draft model and fix what a guess costs to a twentieth of a single decode, the
     shape of a small model drafting for a large one (here the draft is the model itself: no
     smaller model of its vocabulary is at hand, and guesses of the very model are the test's
     point: they are right, so they are drafted and kept)."""
     (resident,) = engine.registry.resident()
-    drafter = resident.model._draft_model(draft)
+    drafter = on_worker(resident.model, lambda: resident.model._draft_model(draft))
     drafter.seconds_per_guess = 0.0005
     drafter.observe = lambda seconds: None
 
@@ -327,22 +334,25 @@ def test_a_draft_model_drops_refused_guesses_and_goes_on_from_the_text_kept(defa
         engine.chat("Hi", max_tokens=1, speculation="off")
         (resident,) = engine.registry.resident()
         model = resident.model
-        drafter = model._draft_model(default_model_path)
+        drafter = on_worker(model, lambda: model._draft_model(default_model_path))
         text = model._llm.tokenize(b"The history of the old mill by the river begins", add_bos=False)
+
+        def draft(tokens: list[int], count: int = 6) -> list[int]:
+            return list(on_worker(model, lambda: drafter.draft(tokens, count)))
 
         def fresh(tokens: list[int], count: int = 6) -> list[int]:
             drafter.llm._ctx.kv_cache_clear()
             drafter.llm.n_tokens = 0
-            return drafter.draft(tokens, count)
+            return draft(tokens, count)
 
-        first = drafter.draft(text, 6)
+        first = draft(text)
         assert len(first) == 6
         refused = [*text, first[0], (first[1] + 1) % model._llm.n_vocab()]  # kept one, then another token
-        again = drafter.draft(refused, 6)
+        again = draft(refused)
         assert again == fresh(refused)
         kept_all = [*text, *first]
-        assert drafter.draft(kept_all, 4) == fresh(kept_all, 4)
-        assert drafter.draft(text, 6) == first, "back to a shorter text: the same guesses as before"
+        assert draft(kept_all, 4) == fresh(kept_all, 4)
+        assert draft(text) == first, "back to a shorter text: the same guesses as before"
     finally:
         engine.close()
 
