@@ -75,11 +75,7 @@ class DraftModel:
         # Keep what the draft already read of ``text``; the last token is read again when all of
         # it was kept: its logits (the next guess) are not kept between steps.
         keep = min(common_prefix(held, np.asarray(text, dtype=np.int32)), len(text) - 1)
-        if keep < llm.n_tokens:
-            if not llm._ctx.kv_cache_seq_rm(-1, keep, -1):
-                llm._ctx.kv_cache_clear()
-                keep = 0
-            llm.n_tokens = keep
+        llm.n_tokens = keep  # Llama.eval drops the KV cache from n_tokens on (recurrent drafts are refused)
         caught_up = time.perf_counter()
         llm.eval(text[keep:])
         if len(text) - keep == 1:  # a single decode, as a guess is: measured too (probes make one guess)
